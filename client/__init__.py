@@ -1,0 +1,1 @@
+"""Client library and the `coolfusion` command line."""

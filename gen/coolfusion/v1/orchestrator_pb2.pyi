@@ -1,0 +1,194 @@
+from coolfusion.v1 import worker_pb2 as _worker_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RerankMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RERANK_MODE_UNSPECIFIED: _ClassVar[RerankMode]
+    RERANK_MODE_NONE: _ClassVar[RerankMode]
+    RERANK_MODE_FULL_ANSWER: _ClassVar[RerankMode]
+RERANK_MODE_UNSPECIFIED: RerankMode
+RERANK_MODE_NONE: RerankMode
+RERANK_MODE_FULL_ANSWER: RerankMode
+
+class FusionParameters(_message.Message):
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MODE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TRACE_FIELD_NUMBER: _ClassVar[int]
+    prompt: _worker_pb2.Prompt
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    max_new_tokens: int
+    stop_strings: _containers.RepeatedScalarFieldContainer[str]
+    segment_max_tokens: int
+    rerank_mode: RerankMode
+    include_trace: bool
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ...) -> None: ...
+
+class FuseRequest(_message.Message):
+    __slots__ = ("parameters",)
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    parameters: FusionParameters
+    def __init__(self, parameters: _Optional[_Union[FusionParameters, _Mapping]] = ...) -> None: ...
+
+class FuseStreamRequest(_message.Message):
+    __slots__ = ("parameters",)
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    parameters: FusionParameters
+    def __init__(self, parameters: _Optional[_Union[FusionParameters, _Mapping]] = ...) -> None: ...
+
+class ModelScore(_message.Message):
+    __slots__ = ("worker", "perplexity", "scored_tokens")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    SCORED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    perplexity: float
+    scored_tokens: int
+    def __init__(self, worker: _Optional[str] = ..., perplexity: _Optional[float] = ..., scored_tokens: _Optional[int] = ...) -> None: ...
+
+class StepCandidate(_message.Message):
+    __slots__ = ("text", "ends_with_eos", "proposed_by", "scores", "fused_score")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ENDS_WITH_EOS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_BY_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    FUSED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    ends_with_eos: bool
+    proposed_by: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedCompositeFieldContainer[ModelScore]
+    fused_score: float
+    def __init__(self, text: _Optional[str] = ..., ends_with_eos: _Optional[bool] = ..., proposed_by: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[ModelScore, _Mapping]]] = ..., fused_score: _Optional[float] = ...) -> None: ...
+
+class FuseStep(_message.Message):
+    __slots__ = ("index", "candidates", "winner_index", "winner_worker", "generate_ms", "score_ms")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    WINNER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WINNER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    candidates: _containers.RepeatedCompositeFieldContainer[StepCandidate]
+    winner_index: int
+    winner_worker: str
+    generate_ms: float
+    score_ms: float
+    def __init__(self, index: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[StepCandidate, _Mapping]]] = ..., winner_index: _Optional[int] = ..., winner_worker: _Optional[str] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ...) -> None: ...
+
+class WorkerShare(_message.Message):
+    __slots__ = ("worker", "segments", "chars")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHARS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    segments: int
+    chars: int
+    def __init__(self, worker: _Optional[str] = ..., segments: _Optional[int] = ..., chars: _Optional[int] = ...) -> None: ...
+
+class DroppedWorker(_message.Message):
+    __slots__ = ("worker", "reason", "step")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    reason: str
+    step: int
+    def __init__(self, worker: _Optional[str] = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("total_ms", "open_ms", "generate_ms", "score_ms", "rerank_ms", "steps")
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    total_ms: float
+    open_ms: float
+    generate_ms: float
+    score_ms: float
+    rerank_ms: float
+    steps: int
+    def __init__(self, total_ms: _Optional[float] = ..., open_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class RerankEntry(_message.Message):
+    __slots__ = ("source", "text", "fused_score")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FUSED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    text: str
+    fused_score: float
+    def __init__(self, source: _Optional[str] = ..., text: _Optional[str] = ..., fused_score: _Optional[float] = ...) -> None: ...
+
+class FuseResult(_message.Message):
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    finish_reason: _worker_pb2.FinishReason
+    shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
+    dropped: _containers.RepeatedCompositeFieldContainer[DroppedWorker]
+    timings: Timings
+    trace: _containers.RepeatedCompositeFieldContainer[FuseStep]
+    source: str
+    rerank: _containers.RepeatedCompositeFieldContainer[RerankEntry]
+    request_id: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class FuseResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: FuseResult
+    def __init__(self, result: _Optional[_Union[FuseResult, _Mapping]] = ...) -> None: ...
+
+class FuseStreamResponse(_message.Message):
+    __slots__ = ("step", "summary")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    step: FuseStep
+    summary: FuseResult
+    def __init__(self, step: _Optional[_Union[FuseStep, _Mapping]] = ..., summary: _Optional[_Union[FuseResult, _Mapping]] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("name", "address", "serving", "info", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    serving: bool
+    info: _worker_pb2.GetInfoResponse
+    error: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., info: _Optional[_Union[_worker_pb2.GetInfoResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...

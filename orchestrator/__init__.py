@@ -1,0 +1,1 @@
+"""Orchestrator: the Cool-Fusion loop over registered workers, as OrchestratorService."""

@@ -1,0 +1,1 @@
+"""Model worker: one causal LM behind coolfusion.v1.WorkerService."""

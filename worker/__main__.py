@@ -1,0 +1,55 @@
+"""`coolfusion-worker`: serve one model over coolfusion.v1.WorkerService."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from coolfusion.serving.logs import configure_logging
+from coolfusion.worker.settings import SessionLimits, WorkerSettings
+
+
+def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
+    defaults, limits = WorkerSettings(), SessionLimits()
+    parser = argparse.ArgumentParser(prog="coolfusion-worker", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a Hugging Face model folder (safetensors) or a .gguf file")
+    source.add_argument("--preset", help="a default model: smollm2-135m-instruct or gemma3-270m")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--cache-dir", type=Path, help="where GGUF conversions are kept")
+    parser.add_argument("--token-budget", type=int, default=limits.token_budget, help="cached tokens, all sessions")
+    parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
+    parser.add_argument("--idle-ttl-s", type=float, default=limits.idle_ttl_s)
+    parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
+    parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args(argv)
+    return WorkerSettings(
+        model=args.model,
+        preset=args.preset,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        grace_s=args.grace_s,
+        log_json=args.log_json,
+        limits=SessionLimits(
+            token_budget=args.token_budget, max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl_s
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_json)
+    from coolfusion.worker.server import serve  # after flag parsing: --help should not import torch
+
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

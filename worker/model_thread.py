@@ -1,0 +1,41 @@
+"""Runs model work on one dedicated thread, so the event loop keeps serving health and cancels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from coolfusion.worker.errors import OverCapacity
+
+T = TypeVar("T")
+
+
+class ModelThread:
+    """A single worker thread with a bounded queue.
+
+    One thread because the model (and the session store) is not thread-safe and a forward pass
+    already uses every core; a bound so that overload is refused quickly instead of piling up.
+    """
+
+    def __init__(self, max_queued: int):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._max_queued = max_queued
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        if self._queued >= self._max_queued:
+            raise OverCapacity(f"{self._queued} model calls already queued; the limit is {self._max_queued}")
+        self._queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._queued -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,213 @@
+"""WorkerService handlers: protobuf in, plain Python calls, protobuf out."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+from coolfusion.worker.errors import InvalidRequest, NotReady
+from coolfusion.worker.model import CandidateText, ChatTurn, Finish, LanguageModel, PromptSpec
+from coolfusion.worker.model_thread import ModelThread
+from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.settings import SessionLimits
+
+PROTOCOL_VERSION = "coolfusion.v1"
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_FINISH = {
+    Finish.BOUNDARY: worker_pb2.FINISH_REASON_BOUNDARY,
+    Finish.EOS: worker_pb2.FINISH_REASON_EOS,
+    Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH,
+    Finish.STOP: worker_pb2.FINISH_REASON_STOP,
+}
+
+
+class RequestValidator:
+    """Checks request fields against the worker's limits; errors name the field and the limit."""
+
+    def __init__(self, limits: SessionLimits):
+        self.limits = limits
+
+    def text(self, value: str, field: str) -> str:
+        if len(value) > self.limits.max_text_chars:
+            raise InvalidRequest(f"{field} is {len(value)} characters; the limit is {self.limits.max_text_chars}")
+        return value
+
+    def session_id(self, value: str, allow_empty: bool = False) -> str:
+        if allow_empty and not value:
+            return value
+        if not _SESSION_ID.fullmatch(value):
+            raise InvalidRequest("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        return value
+
+    def prompt(self, prompt: worker_pb2.Prompt) -> PromptSpec:
+        kind = prompt.WhichOneof("kind")
+        if kind == "text":
+            if not prompt.text.strip():
+                raise InvalidRequest("prompt.text is empty")
+            return PromptSpec(text=self.text(prompt.text, "prompt.text"))
+        if kind == "chat" and prompt.chat.messages:
+            turns = tuple(self._turn(i, m) for i, m in enumerate(prompt.chat.messages))
+            self.text("".join(t.content for t in turns), "prompt.chat")
+            return PromptSpec(chat=turns)
+        raise InvalidRequest("prompt must be non-empty text or at least one chat message")
+
+    @staticmethod
+    def _turn(index: int, message: worker_pb2.ChatMessage) -> ChatTurn:
+        if message.role not in ("system", "user", "assistant"):
+            raise InvalidRequest(f"prompt.chat.messages[{index}].role must be system, user or assistant")
+        return ChatTurn(message.role, message.content)
+
+    def expected_tokens(self, value: int) -> int:
+        if value == 0:
+            raise InvalidRequest("expected_context_tokens is required (the context length from the last response)")
+        return value
+
+    def max_tokens(self, value: int) -> int:
+        if value == 0:
+            return self.limits.default_segment_tokens
+        if value > self.limits.max_segment_tokens:
+            raise InvalidRequest(f"max_tokens is {value}; it must be in [1, {self.limits.max_segment_tokens}]")
+        return value
+
+    def stop_strings(self, values) -> tuple[str, ...]:
+        if len(values) > self.limits.max_stop_strings:
+            raise InvalidRequest(f"{len(values)} stop_strings; the limit is {self.limits.max_stop_strings}")
+        for value in values:
+            if not 1 <= len(value) <= self.limits.max_stop_chars:
+                raise InvalidRequest(f"each stop string must be 1-{self.limits.max_stop_chars} characters")
+        return tuple(values)
+
+    def candidates(self, values) -> list[CandidateText]:
+        if not 1 <= len(values) <= self.limits.max_candidates:
+            raise InvalidRequest(f"{len(values)} candidates; it must be 1-{self.limits.max_candidates}")
+        return [
+            CandidateText(self.text(c.text, f"candidates[{i}].text"), c.ends_with_eos) for i, c in enumerate(values)
+        ]
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Serves one model; every model or session call runs on the model thread.
+
+    The server starts before the model is loaded (so health checks answer NOT_SERVING during a
+    long load); calls made before `attach` get UNAVAILABLE.
+    """
+
+    def __init__(self, thread: ModelThread, limits: SessionLimits, dtype: str):
+        self._thread = thread
+        self._limits = limits
+        self._dtype = dtype
+        self._validate = RequestValidator(limits)
+        self._lm: LanguageModel | None = None
+        self._sessions: SessionStore | None = None
+
+    def attach(self, lm: LanguageModel, store: SessionStore) -> None:
+        self._lm, self._sessions = lm, store
+
+    @property
+    def _model(self) -> LanguageModel:
+        if self._lm is None:
+            raise NotReady("the model is still loading; retry when health reports SERVING")
+        return self._lm
+
+    @property
+    def _store(self) -> SessionStore:
+        if self._sessions is None:
+            raise NotReady("the model is still loading; retry when health reports SERVING")
+        return self._sessions
+
+    async def GetInfo(
+        self, request: worker_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetInfoResponse:
+        """Describes the model, the tokenizer, the limits and the current cache load."""
+        tokenizer = self._model.tokenizer
+        load = self._store.load()
+        limits = self._limits
+        return worker_pb2.GetInfoResponse(
+            model_id=self._model.model_id,
+            tokenizer=worker_pb2.TokenizerInfo(
+                family=type(tokenizer).__name__,
+                vocab_size=len(tokenizer),
+                eos_text=tokenizer.convert_ids_to_tokens(self._model.eos_id),
+                bos_text=tokenizer.bos_token or "",
+                has_chat_template=bool(tokenizer.chat_template),
+            ),
+            protocol_version=PROTOCOL_VERSION,
+            limits=worker_pb2.WorkerLimits(
+                max_context_tokens=self._model.max_context_tokens,
+                session_token_budget=limits.token_budget,
+                max_sessions=limits.max_sessions,
+                idle_ttl_seconds=limits.idle_ttl_s,
+                max_candidates=limits.max_candidates,
+                max_text_chars=limits.max_text_chars,
+                max_segment_tokens=limits.max_segment_tokens,
+            ),
+            load=worker_pb2.WorkerLoad(
+                open_sessions=load.open_sessions,
+                cached_tokens=load.cached_tokens,
+                evicted_sessions=load.evicted_sessions,
+            ),
+            device=str(self._model.device),
+            dtype=self._dtype,
+        )
+
+    async def OpenSession(
+        self, request: worker_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.OpenSessionResponse:
+        """Renders and prefills the prompt (plus any answer so far) into a new session."""
+        session_id = self._validate.session_id(request.session_id, allow_empty=True)
+        prompt = self._validate.prompt(request.prompt)
+        answer = self._validate.text(request.answer_text, "answer_text")
+        opened = await self._thread.run(self._store.open, session_id, prompt, answer)
+        return worker_pb2.OpenSessionResponse(
+            session_id=opened.session_id, prompt_tokens=opened.prompt_tokens, context_tokens=opened.context_tokens
+        )
+
+    async def GenerateSegment(
+        self, request: worker_pb2.GenerateSegmentRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GenerateSegmentResponse:
+        """Appends the previous winner, then generates one segment."""
+        segment, context_tokens = await self._thread.run(
+            self._store.generate,
+            self._validate.session_id(request.session_id),
+            self._validate.expected_tokens(request.expected_context_tokens),
+            self._validate.text(request.append_text, "append_text"),
+            self._validate.max_tokens(request.max_tokens),
+            self._validate.stop_strings(request.stop_strings),
+        )
+        return worker_pb2.GenerateSegmentResponse(
+            text=segment.text,
+            finish_reason=_FINISH[segment.finish],
+            generated_tokens=segment.generated_tokens,
+            context_tokens=context_tokens,
+        )
+
+    async def ScoreText(
+        self, request: worker_pb2.ScoreTextRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ScoreTextResponse:
+        """Scores candidates against the session's context in one batched forward pass."""
+        scores, context_tokens = await self._thread.run(
+            self._store.score,
+            self._validate.session_id(request.session_id),
+            self._validate.expected_tokens(request.expected_context_tokens),
+            self._validate.candidates(request.candidates),
+        )
+        return worker_pb2.ScoreTextResponse(
+            scores=[
+                worker_pb2.CandidateScore(
+                    scored_tokens=s.scored_tokens,
+                    log_prob_sum=s.log_prob_sum,
+                    context_tokens_with_text=s.context_tokens_with_text,
+                )
+                for s in scores
+            ],
+            context_tokens=context_tokens,
+        )
+
+    async def CloseSession(
+        self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CloseSessionResponse:
+        """Frees a session; closing an unknown one answers closed=false."""
+        closed = await self._thread.run(self._store.close, self._validate.session_id(request.session_id))
+        return worker_pb2.CloseSessionResponse(closed=closed)

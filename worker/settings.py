@@ -1,0 +1,49 @@
+"""The worker's settings, built once in __main__ from flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Bounds on the session cache and on what one request may ask for."""
+
+    # ~64k tokens of KV cache is ~1.5 GB for SmolLM2-135M in fp32: a fraction of a small pod.
+    token_budget: int = 65_536
+    # Each fused request holds one session per worker (two with Cool+R); 256 covers heavy load.
+    max_sessions: int = 256
+    # A fusion step takes seconds; a session idle for 5 minutes belongs to a dead request.
+    idle_ttl_s: float = 300.0
+    # Scoring batches all candidates at once; with K workers there are at most K+1 (rerank).
+    max_candidates: int = 16
+    # 64k characters is far above any prompt these models can read, and bounds tokenizer work.
+    max_text_chars: int = 65_536
+    # The design's default cap is 16; 64 leaves room for callers that want longer segments.
+    max_segment_tokens: int = 64
+    # DESIGN.md section 2: a step generates at most 16 tokens unless the caller says otherwise.
+    default_segment_tokens: int = 16
+    # Model calls run one at a time; beyond this many waiting, new calls are refused rather than
+    # letting latency grow without bound.
+    max_queued_calls: int = 64
+    # Stop strings per call and their length bound tokenizer-independent scanning work.
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker process needs, resolved from the command line."""
+
+    model: str | None = None  # a model folder or .gguf file
+    preset: str | None = None  # or one of loading.PRESETS
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_dir: Path | None = None  # where GGUF conversions are kept; None = loading.default_cache_dir()
+    # Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds (30 by default): drain in less.
+    grace_s: float = 20.0
+    log_json: bool | None = None  # None: JSON when stderr is not a terminal
+    limits: SessionLimits = SessionLimits()
