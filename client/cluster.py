@@ -1,0 +1,136 @@
+"""A local cluster: worker and orchestrator processes on loopback, started and stopped together."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+# Both servers log "... ready ... on HOST:PORT" once they serve; the port may have been picked by the OS.
+_READY = re.compile(r"ready\b.* on [^ ]+:(\d+)")
+DEFAULT_PRESETS = ("smollm2-135m-instruct", "gemma3-270m")
+
+
+class ClusterError(RuntimeError):
+    """A process of the local cluster failed to start."""
+
+
+@dataclass
+class LocalProcess:
+    """A started server process and the port it listens on."""
+
+    name: str
+    process: subprocess.Popen
+    port: int = 0
+    log_lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def launch(name: str, argv: list[str], log: TextIO | None = None, env: dict | None = None) -> LocalProcess:
+    """Starts `argv` and keeps draining its log into `log` (if any); see `wait_ready`."""
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    started = LocalProcess(name, process)
+    threading.Thread(target=_drain, args=(started, log), daemon=True).start()
+    return started
+
+
+def wait_ready(started: LocalProcess, timeout_s: float) -> LocalProcess:
+    """Waits for the process's ready line; stops it and raises with its log tail if it fails."""
+    deadline = time.monotonic() + timeout_s
+    while not started.ready.wait(0.2):
+        if started.process.poll() is not None or time.monotonic() > deadline:
+            stop_processes([started])
+            tail = "".join(started.log_lines[-15:])
+            raise ClusterError(f"{started.name} did not become ready (exit code {started.process.returncode}):\n{tail}")
+    return started
+
+
+def _drain(started: LocalProcess, log: TextIO | None) -> None:
+    for line in started.process.stderr:
+        started.log_lines.append(line)
+        del started.log_lines[:-200]  # keep the tail for error messages only
+        if log is not None:
+            log.write(f"[{started.name}] {line}")
+            log.flush()
+        match = _READY.search(line)
+        if match and not started.ready.is_set():
+            started.port = int(match.group(1))
+            started.ready.set()
+
+
+def stop_processes(processes: list[LocalProcess], grace_s: float = 10.0) -> None:
+    """SIGTERM (graceful drain), then SIGKILL whatever is still running after `grace_s`."""
+    for p in processes:
+        if p.process.poll() is None:
+            p.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        try:
+            p.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.process.pid, signal.SIGKILL)
+            p.process.wait()
+
+
+def worker_argv(model_args: list[str], extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "coolfusion.worker", *model_args, "--host", "127.0.0.1", "--port", "0", *extra]
+
+
+def orchestrator_argv(extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "coolfusion.orchestrator", "--host", "127.0.0.1", "--port", "0", *extra]
+
+
+class LocalCluster:
+    """Workers plus an orchestrator that knows them; a context manager that always cleans up."""
+
+    def __init__(self, workers: dict[str, list[str]], log_path: Path | None = None, ready_timeout_s: float = 600.0):
+        self._workers_spec = workers  # name -> worker model arguments, e.g. ["--preset", "gemma3-270m"]
+        self._log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in stop()
+        self._ready_timeout_s = ready_timeout_s
+        self.workers: dict[str, LocalProcess] = {}
+        self.orchestrator: LocalProcess | None = None
+
+    def start(self) -> LocalCluster:
+        try:
+            # Workers load their models in parallel; the orchestrator starts once they all serve.
+            for name, model_args in self._workers_spec.items():
+                self.workers[name] = launch(name, worker_argv(model_args), self._log)
+            for worker in self.workers.values():
+                wait_ready(worker, self._ready_timeout_s)
+            env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))
+            self.orchestrator = wait_ready(launch("orchestrator", orchestrator_argv(), self._log, env), 60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.orchestrator is not None, "cluster not started"
+        return self.orchestrator.address
+
+    def stop(self) -> None:
+        processes = [*self.workers.values(), *([self.orchestrator] if self.orchestrator else [])]
+        stop_processes(processes)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

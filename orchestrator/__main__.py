@@ -1,0 +1,49 @@
+"""`coolfusion-orchestrator`: run the Cool-Fusion loop over registered workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from coolfusion.orchestrator.registry import load_registry, workers_from_environment
+from coolfusion.orchestrator.server import serve
+from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.serving.logs import configure_logging
+
+
+def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
+    defaults = OrchestratorSettings(workers=())
+    parser = argparse.ArgumentParser(prog="coolfusion-orchestrator", description=__doc__)
+    parser.add_argument("--workers", type=Path, help="registry file (YAML or JSON); COOLFUSION_WORKERS adds name=addr,...")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    parser.add_argument("--call-timeout-s", type=float, default=defaults.call_timeout_s, help="one worker call")
+    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
+    parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args(argv)
+    try:
+        workers = load_registry(args.workers, workers_from_environment())
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    return OrchestratorSettings(
+        workers=tuple(workers),
+        host=args.host,
+        port=args.port,
+        call_timeout_s=args.call_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+        grace_s=args.grace_s,
+        log_json=args.log_json,
+        workers_file=args.workers,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_json)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The worker registry: which workers exist, where, and how to reach them (file or environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import yaml
+
+from coolfusion.orchestrator.worker_client import WorkerClient
+
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Fusion streams candidates and traces; 16 MB bounds a misbehaving worker's answers.
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class RegistryError(ValueError):
+    """The registry file or environment is malformed."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS towards one worker; `cert_file`/`key_file` enable mutual TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    """One registered worker."""
+
+    name: str
+    address: str
+    tls: TlsSettings | None = None
+    token_file: str | None = None
+
+    def read_token(self) -> str | None:
+        """The bearer token, read when a channel is made so that rotated Secrets are picked up."""
+        if not self.token_file:
+            return None
+        return Path(self.token_file).read_text().strip()
+
+
+def parse_registry(document: dict) -> list[WorkerEntry]:
+    """Entries from a parsed registry document (`{"workers": [...]}`)."""
+    items = document.get("workers") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        raise RegistryError("the registry needs a top-level 'workers' list")
+    entries = [_entry(i, item) for i, item in enumerate(items)]
+    _check_unique([e.name for e in entries])
+    return entries
+
+
+def _check_unique(names: list[str]) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RegistryError(f"duplicate worker names: {', '.join(duplicates)}")
+
+
+def _entry(index: int, item: dict) -> WorkerEntry:
+    if not isinstance(item, dict) or not item.get("name") or not item.get("address"):
+        raise RegistryError(f"workers[{index}] needs a name and an address")
+    name = str(item["name"])
+    if not _NAME.fullmatch(name):
+        raise RegistryError(f"workers[{index}].name {name!r} must be lowercase letters, digits and '-'")
+    tls = item.get("tls")
+    if tls is not None and not isinstance(tls, dict):
+        raise RegistryError(f"workers[{index}].tls must be a mapping")
+    return WorkerEntry(
+        name=name,
+        address=str(item["address"]),
+        tls=TlsSettings(**{k: tls.get(k) for k in ("ca_file", "cert_file", "key_file", "server_name")})
+        if tls is not None
+        else None,
+        token_file=item.get("token_file"),
+    )
+
+
+def load_registry(path: Path | None, env_value: str | None = None) -> list[WorkerEntry]:
+    """Reads a YAML/JSON registry file, then appends `name=address,...` entries from the environment.
+
+    `env_value` is the COOLFUSION_WORKERS variable's value, read by the caller at start-up.
+    """
+    entries: list[WorkerEntry] = []
+    if path is not None:
+        text = Path(path).read_text()
+        document = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        entries = parse_registry(document)
+    if env_value:
+        pairs = [p.split("=", 1) for p in env_value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise RegistryError("COOLFUSION_WORKERS must look like name=host:port,name=host:port")
+        entries += parse_registry({"workers": [{"name": n.strip(), "address": a.strip()} for n, a in pairs]})
+    if not entries:
+        raise RegistryError("no workers registered: pass --workers FILE or set COOLFUSION_WORKERS")
+    _check_unique([e.name for e in entries])
+    return entries
+
+
+def open_channel(entry: WorkerEntry) -> grpc.aio.Channel:
+    """A channel to the worker, with TLS (and client certificate) when configured."""
+    options = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        # Notice dead workers within seconds even when no call is in flight.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+    if entry.tls is None:
+        return grpc.aio.insecure_channel(entry.address, options=options)
+    tls = entry.tls
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file),
+        certificate_chain=_read(tls.cert_file),
+    )
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(entry.address, credentials, options=options)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def workers_from_environment() -> str | None:
+    """The COOLFUSION_WORKERS variable (for __main__; never read at import time)."""
+    return os.environ.get("COOLFUSION_WORKERS")
+
+
+class WorkerPool:
+    """One channel and client per registered worker, shared by all requests."""
+
+    def __init__(self, entries: list[WorkerEntry] | tuple[WorkerEntry, ...]):
+        self.entries = list(entries)
+        self._channels = {e.name: open_channel(e) for e in self.entries}
+        self.clients = {e.name: WorkerClient(e.name, self._channels[e.name], e.read_token()) for e in self.entries}
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        return self._channels[name]
+
+    def select(self, names: list[str]) -> list[WorkerClient]:
+        """Clients for `names` in that order; all registered workers when `names` is empty."""
+        unknown = [n for n in names if n not in self.clients]
+        if unknown:
+            raise RegistryError(f"unknown workers: {', '.join(unknown)}; registered: {', '.join(self.clients)}")
+        if len(set(names)) != len(names):
+            raise RegistryError("a worker is named twice")
+        return [self.clients[n] for n in (names or list(self.clients))]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,59 @@
+"""Builds and runs the orchestrator's gRPC server."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health
+
+from coolfusion.orchestrator.fusion import NoWorkersLeft
+from coolfusion.orchestrator.registry import WorkerPool
+from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer
+from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.serving.interceptors import ErrorMappingInterceptor
+from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
+from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = [orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
+STATUS_CODES = {
+    InvalidFusionRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NoWorkersLeft: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass
+class RunningOrchestrator:
+    server: grpc.aio.Server
+    port: int
+    pool: WorkerPool
+    health: health.aio.HealthServicer
+    settings: OrchestratorSettings
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await drain(self.server, self.health, SERVICE_NAMES, self.settings.grace_s if grace_s is None else grace_s)
+        await self.pool.close()
+
+
+async def start_orchestrator(settings: OrchestratorSettings) -> RunningOrchestrator:
+    """Starts a SERVING orchestrator; port 0 picks a free port."""
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(STATUS_CODES)])
+    pool = WorkerPool(settings.workers)
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(pool, settings), server)
+    health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    await set_serving(health_servicer, SERVICE_NAMES, serving=True)
+    logger.info("orchestrator ready on %s:%d with workers %s", settings.host, port, [e.name for e in settings.workers])
+    return RunningOrchestrator(server, port, pool, health_servicer, settings)
+
+
+async def serve(settings: OrchestratorSettings) -> None:
+    """The orchestrator process: serve until SIGTERM, then drain."""
+    stop = stop_event_on_signals()
+    running = await start_orchestrator(settings)
+    await stop.wait()
+    await running.stop()

@@ -1,0 +1,178 @@
+"""OrchestratorService handlers: validate the request, run the fusion, convert the result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coolfusion.orchestrator.fusion import FINISH_EOS, FINISH_STOP, FusionRequest, FusionResult, Step, fuse
+from coolfusion.orchestrator.registry import RegistryError, WorkerPool
+from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
+from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, WorkerFailed
+from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
+
+_FINISH = {FINISH_EOS: worker_pb2.FINISH_REASON_EOS, FINISH_STOP: worker_pb2.FINISH_REASON_STOP}
+# ListWorkers must answer quickly even when a worker hangs.
+_PROBE_TIMEOUT_S = 2.0
+
+
+class InvalidFusionRequest(ValueError):
+    """A request field is malformed or out of range (INVALID_ARGUMENT)."""
+
+
+def parse_request(parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits, request_id: str) -> FusionRequest:
+    """Validates a request's parameters; errors name the field and the allowed range."""
+    max_new = _in_range("max_new_tokens", parameters.max_new_tokens, limits.default_max_new_tokens, limits.max_new_tokens)
+    segment = _in_range(
+        "segment_max_tokens", parameters.segment_max_tokens, limits.default_segment_tokens, limits.max_segment_tokens
+    )
+    if len(parameters.stop_strings) > limits.max_stop_strings:
+        raise InvalidFusionRequest(f"{len(parameters.stop_strings)} stop_strings; the limit is {limits.max_stop_strings}")
+    if any(not 1 <= len(s) <= limits.max_stop_chars for s in parameters.stop_strings):
+        raise InvalidFusionRequest(f"each stop string must be 1-{limits.max_stop_chars} characters")
+    return FusionRequest(
+        prompt=_prompt(parameters.prompt, limits.max_prompt_chars),
+        max_new_tokens=max_new,
+        stop_strings=tuple(parameters.stop_strings),
+        segment_max_tokens=segment,
+        rerank=parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER,
+        request_id=request_id,
+    )
+
+
+def _in_range(field: str, value: int, default: int, limit: int) -> int:
+    if value == 0:
+        return default
+    if value > limit:
+        raise InvalidFusionRequest(f"{field} is {value}; it must be in [1, {limit}] (0 for the default {default})")
+    return value
+
+
+def _prompt(prompt: worker_pb2.Prompt, max_chars: int) -> Prompt:
+    kind = prompt.WhichOneof("kind")
+    if kind == "text" and prompt.text.strip():
+        text = prompt.text
+    elif kind == "chat" and prompt.chat.messages:
+        turns = tuple(ChatTurn(m.role, m.content) for m in prompt.chat.messages)
+        if any(t.role not in ("system", "user", "assistant") for t in turns):
+            raise InvalidFusionRequest("chat roles must be system, user or assistant")
+        text = "".join(t.content for t in turns)
+    else:
+        raise InvalidFusionRequest("prompt must be non-empty text or at least one chat message")
+    if len(text) > max_chars:
+        raise InvalidFusionRequest(f"prompt is {len(text)} characters; the limit is {max_chars}")
+    return Prompt(text=prompt.text) if kind == "text" else Prompt(chat=turns)
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """Runs fusions over the registered workers; keeps no state between requests."""
+
+    def __init__(self, pool: WorkerPool, settings: OrchestratorSettings):
+        self._pool = pool
+        self._settings = settings
+
+    async def Fuse(self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext) -> orchestrator_pb2.FuseResponse:
+        """Runs one fusion to the end."""
+        result = await self._fuse(request.parameters, context, on_step=None)
+        return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace))
+
+    async def FuseStream(self, request: orchestrator_pb2.FuseStreamRequest, context: grpc.aio.ServicerContext):
+        """Streams one event per chosen segment, then the summary."""
+        events: asyncio.Queue[Step | None] = asyncio.Queue()
+        task = asyncio.create_task(self._fuse(request.parameters, context, on_step=events.put))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (step := await events.get()) is not None:
+                yield orchestrator_pb2.FuseStreamResponse(step=_step_proto(step))
+            result = await task
+        finally:
+            task.cancel()  # the client went away: stop the fusion, which closes its sessions
+        yield orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False))
+
+    async def ListWorkers(
+        self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListWorkersResponse:
+        """Probes every registered worker's health and description, concurrently."""
+        statuses = await asyncio.gather(*(self._probe(entry.name, entry.address) for entry in self._pool.entries))
+        return orchestrator_pb2.ListWorkersResponse(workers=statuses)
+
+    async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
+        request_id = uuid.uuid4().hex
+        request = parse_request(parameters, self._settings.limits, request_id)
+        try:
+            clients = self._pool.select(list(parameters.workers))
+        except RegistryError as error:
+            raise InvalidFusionRequest(str(error)) from error
+        remaining = context.time_remaining()
+        budget = self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
+        deadline = time.monotonic() + budget
+        return await fuse(clients, request, deadline, self._settings.call_timeout_s, on_step)
+
+    async def _probe(self, name: str, address: str) -> orchestrator_pb2.WorkerStatus:
+        status = orchestrator_pb2.WorkerStatus(name=name, address=address)
+        try:
+            health = health_pb2_grpc.HealthStub(self._pool.channel(name))
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
+            status.serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+            if status.serving:
+                status.info.CopyFrom(await self._pool.clients[name].get_info(_PROBE_TIMEOUT_S))
+            else:
+                status.error = "health check reports NOT_SERVING (loading or draining)"
+        except (grpc.aio.AioRpcError, WorkerFailed) as error:
+            status.serving = False
+            status.error = str(error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+        return status
+
+
+def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
+    return orchestrator_pb2.FuseStep(
+        index=step.index,
+        candidates=[
+            orchestrator_pb2.StepCandidate(
+                text=c.text,
+                ends_with_eos=c.ends_with_eos,
+                proposed_by=c.proposed_by,
+                scores=[
+                    orchestrator_pb2.ModelScore(worker=name, perplexity=s.perplexity, scored_tokens=s.scored_tokens)
+                    for name, s in c.scores.items()
+                ],
+                fused_score=c.fused_score,
+            )
+            for c in step.candidates
+        ],
+        winner_index=step.winner_index,
+        winner_worker=step.winner.proposed_by[0],
+        generate_ms=step.generate_ms,
+        score_ms=step.score_ms,
+    )
+
+
+def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2.FuseResult:
+    fused = result.fused
+    shares = {name: orchestrator_pb2.WorkerShare(worker=name) for name in result.workers}
+    for step in fused.steps:
+        share = shares[step.winner.proposed_by[0]]
+        share.segments += 1
+        share.chars += len(step.winner.text)
+    return orchestrator_pb2.FuseResult(
+        text=result.text,
+        finish_reason=_FINISH.get(result.finish, worker_pb2.FINISH_REASON_LENGTH),
+        shares=list(shares.values()),
+        dropped=[orchestrator_pb2.DroppedWorker(worker=d.worker, reason=d.reason, step=d.step) for d in result.dropped],
+        timings=orchestrator_pb2.Timings(
+            total_ms=result.total_ms,
+            open_ms=fused.open_ms,
+            generate_ms=sum(s.generate_ms for s in fused.steps),
+            score_ms=sum(s.score_ms for s in fused.steps),
+            rerank_ms=result.rerank_ms,
+            steps=len(fused.steps),
+        ),
+        trace=[_step_proto(s) for s in fused.steps] if include_trace else [],
+        source=result.source,
+        rerank=[orchestrator_pb2.RerankEntry(source=r.source, text=r.text, fused_score=r.fused_score) for r in result.ranking],
+        request_id=result.request_id,
+    )

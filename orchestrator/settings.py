@@ -1,0 +1,43 @@
+"""The orchestrator's settings, built once in __main__ from flags and environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coolfusion.orchestrator.registry import WorkerEntry
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Defaults and bounds for one fusion request."""
+
+    # Enough for a worked GSM8K solution; callers ask for more explicitly.
+    default_max_new_tokens: int = 256
+    # Bounded so that one request cannot hold workers for hours.
+    max_new_tokens: int = 4096
+    # DESIGN.md section 2's step cap.
+    default_segment_tokens: int = 16
+    # Workers accept at most 64 (their own limit); asking for more would only be refused there.
+    max_segment_tokens: int = 64
+    # Far above what the models can read; bounds parsing and tokenizer work on every worker.
+    max_prompt_chars: int = 65_536
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """Everything the orchestrator process needs."""
+
+    workers: tuple[WorkerEntry, ...]
+    host: str = "127.0.0.1"
+    port: int = 50050
+    # One worker call (prefill of a long prompt on CPU is the slowest); a stuck worker is dropped after it.
+    call_timeout_s: float = 120.0
+    # Applies when the caller sets no deadline, so that no request runs forever.
+    request_timeout_s: float = 900.0
+    grace_s: float = 20.0
+    log_json: bool | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    workers_file: Path | None = None

@@ -1,0 +1,162 @@
+"""Calls one worker over gRPC and checks every answer: the orchestrator does not trust workers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import grpc
+
+from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+
+# Statuses that mean "this session's cache is gone or out of step": re-open it with the full text.
+_SESSION_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+# A log-probability is <= 0; allow float rounding of a probability of ~1.
+_LOG_PROB_SLACK = 1e-4
+# Characters per generated token a sane tokenizer can produce (long whitespace or code tokens).
+_MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Plain text, or chat turns that each worker renders with its own template."""
+
+    text: str | None = None
+    chat: tuple[ChatTurn, ...] = ()
+
+    def to_proto(self) -> worker_pb2.Prompt:
+        if self.text is not None:
+            return worker_pb2.Prompt(text=self.text)
+        messages = [worker_pb2.ChatMessage(role=t.role, content=t.content) for t in self.chat]
+        return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages))
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    prompt_tokens: int
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class GeneratedSegment:
+    text: str
+    ends_with_eos: bool
+    finish_reason: int  # worker_pb2.FinishReason
+    generated_tokens: int
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    scored_tokens: int
+    log_prob_sum: float
+    context_tokens_with_text: int
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL); a candidate with no tokens cannot be judged, so it is never preferred."""
+        if self.scored_tokens == 0:
+            return math.inf
+        return math.exp(min(-self.log_prob_sum / self.scored_tokens, 700.0))  # exp(700) ~ float max
+
+
+class WorkerFailed(Exception):
+    """The worker cannot serve this request any more (unreachable, timed out, or answered nonsense)."""
+
+
+class SessionLost(Exception):
+    """The worker lost or desynchronised the session; re-opening it with the full text may help."""
+
+
+class WorkerClient:
+    """One registered worker, as the fusion loop sees it."""
+
+    def __init__(self, name: str, channel: grpc.aio.Channel, token: str | None = None):
+        self.name = name
+        self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def get_info(self, timeout: float) -> worker_pb2.GetInfoResponse:
+        return await self._call(self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
+
+    async def open(self, session_id: str, prompt: Prompt, answer_text: str, timeout: float) -> OpenedSession:
+        request = worker_pb2.OpenSessionRequest(session_id=session_id, prompt=prompt.to_proto(), answer_text=answer_text)
+        response = await self._call(self._stub.OpenSession, request, timeout)
+        if not 0 < response.prompt_tokens <= response.context_tokens:
+            raise WorkerFailed(f"invalid answer: OpenSession token counts {response.prompt_tokens}/{response.context_tokens}")
+        return OpenedSession(response.prompt_tokens, response.context_tokens)
+
+    async def generate(
+        self,
+        session_id: str,
+        expected_context_tokens: int,
+        append_text: str,
+        max_tokens: int,
+        stop_strings: tuple[str, ...],
+        timeout: float,
+    ) -> GeneratedSegment:
+        request = worker_pb2.GenerateSegmentRequest(
+            session_id=session_id,
+            expected_context_tokens=expected_context_tokens,
+            append_text=append_text,
+            max_tokens=max_tokens,
+            stop_strings=stop_strings,
+        )
+        r = await self._call(self._stub.GenerateSegment, request, timeout)
+        self._check_segment(r, max_tokens)
+        return GeneratedSegment(
+            r.text, r.finish_reason == worker_pb2.FINISH_REASON_EOS, r.finish_reason, r.generated_tokens, r.context_tokens
+        )
+
+    async def score(
+        self, session_id: str, expected_context_tokens: int, candidates: list[tuple[str, bool]], timeout: float
+    ) -> list[CandidateScore]:
+        request = worker_pb2.ScoreTextRequest(
+            session_id=session_id,
+            expected_context_tokens=expected_context_tokens,
+            candidates=[worker_pb2.Candidate(text=t, ends_with_eos=e) for t, e in candidates],
+        )
+        response = await self._call(self._stub.ScoreText, request, timeout)
+        if len(response.scores) != len(candidates):
+            raise WorkerFailed(f"invalid answer: {len(response.scores)} scores for {len(candidates)} candidates")
+        for score, (text, eos) in zip(response.scores, candidates):
+            self._check_score(score, text, eos)
+        return [CandidateScore(s.scored_tokens, s.log_prob_sum, s.context_tokens_with_text) for s in response.scores]
+
+    async def close(self, session_id: str, timeout: float) -> None:
+        await self._call(self._stub.CloseSession, worker_pb2.CloseSessionRequest(session_id=session_id), timeout)
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    async def _call(self, method, request, timeout: float):
+        try:
+            return await method(request, timeout=max(timeout, 0.001), metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            reason = f"{error.code().name}: {error.details()}"
+            if error.code() in _SESSION_LOST:
+                raise SessionLost(reason) from error
+            raise WorkerFailed(reason) from error
+
+    @staticmethod
+    def _check_segment(r: worker_pb2.GenerateSegmentResponse, max_tokens: int) -> None:
+        if r.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED or r.finish_reason not in worker_pb2.FinishReason.values():
+            raise WorkerFailed(f"invalid answer: finish reason {r.finish_reason}")
+        if r.generated_tokens > max_tokens or len(r.text) > max_tokens * _MAX_CHARS_PER_TOKEN:
+            raise WorkerFailed(
+                f"invalid answer: segment of {r.generated_tokens} tokens / {len(r.text)} characters "
+                f"over the cap of {max_tokens} tokens"
+            )
+
+    @staticmethod
+    def _check_score(score: worker_pb2.CandidateScore, text: str, ends_with_eos: bool) -> None:
+        if not math.isfinite(score.log_prob_sum) or score.log_prob_sum > _LOG_PROB_SLACK:
+            raise WorkerFailed(f"invalid answer: log-probability {score.log_prob_sum} is not a finite value <= 0")
+        # Tokens cover at least one byte each (EOS aside); a join can re-score a few context tokens.
+        if score.scored_tokens > len(text.encode()) + ends_with_eos + 8:
+            raise WorkerFailed(f"invalid answer: {score.scored_tokens} scored tokens for {len(text)} characters")

@@ -1,0 +1,113 @@
+"""A cache-free, in-process reference of DESIGN.md section 2, with plain transformers forward passes.
+
+It shares no code with the service: every step re-reads the whole context from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+BOUNDARY = re.compile(r"\S(?=\s)")
+
+
+@dataclass
+class ReferenceModel:
+    name: str
+    model: object
+    tokenizer: object
+
+    def render(self, prompt: str | list[dict]) -> tuple[str, bool]:
+        if isinstance(prompt, str):
+            return prompt, True
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+        return "\n\n".join(m["content"] for m in prompt) + "\n\n", True
+
+    @property
+    def eos_ids(self) -> set[int]:
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured]) - {None}
+        return ids | {self.tokenizer.eos_token_id}
+
+    def ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+    @torch.no_grad()
+    def next_token(self, ids: list[int]) -> int:
+        return int(self.model(torch.tensor([ids])).logits[0, -1].argmax())
+
+    def segment(self, context: str, special: bool, cap: int, stops: tuple[str, ...]) -> tuple[str, bool]:
+        """(segment text, ended at EOS), generating every token from scratch."""
+        ids = self.ids(context, special)
+        before = self.decode(ids)
+        new: list[int] = []
+        text = ""
+        for _ in range(cap):
+            token = self.next_token(ids + new)
+            if token in self.eos_ids:
+                return text, True
+            new.append(token)
+            text = self.decode(ids + new)[len(before):]
+            ends = [m.end() for m in [BOUNDARY.search(text)] if m] + [
+                text.find(s) + len(s) for s in stops if s in text
+            ]
+            if ends:
+                return text[: min(ends)], False
+        return text, False
+
+    @torch.no_grad()
+    def perplexity(self, context: str, special: bool, text: str, eos: bool) -> float:
+        base = self.ids(context, special)
+        full = self.ids(context + text, special)
+        start = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
+        start = max(start, 1)
+        if eos:
+            full = full + [self.tokenizer.eos_token_id]
+        if start >= len(full):
+            return math.inf
+        log_probs = torch.log_softmax(self.model(torch.tensor([full])).logits[0].float(), -1)
+        nll = -sum(float(log_probs[j - 1, full[j]]) for j in range(start, len(full)))
+        return math.exp(min(nll / (len(full) - start), 700.0))
+
+    def answer_tokens(self, rendered: str, special: bool, answer: str) -> int:
+        return len(self.ids(rendered + answer, special)) - len(self.ids(rendered, special))
+
+
+def reference_fuse(
+    models: list[ReferenceModel],
+    prompt: str | list[dict],
+    max_new_tokens: int = 64,
+    stop_strings: tuple[str, ...] = (),
+    segment_cap: int = 16,
+) -> tuple[str, str]:
+    """The fused answer and why it ended ("eos", "stop" or "length")."""
+    rendered = [m.render(prompt) for m in models]
+    answer = ""
+    while True:
+        segments = [m.segment(r + answer, s, segment_cap, stop_strings) for m, (r, s) in zip(models, rendered)]
+        candidates = list(dict.fromkeys(segments))  # distinct, in worker order
+        if len(candidates) == 1:
+            winner = candidates[0]
+        else:
+            fused = [
+                sum(m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)) / len(models)
+                for text, eos in candidates
+            ]
+            winner = candidates[min(range(len(candidates)), key=lambda i: (fused[i], i))]
+        previous = len(answer)
+        answer += winner[0]
+        if winner[1]:
+            return answer, "eos"
+        hits = [answer.find(s, max(0, previous - len(s) + 1)) for s in stop_strings]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            return answer[: min(hits)], "stop"
+        if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
+            return answer, "length"
