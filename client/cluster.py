@@ -106,8 +106,9 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             # Workers load their models in parallel; the orchestrator starts once they all serve.
+            threads = ["--threads", str(max(1, (os.cpu_count() or 1) // len(self._workers_spec)))]
             for name, model_args in self._workers_spec.items():
-                self.workers[name] = launch(name, worker_argv(model_args), self._log)
+                self.workers[name] = launch(name, worker_argv(model_args, threads), self._log)
             for worker in self.workers.values():
                 wait_ready(worker, self._ready_timeout_s)
             env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))

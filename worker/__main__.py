@@ -20,6 +20,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--cache-dir", type=Path, help="where GGUF conversions are kept")
     parser.add_argument("--token-budget", type=int, default=limits.token_budget, help="cached tokens, all sessions")
     parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
@@ -34,6 +35,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        threads=args.threads,
         cache_dir=args.cache_dir,
         grace_s=args.grace_s,
         log_json=args.log_json,

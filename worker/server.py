@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health
 
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
@@ -103,6 +104,8 @@ async def _sweep_idle(store: SessionStore, thread: ModelThread, ttl_s: float) ->
 
 def load_language_model(settings: WorkerSettings) -> LanguageModel:
     """Resolves the preset or path (converting GGUF once) and loads it."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     folder = loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
     model, tokenizer = loading.load_model(folder, device=settings.device, dtype=settings.dtype)
     return LanguageModel(model, tokenizer, model_id=settings.preset or folder.name)

@@ -133,6 +133,7 @@ class SessionStore:
         prompt_ids = self._lm.tokenize(prompt_text, add_special)
         if not prompt_ids:
             raise InvalidRequest("prompt renders to zero tokens")
+        self._check_fits(len(prompt_ids), "prompt")
         session = Session(session_id, prompt_text, add_special, len(prompt_ids), answer_text, prompt_ids)
         session.context_ids = self._context_ids(prompt_text + answer_text, session) if answer_text else prompt_ids
         session.last_used = self._clock()

@@ -42,6 +42,9 @@ class WorkerSettings:
     port: int = 50051
     device: str = "cpu"
     dtype: str = "float32"
+    # 0 keeps torch's default (all cores); co-located workers should split the cores instead,
+    # because oversubscribed OpenMP threads spin and slow every process down many times over.
+    threads: int = 0
     cache_dir: Path | None = None  # where GGUF conversions are kept; None = loading.default_cache_dir()
     # Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds (30 by default): drain in less.
     grace_s: float = 20.0

@@ -1,0 +1,114 @@
+"""Session store bounds: token budget, LRU eviction, idle TTL, stale contexts, idempotent opens."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from coolfusion.worker.errors import InvalidRequest, OverCapacity, SessionConflict, SessionNotFound, StaleContext
+from coolfusion.worker.model import LanguageModel, PromptSpec
+from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.settings import SessionLimits
+
+PROMPT = PromptSpec(text="Sam had 25 dollars and spent 9 dollars on lunch.")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dirs) -> LanguageModel:
+    folder = tiny_model_dirs["bpe"]
+    return LanguageModel(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), "bpe")
+
+
+def test_least_recently_used_session_is_evicted_when_the_budget_is_full(lm):
+    tokens = len(lm.tokenize(PROMPT.text, True))
+    store = SessionStore(lm, SessionLimits(token_budget=3 * tokens))
+    for sid in ("a", "b", "c"):
+        store.open(sid, PROMPT, "")
+    store.generate("a", tokens, "", 1, ())  # "a" becomes the most recently used
+    store.open("d", PROMPT, "")
+    assert store.load().open_sessions == 3
+    with pytest.raises(SessionNotFound):
+        store.generate("b", tokens, "", 1, ())
+    assert store.load().evicted_sessions == 1
+    assert store.load().cached_tokens <= 3 * tokens
+
+
+def test_max_sessions_evicts_the_oldest(lm):
+    store = SessionStore(lm, SessionLimits(max_sessions=2))
+    for sid in ("a", "b", "c"):
+        store.open(sid, PROMPT, "")
+    assert store.load().open_sessions == 2
+    with pytest.raises(SessionNotFound):
+        store.close("a") or store.generate("a", 1, "", 1, ())
+
+
+def test_idle_sessions_expire_after_the_ttl(lm):
+    clock = FakeClock()
+    store = SessionStore(lm, SessionLimits(idle_ttl_s=60), clock=clock)
+    store.open("old", PROMPT, "")
+    clock.now += 30
+    store.open("young", PROMPT, "")
+    clock.now += 45
+    assert store.evict_idle() == 1
+    assert store.load().open_sessions == 1
+    with pytest.raises(SessionNotFound, match="old"):
+        store.generate("old", 1, "", 1, ())
+
+
+def test_a_request_larger_than_the_whole_budget_is_refused(lm):
+    store = SessionStore(lm, SessionLimits(token_budget=8))
+    with pytest.raises(OverCapacity, match="budget is 8"):
+        store.open("big", PROMPT, "")
+    assert store.load().open_sessions == 0
+
+
+def test_a_prompt_over_the_model_context_names_both_numbers(lm):
+    store = SessionStore(lm, SessionLimits())
+    long_prompt = PromptSpec(text="apples and pears " * 3000)
+    with pytest.raises(InvalidRequest, match=rf"tokens; the model's limit is {lm.max_context_tokens}"):
+        store.open("long", long_prompt, "")
+
+
+def test_stale_context_length_is_refused_and_changes_nothing(lm):
+    store = SessionStore(lm, SessionLimits())
+    opened = store.open("s", PROMPT, "")
+    with pytest.raises(StaleContext, match=f"has {opened.context_tokens} context tokens"):
+        store.generate("s", opened.context_tokens + 1, " more", 4, ())
+    assert store._sessions["s"].answer_text == ""
+    segment, context_tokens = store.generate("s", opened.context_tokens, "", 4, ())
+    assert context_tokens == opened.context_tokens
+
+
+def test_retried_append_is_detected(lm):
+    store = SessionStore(lm, SessionLimits())
+    opened = store.open("s", PROMPT, "")
+    store.generate("s", opened.context_tokens, " He", 4, ())
+    with pytest.raises(StaleContext):
+        store.generate("s", opened.context_tokens, " He", 4, ())  # the same call, sent twice
+    assert store._sessions["s"].answer_text == " He"
+
+
+def test_open_is_idempotent_for_the_same_context_and_refuses_another(lm):
+    store = SessionStore(lm, SessionLimits())
+    first = store.open("s", PROMPT, "")
+    assert store.open("s", PROMPT, "") == first
+    assert store.load().open_sessions == 1
+    with pytest.raises(SessionConflict):
+        store.open("s", PromptSpec(text="another prompt"), "")
+
+
+def test_unknown_and_closed_sessions_are_not_found(lm):
+    store = SessionStore(lm, SessionLimits())
+    store.open("s", PROMPT, "")
+    assert store.close("s") is True
+    assert store.close("s") is False
+    with pytest.raises(SessionNotFound):
+        store.score("s", 1, [])
