@@ -1,1 +1,31 @@
 """Client library and the `coolfusion` command line."""
+
+from coolfusion.client.client import (
+    AsyncFusionClient,
+    CoolfusionError,
+    DeadlineExceededError,
+    FusionClient,
+    InvalidArgumentError,
+    NotFoundError,
+    PromptLike,
+    ResourceExhaustedError,
+    UnavailableError,
+    chat,
+    error_from_rpc,
+    fusion_parameters,
+)
+
+__all__ = [
+    "AsyncFusionClient",
+    "CoolfusionError",
+    "DeadlineExceededError",
+    "FusionClient",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PromptLike",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "chat",
+    "error_from_rpc",
+    "fusion_parameters",
+]

@@ -1,0 +1,292 @@
+"""Python client for OrchestratorService: a sync and an asyncio class, with deadlines and typed errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+import grpc
+
+from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
+
+# A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}].
+PromptLike = str | Sequence[Mapping[str, str]]
+Metadata = tuple[tuple[str, str], ...]
+
+
+class CoolfusionError(Exception):
+    """A failed orchestrator call: its gRPC status code and the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(CoolfusionError):
+    """The request was malformed or out of range (for example an unknown worker name)."""
+
+
+class UnavailableError(CoolfusionError):
+    """The orchestrator (or every worker) could not be reached, or is loading or draining."""
+
+
+class DeadlineExceededError(CoolfusionError):
+    """The call did not finish before its deadline."""
+
+
+class ResourceExhaustedError(CoolfusionError):
+    """A memory or queue limit was hit; retrying later may succeed."""
+
+
+class NotFoundError(CoolfusionError):
+    """Something the request named does not exist."""
+
+
+_ERROR_TYPES: dict[grpc.StatusCode, type[CoolfusionError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+}
+
+
+def error_from_rpc(error: grpc.RpcError) -> CoolfusionError:
+    """Maps a failed gRPC call to the typed exception for its status code (others: the base class)."""
+    # A bare grpc.RpcError need not carry a status (the interface declares no methods); treat it as UNKNOWN.
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    return _ERROR_TYPES.get(code, CoolfusionError)(code, details or "")
+
+
+def chat(text: str, *, system: str | None = None) -> list[dict[str, str]]:
+    """One user turn (optionally after a system turn), in the form `fuse` accepts as a chat prompt."""
+    turns = [{"role": "system", "content": system}] if system else []
+    return [*turns, {"role": "user", "content": text}]
+
+
+def fusion_parameters(
+    prompt: PromptLike,
+    *,
+    workers: Iterable[str] = (),
+    max_new_tokens: int = 0,
+    stop: Iterable[str] = (),
+    segment_max_tokens: int = 0,
+    rerank: bool = False,
+    trace: bool = False,
+) -> orchestrator_pb2.FusionParameters:
+    """Builds the request parameters; zero numbers mean the orchestrator's defaults."""
+    return orchestrator_pb2.FusionParameters(
+        prompt=_prompt(prompt),
+        workers=list(workers),
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(stop),
+        segment_max_tokens=segment_max_tokens,
+        rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if rerank else orchestrator_pb2.RERANK_MODE_NONE,
+        include_trace=trace,
+    )
+
+
+def _prompt(prompt: PromptLike) -> worker_pb2.Prompt:
+    if isinstance(prompt, str):
+        return worker_pb2.Prompt(text=prompt)
+    turns = [worker_pb2.ChatMessage(role=turn["role"], content=turn["content"]) for turn in prompt]
+    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=turns))
+
+
+def _metadata(token: str | None) -> Metadata:
+    # Sent per call rather than as call credentials, which gRPC refuses on plaintext channels
+    # (a local cluster or a TLS-terminating proxy in front of the orchestrator).
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class _ClientBase:
+    """What both clients share: the address, the default deadline and the auth metadata."""
+
+    def __init__(self, address: str, timeout_s: float, root_certificates: bytes | None, token: str | None):
+        self.address = address
+        self._timeout_s = timeout_s
+        self._credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
+        self._metadata = _metadata(token)
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self._timeout_s if timeout_s is None else timeout_s
+
+
+class FusionClient(_ClientBase):
+    """Blocking client; a context manager that closes its channel."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 600.0,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+    ):
+        super().__init__(address, timeout_s, root_certificates, token)
+        if self._credentials:
+            self._channel = grpc.secure_channel(address, self._credentials)
+        else:
+            self._channel = grpc.insecure_channel(address)
+        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+
+    def fuse(
+        self,
+        prompt: PromptLike,
+        *,
+        workers: Iterable[str] = (),
+        max_new_tokens: int = 0,
+        stop: Iterable[str] = (),
+        segment_max_tokens: int = 0,
+        rerank: bool = False,
+        trace: bool = False,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FuseResult:
+        """Runs one fusion to the end and returns its result."""
+        parameters = fusion_parameters(
+            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+        )  # fmt: skip
+        request = orchestrator_pb2.FuseRequest(parameters=parameters)
+        try:
+            response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return response.result
+
+    def fuse_stream(
+        self,
+        prompt: PromptLike,
+        *,
+        workers: Iterable[str] = (),
+        max_new_tokens: int = 0,
+        stop: Iterable[str] = (),
+        segment_max_tokens: int = 0,
+        rerank: bool = False,
+        trace: bool = False,
+        timeout_s: float | None = None,
+    ) -> Iterator[orchestrator_pb2.FuseStreamResponse]:
+        """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
+        parameters = fusion_parameters(
+            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+        )  # fmt: skip
+        request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
+
+    def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
+        """The registered workers with their health and description."""
+        request = orchestrator_pb2.ListWorkersRequest()
+        try:
+            response = self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return list(response.workers)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncFusionClient(_ClientBase):
+    """asyncio client (grpc.aio); an async context manager that closes its channel."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 600.0,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+    ):
+        super().__init__(address, timeout_s, root_certificates, token)
+        if self._credentials:
+            self._channel = grpc.aio.secure_channel(address, self._credentials)
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
+        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+
+    async def fuse(
+        self,
+        prompt: PromptLike,
+        *,
+        workers: Iterable[str] = (),
+        max_new_tokens: int = 0,
+        stop: Iterable[str] = (),
+        segment_max_tokens: int = 0,
+        rerank: bool = False,
+        trace: bool = False,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FuseResult:
+        """Runs one fusion to the end and returns its result."""
+        parameters = fusion_parameters(
+            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+        )  # fmt: skip
+        request = orchestrator_pb2.FuseRequest(parameters=parameters)
+        try:
+            response = await self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return response.result
+
+    async def fuse_stream(
+        self,
+        prompt: PromptLike,
+        *,
+        workers: Iterable[str] = (),
+        max_new_tokens: int = 0,
+        stop: Iterable[str] = (),
+        segment_max_tokens: int = 0,
+        rerank: bool = False,
+        trace: bool = False,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[orchestrator_pb2.FuseStreamResponse]:
+        """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
+        parameters = fusion_parameters(
+            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+        )  # fmt: skip
+        request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
+        """The registered workers with their health and description."""
+        request = orchestrator_pb2.ListWorkersRequest()
+        try:
+            response = await self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return list(response.workers)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,198 @@
+"""The client library and the `coolfusion` command line against a real local cluster of tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coolfusion.client import AsyncFusionClient, FusionClient, InvalidArgumentError
+from coolfusion.client.cli import cluster_spec, final_number
+from coolfusion.client.cluster import LocalCluster
+from coolfusion.v1 import orchestrator_pb2
+
+WORKERS = ["bpe", "char"]
+PROMPT = "Tom has 3 apples and buys 4 more."
+# Short answers and segments keep the module near a minute on a busy CPU; a few steps still
+# give both workers candidates to win.
+MAX_NEW_TOKENS, SEGMENT_TOKENS = 6, 4
+_LIMIT_FLAGS = ("--max-new-tokens", str(MAX_NEW_TOKENS), "--segment-max-tokens", str(SEGMENT_TOKENS))
+_LIMITS = {"max_new_tokens": MAX_NEW_TOKENS, "segment_max_tokens": SEGMENT_TOKENS}
+_LABEL = re.compile(r"\[(bpe|char)\]")
+
+
+@pytest.fixture(scope="module")
+def address(tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
+    spec = {name: ["--model", str(tiny_model_dirs[name])] for name in WORKERS}
+    with LocalCluster(spec, ready_timeout_s=120) as cluster:
+        yield cluster.address
+
+
+def cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, NO_COLOR="")  # output is piped anyway: labels, not colours
+    argv = [sys.executable, "-m", "coolfusion.client.cli", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+
+
+def fuse_cli(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return cli("fuse", "--plain", PROMPT, "--orchestrator", address, *_LIMIT_FLAGS, *flags)
+
+
+def answer_part(stdout: str) -> str:
+    """The labelled answer: everything before the share table's header."""
+    return re.split(r"\n\nworker +segments", stdout)[0]
+
+
+def assert_share_table(stdout: str) -> None:
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.split()[:1] in (["bpe"], ["char"])}
+    assert set(rows) == set(WORKERS)
+    assert sum(float(row[3]) for row in rows.values()) == pytest.approx(100, abs=0.2)
+    assert re.search(r"\d+ steps, finished by \w+; total \d+ ms", stdout)
+
+
+def test_fuse_labels_each_segment_and_prints_shares(address: str) -> None:
+    done = fuse_cli(address)
+    assert done.returncode == 0, done.stderr
+    assert _LABEL.match(done.stdout)  # the answer starts with its first segment's worker
+    assert_share_table(done.stdout)
+
+
+def test_fuse_json_text_equals_the_labelled_segments(address: str) -> None:
+    labelled, as_json = fuse_cli(address), fuse_cli(address, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)
+    # Greedy decoding is deterministic, so both runs fused the same answer.
+    assert _LABEL.sub("", answer_part(labelled.stdout)) == result["text"]
+    assert "".join(step["candidates"][step["winner_index"]]["text"] for step in result["trace"]) == result["text"]
+    assert [share["worker"] for share in result["shares"]] == WORKERS
+
+
+def test_fuse_stream_prints_segments_then_the_summary(address: str) -> None:
+    done = fuse_cli(address, "--stream")
+    assert done.returncode == 0, done.stderr
+    assert _LABEL.match(done.stdout)
+    assert_share_table(done.stdout)
+
+
+def test_unknown_worker_is_an_invalid_argument(address: str) -> None:
+    done = fuse_cli(address, "--workers", "bpe,nope")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith("coolfusion: INVALID_ARGUMENT:") and "nope" in done.stderr
+
+
+def test_workers_lists_both_workers(address: str) -> None:
+    done = cli("workers", "--orchestrator", address, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [(w["name"], w["serving"]) for w in json.loads(done.stdout)] == [("bpe", True), ("char", True)]
+
+
+def test_sync_client_fuse_stream_and_list_workers(address: str) -> None:
+    with FusionClient(address, timeout_s=60) as client:
+        result = client.fuse(PROMPT, trace=True, **_LIMITS)
+        assert result.text and result.text == "".join(s.candidates[s.winner_index].text for s in result.trace)
+        events = list(client.fuse_stream(PROMPT, **_LIMITS))
+        assert_stream_consistent(events)
+        assert events[-1].summary.text == result.text
+        assert [(w.name, w.serving) for w in client.list_workers()] == [("bpe", True), ("char", True)]
+        with pytest.raises(InvalidArgumentError, match="nope"):
+            client.fuse(PROMPT, workers=["nope"])
+
+
+def test_async_client_fuse_stream_and_list_workers(address: str) -> None:
+    async def run() -> None:
+        async with AsyncFusionClient(address, timeout_s=60) as client:
+            result = await client.fuse(PROMPT, workers=["char", "bpe"], **_LIMITS)
+            assert [share.worker for share in result.shares] == ["char", "bpe"]
+            events = [event async for event in client.fuse_stream(PROMPT, **_LIMITS)]
+            assert_stream_consistent(events)
+            assert [w.name for w in await client.list_workers()] == WORKERS
+            with pytest.raises(InvalidArgumentError):
+                await client.fuse(PROMPT, max_new_tokens=10**6)
+
+    asyncio.run(run())
+
+
+def assert_stream_consistent(events: list[orchestrator_pb2.FuseStreamResponse]) -> None:
+    kinds = [event.WhichOneof("event") for event in events]
+    assert kinds == ["step"] * (len(events) - 1) + ["summary"]
+    winners = "".join(e.step.candidates[e.step.winner_index].text for e in events[:-1])
+    assert events[-1].summary.text == winners
+    assert events[-1].summary.timings.steps == len(events) - 1
+
+
+def test_up_serves_until_sigterm_and_leaves_nothing_running(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    models = [f"--model={name}={tiny_model_dirs[name]}" for name in WORKERS]
+    argv = [sys.executable, "-m", "coolfusion.client.cli", "up", "--presets=", *models, "--log", str(tmp_path / "log")]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = _read_lines(up)
+        address = _wait_for(lines, r"^orchestrator: (\S+)", timeout_s=120)
+        _wait_for(lines, r"^ready: ", timeout_s=10)
+        servers = _children(up.pid)
+        assert len(servers) == 3  # two workers and the orchestrator
+        with FusionClient(address, timeout_s=30) as client:
+            assert client.fuse(PROMPT, **_LIMITS).text
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        assert not _alive(servers)
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def _read_lines(process: subprocess.Popen[str]) -> queue.Queue[str]:
+    # A thread, so that waiting for a line can time out instead of blocking on readline.
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    return lines
+
+
+def _wait_for(lines: queue.Queue[str], pattern: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if match := re.search(pattern, line):
+            return match.group(1) if match.groups() else line
+    raise AssertionError(f"no line matching {pattern!r} within {timeout_s} s")
+
+
+def _children(pid: int) -> list[int]:
+    listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in listed.stdout.split()]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    argv = ["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, pids))]
+    listed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return [int(pid) for pid, stat in (line.split() for line in listed.stdout.splitlines()) if not stat.startswith("Z")]
+
+
+def test_cluster_spec_maps_presets_to_short_names_and_models_override() -> None:
+    spec = cluster_spec("smollm2-135m-instruct,gemma3-270m", ["gemma3=/m/g.gguf", "extra=/m/x"])
+    assert spec == {
+        "smollm2": ["--preset", "smollm2-135m-instruct"],
+        "gemma3": ["--model", "/m/g.gguf"],
+        "extra": ["--model", "/m/x"],
+    }
+    assert cluster_spec("", ["a=/m/a"]) == {"a": ["--model", "/m/a"]}
+
+
+def test_final_number_reads_the_gsm8k_answer_marker() -> None:
+    assert final_number("so 9 * 2 = 18\n#### 18") == "18"
+    assert final_number("#### $1,250.50 and later #### -3") == "-3"
+    assert final_number("no marker 42") is None
