@@ -54,6 +54,7 @@ class Step:
     winner_index: int
     generate_ms: float
     score_ms: float
+    worker_compute_ms: float  # slowest worker's compute, generation plus scoring
 
     @property
     def winner(self) -> StepCandidate:
@@ -157,7 +158,8 @@ class FusionLoop:
         """Scores whole answers after the bare prompt on every member (the Cool+R rerank)."""
         try:
             await self._fan_out(self._open)
-            return await self._fan_out(lambda m: self._score(m, answers))
+            scored = await self._fan_out(lambda m: self._score(m, answers))
+            return {name: scores for name, (scores, _) in scored.items()}
         finally:
             await asyncio.shield(self._close_all())
 
@@ -173,15 +175,16 @@ class FusionLoop:
         segments = await self._fan_out(self._generate)
         self._to_append = ""
         generate_ms = (time.perf_counter() - started) * 1000
+        compute_ms = max(s.compute_ms for s in segments.values())
         if self._answer_tokens(self._members[0].context_tokens) >= self._request.max_new_tokens:
             return self._finish(FINISH_LENGTH)
         candidates = _distinct_candidates(segments)
         score_ms = 0.0
         if len(candidates) > 1:
             started = time.perf_counter()
-            await self._score_all(candidates)
+            compute_ms += await self._score_all(candidates)
             score_ms = (time.perf_counter() - started) * 1000
-        step = Step(self._step_index, candidates, _winner_index(candidates), generate_ms, score_ms)
+        step = Step(self._step_index, candidates, _winner_index(candidates), generate_ms, score_ms, compute_ms)
         self._answer.steps.append(step)
         if self._on_step:
             await self._on_step(step)
@@ -191,15 +194,17 @@ class FusionLoop:
         """Answer length in tokens of the first remaining worker (DESIGN.md: the stop rule's unit)."""
         return context_tokens - self._members[0].prompt_tokens
 
-    async def _score_all(self, candidates: list[StepCandidate]) -> None:
+    async def _score_all(self, candidates: list[StepCandidate]) -> float:
+        """Fills in every worker's scores and the fused score; returns the slowest compute time (ms)."""
         pairs = [(c.text, c.ends_with_eos) for c in candidates]
-        scores = await self._fan_out(lambda m: self._score(m, pairs))
-        for name, per_candidate in scores.items():
+        answers = await self._fan_out(lambda m: self._score(m, pairs))
+        for name, (per_candidate, _) in answers.items():
             for candidate, score in zip(candidates, per_candidate):
                 candidate.scores[name] = score
         for candidate in candidates:
             perplexities = [s.perplexity for s in candidate.scores.values()]
             candidate.fused_score = sum(perplexities) / len(perplexities)
+        return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:
         previous = len(self._answer.text)
@@ -250,8 +255,9 @@ class FusionLoop:
     async def _generate(self, member: _Member) -> GeneratedSegment:
         request = self._request
         try:
+            answer_chars = len(self._answer.text) - len(self._to_append)
             segment = await member.client.generate(
-                member.session_id, member.context_tokens, self._to_append,
+                member.session_id, member.context_tokens, answer_chars, self._to_append,
                 request.segment_max_tokens, request.stop_strings, self._timeout(),
             )  # fmt: skip
         except SessionLost as lost:
@@ -259,14 +265,14 @@ class FusionLoop:
             await self._reopen(member)  # the re-opened context already holds the appended text
             segment = await self._retry(
                 member.client.generate(
-                    member.session_id, member.context_tokens, "",
+                    member.session_id, member.context_tokens, len(self._answer.text), "",
                     request.segment_max_tokens, request.stop_strings, self._timeout(),
                 )  # fmt: skip
             )
         member.context_tokens = segment.context_tokens
         return segment
 
-    async def _score(self, member: _Member, pairs: list[tuple[str, bool]]) -> list[CandidateScore]:
+    async def _score(self, member: _Member, pairs: list[tuple[str, bool]]) -> tuple[list[CandidateScore], float]:
         try:
             return await member.client.score(member.session_id, member.context_tokens, pairs, self._timeout())
         except SessionLost:

@@ -154,10 +154,12 @@ def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
 def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2.FuseResult:
     fused = result.fused
     shares = {name: orchestrator_pb2.WorkerShare(worker=name) for name in result.workers}
+    position = 0  # a stop string may have cut the last segments: count only characters kept
     for step in fused.steps:
         share = shares[step.winner.proposed_by[0]]
         share.segments += 1
-        share.chars += len(step.winner.text)
+        share.chars += max(0, min(len(step.winner.text), len(fused.text) - position))
+        position += len(step.winner.text)
     return orchestrator_pb2.FuseResult(
         text=result.text,
         finish_reason=_FINISH.get(result.finish, worker_pb2.FINISH_REASON_LENGTH),
@@ -170,6 +172,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
             score_ms=sum(s.score_ms for s in fused.steps),
             rerank_ms=result.rerank_ms,
             steps=len(fused.steps),
+            worker_compute_ms=sum(s.worker_compute_ms for s in fused.steps),
         ),
         trace=[_step_proto(s) for s in fused.steps] if include_trace else [],
         source=result.source,

@@ -50,6 +50,7 @@ class GeneratedSegment:
     finish_reason: int  # worker_pb2.FinishReason
     generated_tokens: int
     context_tokens: int
+    compute_ms: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class WorkerClient:
         self,
         session_id: str,
         expected_context_tokens: int,
+        expected_answer_chars: int,
         append_text: str,
         max_tokens: int,
         stop_strings: tuple[str, ...],
@@ -104,19 +106,20 @@ class WorkerClient:
         request = worker_pb2.GenerateSegmentRequest(
             session_id=session_id,
             expected_context_tokens=expected_context_tokens,
+            expected_answer_chars=expected_answer_chars,
             append_text=append_text,
             max_tokens=max_tokens,
             stop_strings=stop_strings,
         )
         r = await self._call(self._stub.GenerateSegment, request, timeout)
         self._check_segment(r, max_tokens)
-        return GeneratedSegment(
-            r.text, r.finish_reason == worker_pb2.FINISH_REASON_EOS, r.finish_reason, r.generated_tokens, r.context_tokens
-        )
+        eos = r.finish_reason == worker_pb2.FINISH_REASON_EOS
+        return GeneratedSegment(r.text, eos, r.finish_reason, r.generated_tokens, r.context_tokens, r.compute_ms)
 
     async def score(
         self, session_id: str, expected_context_tokens: int, candidates: list[tuple[str, bool]], timeout: float
-    ) -> list[CandidateScore]:
+    ) -> tuple[list[CandidateScore], float]:
+        """Scores, in candidate order, and the worker's compute time (ms)."""
         request = worker_pb2.ScoreTextRequest(
             session_id=session_id,
             expected_context_tokens=expected_context_tokens,
@@ -127,7 +130,8 @@ class WorkerClient:
             raise WorkerFailed(f"invalid answer: {len(response.scores)} scores for {len(candidates)} candidates")
         for score, (text, eos) in zip(response.scores, candidates):
             self._check_score(score, text, eos)
-        return [CandidateScore(s.scored_tokens, s.log_prob_sum, s.context_tokens_with_text) for s in response.scores]
+        scores = [CandidateScore(s.scored_tokens, s.log_prob_sum, s.context_tokens_with_text) for s in response.scores]
+        return scores, response.compute_ms
 
     async def close(self, session_id: str, timeout: float) -> None:
         await self._call(self._stub.CloseSession, worker_pb2.CloseSessionRequest(session_id=session_id), timeout)

@@ -41,7 +41,9 @@ class ReferenceModel:
 
     @torch.no_grad()
     def next_token(self, ids: list[int]) -> int:
-        return int(self.model(torch.tensor([ids])).logits[0, -1].argmax())
+        # The whole context is recomputed; only the last position's logits are projected (a 262k
+        # vocabulary times every position would dominate the run time for nothing).
+        return int(self.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
 
     def segment(self, context: str, special: bool, cap: int, stops: tuple[str, ...]) -> tuple[str, bool]:
         """(segment text, ended at EOS), generating every token from scratch."""
@@ -72,8 +74,10 @@ class ReferenceModel:
             full = full + [self.tokenizer.eos_token_id]
         if start >= len(full):
             return math.inf
-        log_probs = torch.log_softmax(self.model(torch.tensor([full])).logits[0].float(), -1)
-        nll = -sum(float(log_probs[j - 1, full[j]]) for j in range(start, len(full)))
+        kept = len(full) - start + 1  # logits of positions start-1 .. end-1
+        logits = self.model(torch.tensor([full]), logits_to_keep=kept).logits[0].float()
+        log_probs = torch.log_softmax(logits, -1)  # row i predicts token start + i
+        nll = -sum(float(log_probs[j - start, full[j]]) for j in range(start, len(full)))
         return math.exp(min(nll / (len(full) - start), 700.0))
 
     def answer_tokens(self, rendered: str, special: bool, answer: str) -> int:

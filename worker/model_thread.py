@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -29,11 +30,22 @@ class ModelThread:
         return self._queued
 
     async def run(self, fn: Callable[..., T], *args) -> T:
+        result, _ = await self.run_timed(fn, *args)
+        return result
+
+    async def run_timed(self, fn: Callable[..., T], *args) -> tuple[T, float]:
+        """Runs `fn(*args)` on the model thread; returns its result and its run time (ms, queueing excluded)."""
         if self._queued >= self._max_queued:
             raise OverCapacity(f"{self._queued} model calls already queued; the limit is {self._max_queued}")
+
+        def timed() -> tuple[T, float]:
+            started = time.perf_counter()
+            result = fn(*args)
+            return result, (time.perf_counter() - started) * 1000
+
         self._queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         finally:
             self._queued -= 1
 

@@ -18,7 +18,7 @@ from coolfusion.worker import errors, loading
 from coolfusion.worker.model import LanguageModel, PromptSpec
 from coolfusion.worker.model_thread import ModelThread
 from coolfusion.worker.servicer import WorkerServicer
-from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _warm_up(lm: LanguageModel) -> None:
     """One tiny prefill + segment, so the first real request does not pay for lazy initialisation."""
     store = SessionStore(lm, SessionLimits())
     opened = store.open("warm-up", PromptSpec(text="Hello"), "")
-    store.generate(opened.session_id, opened.context_tokens, "", 2, ())
+    store.generate(opened.session_id, Expectation(opened.context_tokens), "", 2, ())
 
 
 async def _sweep_idle(store: SessionStore, thread: ModelThread, ttl_s: float) -> None:

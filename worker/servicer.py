@@ -10,7 +10,7 @@ from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker.errors import InvalidRequest, NotReady
 from coolfusion.worker.model import CandidateText, ChatTurn, Finish, LanguageModel, PromptSpec
 from coolfusion.worker.model_thread import ModelThread
-from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
 
 PROTOCOL_VERSION = "coolfusion.v1"
@@ -159,19 +159,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         session_id = self._validate.session_id(request.session_id, allow_empty=True)
         prompt = self._validate.prompt(request.prompt)
         answer = self._validate.text(request.answer_text, "answer_text")
-        opened = await self._thread.run(self._store.open, session_id, prompt, answer)
+        opened, compute_ms = await self._thread.run_timed(self._store.open, session_id, prompt, answer)
         return worker_pb2.OpenSessionResponse(
-            session_id=opened.session_id, prompt_tokens=opened.prompt_tokens, context_tokens=opened.context_tokens
+            session_id=opened.session_id,
+            prompt_tokens=opened.prompt_tokens,
+            context_tokens=opened.context_tokens,
+            compute_ms=compute_ms,
         )
 
     async def GenerateSegment(
         self, request: worker_pb2.GenerateSegmentRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GenerateSegmentResponse:
         """Appends the previous winner, then generates one segment."""
-        segment, context_tokens = await self._thread.run(
+        (segment, context_tokens), compute_ms = await self._thread.run_timed(
             self._store.generate,
             self._validate.session_id(request.session_id),
-            self._validate.expected_tokens(request.expected_context_tokens),
+            Expectation(
+                self._validate.expected_tokens(request.expected_context_tokens),
+                request.expected_answer_chars if request.HasField("expected_answer_chars") else None,
+            ),
             self._validate.text(request.append_text, "append_text"),
             self._validate.max_tokens(request.max_tokens),
             self._validate.stop_strings(request.stop_strings),
@@ -181,16 +187,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             finish_reason=_FINISH[segment.finish],
             generated_tokens=segment.generated_tokens,
             context_tokens=context_tokens,
+            compute_ms=compute_ms,
         )
 
     async def ScoreText(
         self, request: worker_pb2.ScoreTextRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ScoreTextResponse:
         """Scores candidates against the session's context in one batched forward pass."""
-        scores, context_tokens = await self._thread.run(
+        (scores, context_tokens), compute_ms = await self._thread.run_timed(
             self._store.score,
             self._validate.session_id(request.session_id),
-            self._validate.expected_tokens(request.expected_context_tokens),
+            Expectation(self._validate.expected_tokens(request.expected_context_tokens)),
             self._validate.candidates(request.candidates),
         )
         return worker_pb2.ScoreTextResponse(
@@ -203,6 +210,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 for s in scores
             ],
             context_tokens=context_tokens,
+            compute_ms=compute_ms,
         )
 
     async def CloseSession(

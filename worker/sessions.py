@@ -42,6 +42,14 @@ class Session:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """What the caller believes the session holds; a mismatch means a stale or retried call."""
+
+    context_tokens: int
+    answer_chars: int | None = None  # optional: the protocol lets callers omit it
+
+
+@dataclass(frozen=True)
 class OpenedSession:
     session_id: str
     prompt_tokens: int
@@ -86,15 +94,18 @@ class SessionStore:
     def generate(
         self,
         session_id: str,
-        expected_context_tokens: int,
+        expected: Expectation,
         append_text: str,
         max_tokens: int,
         stop_strings: tuple[str, ...],
     ) -> tuple[Segment, int]:
         """Appends `append_text`, then generates one segment; returns it and the context length."""
-        session = self._checkout(session_id, expected_context_tokens)
+        session = self._checkout(session_id, expected)
+        context_ids = session.context_ids
         if append_text:
             context_ids = self._context_ids(session.prompt_text + session.answer_text + append_text, session)
+        self._check_fits(len(context_ids) + max_tokens, "context + segment cap")
+        if append_text:
             session.answer_text += append_text
             session.context_ids = context_ids
         self._make_room(session_id, len(session.context_ids) + max_tokens)
@@ -102,10 +113,10 @@ class SessionStore:
         return segment, len(session.context_ids)
 
     def score(
-        self, session_id: str, expected_context_tokens: int, candidates: list[CandidateText]
+        self, session_id: str, expected: Expectation, candidates: list[CandidateText]
     ) -> tuple[list[TextScore], int]:
         """Scores candidates after the session's context; the context is unchanged."""
-        session = self._checkout(session_id, expected_context_tokens)
+        session = self._checkout(session_id, expected)
         rows = self._lm.candidate_rows(session.context_text, session.add_special_tokens, candidates)
         for row, candidate in zip(rows, candidates):
             self._check_fits(len(row) + candidate.ends_with_eos, "context + candidate")
@@ -161,15 +172,20 @@ class SessionStore:
         if tokens > limit:
             raise InvalidRequest(f"{what} is {tokens} tokens; the model's limit is {limit} tokens")
 
-    def _checkout(self, session_id: str, expected_context_tokens: int) -> Session:
+    def _checkout(self, session_id: str, expected: Expectation) -> Session:
         self.evict_idle()
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFound(f"session {session_id!r} not found (never opened, closed or evicted)")
-        if expected_context_tokens != len(session.context_ids):
+        if expected.context_tokens != len(session.context_ids):
             raise StaleContext(
                 f"session {session_id!r} has {len(session.context_ids)} context tokens; "
-                f"the caller expected {expected_context_tokens}"
+                f"the caller expected {expected.context_tokens}"
+            )
+        if expected.answer_chars is not None and expected.answer_chars != len(session.answer_text):
+            raise StaleContext(
+                f"session {session_id!r} has an answer of {len(session.answer_text)} characters; "
+                f"the caller expected {expected.answer_chars}"
             )
         self._touch(session)
         return session

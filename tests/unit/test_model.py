@@ -15,7 +15,7 @@ from coolfusion.worker.model import (
     common_prefix_length,
     segment_cut,
 )
-from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
 
 PROMPTS = ["Tom has 3 apples and buys 4 more.", "The weather today is", "Question: what is 19 and 23?\nAnswer:"]
@@ -59,7 +59,7 @@ def test_cached_segments_equal_uncached_greedy_generate(lm: LanguageModel, promp
     opened = store.open("s", PromptSpec(text=prompt), "")
     context_tokens, append = opened.context_tokens, ""
     for _ in range(6):
-        segment, context_tokens = store.generate("s", context_tokens, append, 16, ())
+        segment, context_tokens = store.generate("s", Expectation(context_tokens), append, 16, ())
         expected = uncached_segment(lm, store._sessions["s"].context_ids, 16)
         assert (segment.text, segment.finish) == expected
         if segment.finish is Finish.EOS:
@@ -71,14 +71,14 @@ def test_cached_segments_equal_uncached_greedy_generate(lm: LanguageModel, promp
 def test_cached_scores_equal_full_recompute(lm: LanguageModel, prompt: str):
     store = SessionStore(lm, SessionLimits())
     opened = store.open("s", PromptSpec(text=prompt), " Tom")
-    segment, context_tokens = store.generate("s", opened.context_tokens, "", 16, ())
+    segment, context_tokens = store.generate("s", Expectation(opened.context_tokens), "", 16, ())
     candidates = [
         CandidateText(segment.text),
         CandidateText("s have 7"),  # likely merges with " Tom" across the join
         CandidateText(" apples", ends_with_eos=True),
         CandidateText("", ends_with_eos=True),
     ]
-    scores, _ = store.score("s", context_tokens, candidates)
+    scores, _ = store.score("s", Expectation(context_tokens), candidates)
     session = store._sessions["s"]
     for candidate, score in zip(candidates, scores):
         row = lm.tokenize(session.context_text + candidate.text, True)
@@ -90,8 +90,8 @@ def test_cached_scores_equal_full_recompute(lm: LanguageModel, prompt: str):
 def test_append_that_merges_across_the_join_recomputes_from_the_first_changed_token(lm: LanguageModel):
     store = SessionStore(lm, SessionLimits())
     opened = store.open("s", PromptSpec(text="Tom has 3 ap"), "")
-    store.generate("s", opened.context_tokens, "", 4, ())
-    segment, _ = store.generate("s", opened.context_tokens, "ples and 4 more", 4, ())
+    store.generate("s", Expectation(opened.context_tokens), "", 4, ())
+    segment, _ = store.generate("s", Expectation(opened.context_tokens), "ples and 4 more", 4, ())
     session = store._sessions["s"]
     full_ids = lm.tokenize("Tom has 3 apples and 4 more", True)
     assert session.context_ids == full_ids

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coolfusion.worker.errors import InvalidRequest, OverCapacity, SessionConflict, SessionNotFound, StaleContext
 from coolfusion.worker.model import LanguageModel, PromptSpec
-from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
 
 PROMPT = PromptSpec(text="Sam had 25 dollars and spent 9 dollars on lunch.")
@@ -32,11 +32,11 @@ def test_least_recently_used_session_is_evicted_when_the_budget_is_full(lm):
     store = SessionStore(lm, SessionLimits(token_budget=3 * tokens))
     for sid in ("a", "b", "c"):
         store.open(sid, PROMPT, "")
-    store.generate("a", tokens, "", 1, ())  # "a" becomes the most recently used
+    store.generate("a", Expectation(tokens), "", 1, ())  # "a" becomes the most recently used
     store.open("d", PROMPT, "")
     assert store.load().open_sessions == 3
     with pytest.raises(SessionNotFound):
-        store.generate("b", tokens, "", 1, ())
+        store.generate("b", Expectation(tokens), "", 1, ())
     assert store.load().evicted_sessions == 1
     assert store.load().cached_tokens <= 3 * tokens
 
@@ -47,7 +47,7 @@ def test_max_sessions_evicts_the_oldest(lm):
         store.open(sid, PROMPT, "")
     assert store.load().open_sessions == 2
     with pytest.raises(SessionNotFound):
-        store.close("a") or store.generate("a", 1, "", 1, ())
+        store.close("a") or store.generate("a", Expectation(1), "", 1, ())
 
 
 def test_idle_sessions_expire_after_the_ttl(lm):
@@ -60,7 +60,7 @@ def test_idle_sessions_expire_after_the_ttl(lm):
     assert store.evict_idle() == 1
     assert store.load().open_sessions == 1
     with pytest.raises(SessionNotFound, match="old"):
-        store.generate("old", 1, "", 1, ())
+        store.generate("old", Expectation(1), "", 1, ())
 
 
 def test_a_request_larger_than_the_whole_budget_is_refused(lm):
@@ -81,18 +81,18 @@ def test_stale_context_length_is_refused_and_changes_nothing(lm):
     store = SessionStore(lm, SessionLimits())
     opened = store.open("s", PROMPT, "")
     with pytest.raises(StaleContext, match=f"has {opened.context_tokens} context tokens"):
-        store.generate("s", opened.context_tokens + 1, " more", 4, ())
+        store.generate("s", Expectation(opened.context_tokens + 1), " more", 4, ())
     assert store._sessions["s"].answer_text == ""
-    segment, context_tokens = store.generate("s", opened.context_tokens, "", 4, ())
+    segment, context_tokens = store.generate("s", Expectation(opened.context_tokens), "", 4, ())
     assert context_tokens == opened.context_tokens
 
 
 def test_retried_append_is_detected(lm):
     store = SessionStore(lm, SessionLimits())
     opened = store.open("s", PROMPT, "")
-    store.generate("s", opened.context_tokens, " He", 4, ())
+    store.generate("s", Expectation(opened.context_tokens), " He", 4, ())
     with pytest.raises(StaleContext):
-        store.generate("s", opened.context_tokens, " He", 4, ())  # the same call, sent twice
+        store.generate("s", Expectation(opened.context_tokens), " He", 4, ())  # the same call, sent twice
     assert store._sessions["s"].answer_text == " He"
 
 
@@ -111,4 +111,26 @@ def test_unknown_and_closed_sessions_are_not_found(lm):
     assert store.close("s") is True
     assert store.close("s") is False
     with pytest.raises(SessionNotFound):
-        store.score("s", 1, [])
+        store.score("s", Expectation(1), [])
+
+
+def test_retried_append_that_keeps_the_token_count_is_caught_by_the_answer_length(lm):
+    # For the byte-level BPE tokenizer " app" + "les" re-tokenizes into as many tokens as " app".
+    store = SessionStore(lm, SessionLimits())
+    opened = store.open("s", PromptSpec(text="Tom has 3"), " app")
+    before = Expectation(opened.context_tokens, answer_chars=4)
+    store.generate("s", before, "les", 2, ())
+    assert len(store._sessions["s"].context_ids) == opened.context_tokens  # the token count alone can't tell
+    with pytest.raises(StaleContext, match="answer of 7 characters"):
+        store.generate("s", before, "les", 2, ())
+    assert store._sessions["s"].answer_text == " apples"
+
+
+def test_generation_that_could_run_past_the_model_context_is_refused(lm):
+    store = SessionStore(lm, SessionLimits())
+    text = "apples " * 2000
+    prompt_tokens = len(lm.tokenize(text, True))
+    budget = lm.max_context_tokens - prompt_tokens
+    opened = store.open("s", PromptSpec(text=text), "")
+    with pytest.raises(InvalidRequest, match="context \\+ segment cap"):
+        store.generate("s", Expectation(opened.context_tokens), "", budget + 1, ())

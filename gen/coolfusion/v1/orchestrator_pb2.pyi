@@ -108,20 +108,22 @@ class DroppedWorker(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., reason: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("total_ms", "open_ms", "generate_ms", "score_ms", "rerank_ms", "steps")
+    __slots__ = ("total_ms", "open_ms", "generate_ms", "score_ms", "rerank_ms", "steps", "worker_compute_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     OPEN_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
     SCORE_MS_FIELD_NUMBER: _ClassVar[int]
     RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     open_ms: float
     generate_ms: float
     score_ms: float
     rerank_ms: float
     steps: int
-    def __init__(self, total_ms: _Optional[float] = ..., open_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+    worker_compute_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., open_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ..., steps: _Optional[int] = ..., worker_compute_ms: _Optional[float] = ...) -> None: ...
 
 class RerankEntry(_message.Message):
     __slots__ = ("source", "text", "fused_score")

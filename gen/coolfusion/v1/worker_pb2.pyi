@@ -117,40 +117,46 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., answer_text: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "prompt_tokens", "context_tokens")
+    __slots__ = ("session_id", "prompt_tokens", "context_tokens", "compute_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_tokens: int
     context_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    compute_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateSegmentRequest(_message.Message):
-    __slots__ = ("session_id", "expected_context_tokens", "append_text", "max_tokens", "stop_strings")
+    __slots__ = ("session_id", "expected_context_tokens", "append_text", "max_tokens", "stop_strings", "expected_answer_chars")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     APPEND_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_context_tokens: int
     append_text: str
     max_tokens: int
     stop_strings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., expected_context_tokens: _Optional[int] = ..., append_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ...) -> None: ...
+    expected_answer_chars: int
+    def __init__(self, session_id: _Optional[str] = ..., expected_context_tokens: _Optional[int] = ..., append_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., expected_answer_chars: _Optional[int] = ...) -> None: ...
 
 class GenerateSegmentResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "generated_tokens", "context_tokens")
+    __slots__ = ("text", "finish_reason", "generated_tokens", "context_tokens", "compute_ms")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: FinishReason
     generated_tokens: int
     context_tokens: int
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    compute_ms: float
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("text", "ends_with_eos")
@@ -181,12 +187,14 @@ class ScoreTextRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., expected_context_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
 
 class ScoreTextResponse(_message.Message):
-    __slots__ = ("scores", "context_tokens")
+    __slots__ = ("scores", "context_tokens", "compute_ms")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[CandidateScore]
     context_tokens: int
-    def __init__(self, scores: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    compute_ms: float
+    def __init__(self, scores: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., context_tokens: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
