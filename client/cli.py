@@ -307,8 +307,17 @@ def final_number(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
+def add_eval(subparsers: Subparsers) -> None:
+    # Imported here: eval.py builds on this module (cluster start-up, preset names).
+    from coolfusion.client.eval import add_eval_arguments, run_eval
+
+    parser = subparsers.add_parser("eval", help="GSM8K accuracy of each worker solo, Cool and Cool+R")
+    add_eval_arguments(parser)
+    parser.set_defaults(run=run_eval)
+
+
 # Adding a subcommand: write its add_X(subparsers) (which sets `run`), then list it here.
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_fuse, add_workers, add_up, add_demo)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_fuse, add_workers, add_up, add_demo, add_eval)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,381 @@
+"""`coolfusion eval`: GSM8K accuracy of each worker solo, of Cool (fusion) and of Cool+R (rerank)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from coolfusion.client.cli import DEFAULT_LOG, DEFAULT_ORCHESTRATOR, PRESET_NAMES, _signals_interrupt, start_cluster
+from coolfusion.client.client import DeadlineExceededError, FusionClient, PromptLike
+from coolfusion.client.cluster import DEFAULT_PRESETS
+from coolfusion.client.prompts import STOP_STRINGS, gsm8k_prompt
+from coolfusion.v1 import orchestrator_pb2
+
+DEFAULT_DATA = Path("../shared/data/gsm8k/test.jsonl")
+MODE_KINDS = ("solo", "cool", "cool_r")
+# A number as GSM8K writes it: optional minus and dollar sign, thousands commas, decimals. A minus
+# right after a word or digit is a hyphen or a subtraction ("5-3", "3-year"), not a sign.
+_NUMBER = re.compile(r"(?:(?<!\w)-)?\$?\d[\d,]*(?:\.\d+)?")
+_MARKER = "####"
+_Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+
+
+@dataclass(frozen=True)
+class Item:
+    """One GSM8K question; `index` is its line number in the file, from 0."""
+
+    index: int
+    question: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of answering: which workers fuse, and whether Cool+R reranks."""
+
+    name: str
+    workers: tuple[str, ...]
+    rerank: bool = False
+
+
+class Fuser(Protocol):
+    """What the evaluation needs of a client (FusionClient; a fake in tests)."""
+
+    def fuse(
+        self,
+        prompt: PromptLike,
+        *,
+        workers: Iterable[str] = (),
+        max_new_tokens: int = 0,
+        stop: Iterable[str] = (),
+        rerank: bool = False,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FuseResult: ...
+
+
+# answers ------------------------------------------------------------------------------------------
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first `####`, else the last number in the text; commas and `$` removed."""
+    _, marker, after = text.partition(_MARKER)
+    if marker and (found := _NUMBER.search(after)):
+        return _clean(found.group())
+    numbers = _NUMBER.findall(text)
+    return _clean(numbers[-1]) if numbers else None
+
+
+def _clean(number: str) -> str:
+    return number.replace(",", "").replace("$", "")
+
+
+def is_correct(prediction: str | None, reference: str) -> bool:
+    """Numeric equality within 1e-6, so that "18.00" matches "18"."""
+    return prediction is not None and abs(float(prediction) - float(reference)) <= 1e-6
+
+
+# data ---------------------------------------------------------------------------------------------
+
+
+def load_items(path: Path, offset: int = 0, limit: int | None = None) -> list[Item]:
+    """Lines [offset, offset + limit) of a GSM8K JSONL file; the reference is its answer's `#### N`."""
+    if not path.is_file():
+        raise SystemExit(f"coolfusion: no GSM8K file at {path}; run from the repository root or pass --gsm8k")
+    items = []
+    with open(path, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if index < offset:
+                continue
+            if limit is not None and len(items) >= limit:
+                break
+            record = json.loads(line)
+            reference = extract_answer(record["answer"])
+            if reference is None:
+                raise SystemExit(f"coolfusion: {path}:{index + 1} has no `#### N` answer")
+            items.append(Item(index, record["question"], reference))
+    return items
+
+
+def parse_kinds(text: str) -> set[str]:
+    """The --modes flag as a set of MODE_KINDS; checked before a local cluster spends minutes starting."""
+    kinds = {kind for kind in text.split(",") if kind}
+    if unknown := kinds - set(MODE_KINDS):
+        raise SystemExit(f"coolfusion: unknown modes {sorted(unknown)}; choose from {', '.join(MODE_KINDS)}")
+    return kinds
+
+
+def build_modes(kinds: set[str], workers: list[str]) -> list[Mode]:
+    """The modes to run, in table order: each worker solo, then Cool, then Cool+R."""
+    modes = [Mode(f"solo:{name}", (name,)) for name in workers] if "solo" in kinds else []
+    if "cool" in kinds:
+        modes.append(Mode("cool", tuple(workers)))
+    if "cool_r" in kinds:
+        modes.append(Mode("cool_r", tuple(workers), rerank=True))
+    return modes
+
+
+# results ------------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a results file; a line cut short by an interrupted write is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the record is simply redone
+    return records
+
+
+def pending(items: list[Item], modes: list[Mode], done: Iterable[Mapping[str, Any]]) -> list[tuple[Item, Mode]]:
+    """(item, mode) pairs without a result yet, item by item so a partial run compares modes on the same items."""
+    finished = {(record["mode"], record["index"]) for record in done}
+    return [(item, mode) for item in items for mode in modes if (mode.name, item.index) not in finished]
+
+
+def answer(client: Fuser, item: Item, mode: Mode, max_new_tokens: int, timeout_s: float) -> dict[str, Any]:
+    """Asks the orchestrator one question in one mode; returns the record to append."""
+    started = time.monotonic()
+    try:
+        result = client.fuse(
+            gsm8k_prompt(item.question), workers=mode.workers, max_new_tokens=max_new_tokens,
+            stop=STOP_STRINGS, rerank=mode.rerank, timeout_s=timeout_s,
+        )  # fmt: skip
+    except DeadlineExceededError as error:
+        # A runaway item counts as wrong rather than stopping the run; other errors (a worker
+        # down, a bad flag) stop it, and the next run resumes.
+        return _record(item, mode, time.monotonic() - started, error=error.details)
+    return _record(item, mode, time.monotonic() - started, result)
+
+
+def _record(
+    item: Item, mode: Mode, seconds: float, result: orchestrator_pb2.FuseResult | None = None, error: str | None = None
+) -> dict[str, Any]:
+    text = result.text if result else ""
+    prediction = extract_answer(text)
+    return {
+        "mode": mode.name, "index": item.index, "prediction": prediction, "reference": item.reference,
+        "correct": is_correct(prediction, item.reference), "text": text, "seconds": round(seconds, 3),
+        # Which answer Cool+R returned ("fused" or a worker), and workers the orchestrator dropped.
+        "source": result.source if result else "", "dropped": [d.worker for d in result.dropped] if result else [],
+        "error": error,
+    }  # fmt: skip
+
+
+def run(
+    client: Fuser, items: list[Item], modes: list[Mode], results_path: Path, max_new_tokens: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Answers every pair not yet in `results_path`, appending each record as it lands; returns all records."""
+    records = read_results(results_path)
+    todo = pending(items, modes, records)
+    if not todo:
+        print(f"eval: every answer is already in {results_path}", file=sys.stderr)
+        return records
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    _end_cut_line(results_path)
+    progress = _progress(len(todo))
+    try:
+        with open(results_path, "a", encoding="utf-8") as out:
+            for item, mode in todo:
+                record = answer(client, item, mode, max_new_tokens, timeout_s)
+                out.write(json.dumps(record) + "\n")
+                out.flush()  # an interrupted run keeps every finished answer
+                records.append(record)
+                progress.update(1)
+    finally:
+        progress.close()
+    return records
+
+
+def _end_cut_line(path: Path) -> None:
+    """Ends a line an interrupted write left open, so the next record does not join it."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as file:  # binary: text files cannot seek relative to their end
+        if file.seek(0, os.SEEK_END) == 0:
+            return
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) != b"\n":
+            file.write(b"\n")
+
+
+class _LineProgress:
+    """Without tqdm: one line per finished request, with an ETA from the mean time so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"eval: {self.done}/{self.total} requests, {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm  # installed with the worker extra; the client alone may lack it
+    except ImportError:
+        return _LineProgress(total)
+    return tqdm(total=total, desc="eval", unit="request", file=sys.stderr)
+
+
+# summary ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """One mode's tally over the evaluated items."""
+
+    mode: str
+    correct: int
+    total: int
+    mean_seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def wilson_interval(correct: int, total: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion; unlike the normal approximation it stays inside [0, 1]."""
+    if total == 0:
+        return 0.0, 1.0  # no evidence either way
+    p = correct / total
+    denominator = 1 + z**2 / total
+    centre = (p + z**2 / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score(records: Iterable[Mapping[str, Any]], items: list[Item], modes: list[Mode]) -> list[Score]:
+    """Per-mode tallies over this run's items only (the results file may hold other ranges)."""
+    wanted = {item.index for item in items}
+    scores = []
+    for mode in modes:
+        mine = [r for r in records if r["mode"] == mode.name and r["index"] in wanted]
+        seconds = sum(r["seconds"] for r in mine) / len(mine) if mine else 0.0
+        scores.append(Score(mode.name, sum(r["correct"] for r in mine), len(mine), seconds))
+    return scores
+
+
+def summary_table(scores: list[Score]) -> str:
+    """A Markdown table: accuracy, correct/total, 95% Wilson interval and mean seconds per answer."""
+    lines = [
+        "| mode | accuracy | correct / total | 95% CI (Wilson) | mean s |",
+        "|:-----|---------:|----------------:|:---------------:|-------:|",
+    ]
+    for s in scores:
+        low, high = wilson_interval(s.correct, s.total)
+        lines.append(
+            f"| {s.mode} | {100 * s.accuracy:.1f}% | {s.correct} / {s.total} "
+            f"| {100 * low:.1f}–{100 * high:.1f}% | {s.mean_seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy(scores: list[Score], path: Path) -> None:
+    """Bar chart of accuracy per mode with Wilson 95% error bars, as PNG."""
+    # Imported here: matplotlib is an optional extra, and the Agg canvas needs no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.2 * len(scores) + 2, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    accuracies = [100 * s.accuracy for s in scores]
+    intervals = [wilson_interval(s.correct, s.total) for s in scores]
+    # Clamped: at 0/n or n/n the bound equals the accuracy up to rounding, and matplotlib rejects -1e-15.
+    below = [max(0.0, a - 100 * low) for a, (low, _) in zip(accuracies, intervals)]
+    above = [max(0.0, 100 * high - a) for a, (_, high) in zip(accuracies, intervals)]
+    axes.bar([s.mode for s in scores], accuracies, yerr=[below, above], capsize=6, color="tab:blue")
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("GSM8K accuracy, % (95% Wilson CI)")
+    axes.set_title(f"n = {max((s.total for s in scores), default=0)} questions")
+    figure.savefig(path, dpi=120)
+
+
+def write_summary(scores: list[Score], out_dir: Path) -> str:
+    """Writes summary.md and (with matplotlib) accuracy.png; returns the table."""
+    table = summary_table(scores)
+    (out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+    try:
+        plot_accuracy(scores, out_dir / "accuracy.png")
+    except ImportError:
+        print("coolfusion: matplotlib is not installed; skipping accuracy.png", file=sys.stderr)
+    return table
+
+
+# command line -------------------------------------------------------------------------------------
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `coolfusion eval` (its parser is registered in cli.py)."""
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--orchestrator", metavar="ADDR", help="a running orchestrator, host:port "
+        f"(default: $COOLFUSION_ORCHESTRATOR or {DEFAULT_ORCHESTRATOR})",
+    )  # fmt: skip
+    target.add_argument(
+        "--local", action="store_true", help="start the default pair (smollm2, gemma3) here and stop it afterwards"
+    )
+    parser.add_argument("--gsm8k", type=Path, default=DEFAULT_DATA, help=f"GSM8K JSONL (default: {DEFAULT_DATA})")
+    parser.add_argument("--offset", type=int, default=0, help="first question, line number from 0")
+    parser.add_argument("--limit", type=int, default=None, help="number of questions (default: all)")
+    parser.add_argument("--workers", default="", help="comma-separated worker names (default: all serving)")
+    parser.add_argument("--modes", default=",".join(MODE_KINDS), help="comma-separated subset of solo,cool,cool_r")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length, tokens")
+    parser.add_argument("--out", type=Path, default=Path("eval-results"), help="results folder (resumes what is there)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request, seconds")
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where a --local cluster's logs go")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    items = load_items(args.gsm8k, args.offset, args.limit)
+    kinds = parse_kinds(args.modes)
+    with _orchestrator(args) as (address, default_workers), FusionClient(address) as client:
+        workers = [name for name in args.workers.split(",") if name] or default_workers(client)
+        if not workers:
+            raise SystemExit(f"coolfusion: no serving workers at {address}")
+        modes = build_modes(kinds, workers)
+        records = run(client, items, modes, args.out / "results.jsonl", args.max_new_tokens, args.timeout_s)
+    print(write_summary(score(records, items, modes), args.out))
+    print(f"\nresults: {args.out / 'results.jsonl'}; table: {args.out / 'summary.md'}")
+    return 0
+
+
+def _serving_workers(client: FusionClient) -> list[str]:
+    return [status.name for status in client.list_workers() if status.serving]
+
+
+@contextlib.contextmanager
+def _orchestrator(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[FusionClient], list[str]]]]:
+    """The orchestrator to ask and how to name its workers by default: a given address, or a local cluster."""
+    if not args.local:
+        # Asked only when --workers is not given, so a finished run needs no orchestrator.
+        yield args.orchestrator, _serving_workers
+        return
+    spec = {PRESET_NAMES[p]: ["--preset", p] for p in DEFAULT_PRESETS}
+    with _signals_interrupt():  # SIGTERM must unwind through the cluster's stop()
+        cluster = start_cluster(spec, args.log, sys.stderr)
+        try:
+            yield cluster.address, lambda client: list(spec)
+        finally:
+            print("stopping the cluster...", file=sys.stderr, flush=True)
+            cluster.stop()

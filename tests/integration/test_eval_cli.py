@@ -1,0 +1,65 @@
+"""`coolfusion eval` end to end against a local cluster of two tiny models, including the resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coolfusion.client.cluster import LocalCluster
+
+WORKERS = ["bpe", "char"]
+MODES = ["solo:bpe", "solo:char", "cool", "cool_r"]
+# The project's own items (not GSM8K's), in its format: the reference is the answer's last line.
+ITEMS = [
+    {"question": "Ann has 3 pears and buys 4 more. How many pears does she have?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A box holds 6 eggs. How many eggs are in 5 boxes?", "answer": "6 * 5 = 30\n#### 30"},
+    {"question": "Tom had $1,200 and spent $50. How much is left?", "answer": "1200 - 50 = 1150\n#### 1,150"},
+]
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def address(tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
+    spec = {name: ["--model", str(tiny_model_dirs[name])] for name in WORKERS}
+    with LocalCluster(spec, ready_timeout_s=120) as cluster:
+        yield cluster.address
+
+
+def eval_cli(data: Path, out: Path, address: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable, "-m", "coolfusion.client.cli", "eval", "--gsm8k", str(data), "--out", str(out),
+        "--limit", "3", "--max-new-tokens", "8", "--orchestrator", address, "--workers", ",".join(WORKERS),
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_eval_answers_every_item_in_every_mode_then_resumes_without_requests(address: str, tmp_path: Path) -> None:
+    data, out = tmp_path / "items.jsonl", tmp_path / "out"
+    data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+
+    done = eval_cli(data, out, address)
+    assert done.returncode == 0, done.stderr
+    results = (out / "results.jsonl").read_text()
+    records = [json.loads(line) for line in results.splitlines()]
+    assert sorted((r["mode"], r["index"]) for r in records) == sorted((m, i) for m in MODES for i in range(3))
+    assert [r["reference"] for r in records if r["mode"] == "cool"] == ["7", "30", "1150"]
+    assert all(isinstance(r["text"], str) and r["seconds"] > 0 and r["error"] is None for r in records)
+    summary = (out / "summary.md").read_text()
+    assert summary.strip() in done.stdout
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()[2:]}
+    assert list(rows) == MODES and all(" / 3 | " in row for row in rows.values())
+    assert (out / "accuracy.png").read_bytes()[:8] == _PNG
+
+    # Nothing listens on port 1: any request would fail, so a clean exit proves the resume asked nothing.
+    started = time.monotonic()
+    again = eval_cli(data, out, "127.0.0.1:1")
+    assert again.returncode == 0, again.stderr
+    assert (out / "results.jsonl").read_text() == results
+    assert (out / "summary.md").read_text() == summary
+    assert time.monotonic() - started < 20
