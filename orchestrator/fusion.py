@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from coolfusion.orchestrator.replicas import ReplicaSet
 from coolfusion.orchestrator.worker_client import (
     CandidateScore,
     GeneratedSegment,
@@ -15,6 +16,8 @@ from coolfusion.orchestrator.worker_client import (
     SessionLost,
     WorkerClient,
     WorkerFailed,
+    WorkerRejected,
+    WorkerUnavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,36 +107,41 @@ class NoWorkersLeft(Exception):
     """Every worker of the request failed; the message names each failure."""
 
 
+class RejectedByAllWorkers(NoWorkersLeft):
+    """Every worker refused the request as invalid: the request is bad, not the service."""
+
+
 @dataclass
 class _Member:
     """A worker taking part in one loop, and what the loop knows of its session."""
 
-    client: WorkerClient
+    replicas: ReplicaSet
     session_id: str
+    client: WorkerClient | None = None  # the replica holding the session, from its placement to its close
     prompt_tokens: int = 0
     context_tokens: int = 0
 
     @property
     def name(self) -> str:
-        return self.client.name
+        return self.replicas.name
 
 
 OnStep = Callable[[Step], Awaitable[None]]
 
 
 class FusionLoop:
-    """Runs DESIGN.md section 2 over `clients` for one request; holds that request's state only."""
+    """Runs DESIGN.md section 2 over `workers` for one request; holds that request's state only."""
 
     def __init__(
         self,
-        clients: list[WorkerClient],
+        workers: list[ReplicaSet],
         request: FusionRequest,
         purpose: str,
         deadline: float,
         call_timeout_s: float,
         on_step: OnStep | None = None,
     ):
-        self._members = [_Member(c, f"{request.request_id}.{purpose}.{c.name}") for c in clients]
+        self._members = [_Member(w, f"{request.request_id}.{purpose}.{w.name}") for w in workers]
         self._request = request
         self._deadline = deadline
         self._call_timeout_s = call_timeout_s
@@ -141,12 +149,13 @@ class FusionLoop:
         self._answer = Answer()
         self._to_append = ""  # the previous winner, appended by the next GenerateSegment
         self._step_index = 0
+        self._rejections = 0  # drops that were the worker refusing the request as invalid
 
     async def run(self) -> Answer:
         """Runs to a stop condition; every session it opened is closed, whatever happens."""
         try:
             started = time.perf_counter()
-            await self._fan_out(self._open)
+            await self._fan_out(self._place)
             self._answer.open_ms = (time.perf_counter() - started) * 1000
             while not await self._step():
                 self._step_index += 1
@@ -157,7 +166,7 @@ class FusionLoop:
     async def score_full_answers(self, answers: list[tuple[str, bool]]) -> dict[str, list[CandidateScore]]:
         """Scores whole answers after the bare prompt on every member (the Cool+R rerank)."""
         try:
-            await self._fan_out(self._open)
+            await self._fan_out(self._place)
             scored = await self._fan_out(lambda m: self._score(m, answers))
             return {name: scores for name, (scores, _) in scored.items()}
         finally:
@@ -247,42 +256,74 @@ class FusionLoop:
         opened = await member.client.open(member.session_id, self._request.prompt, self._answer.text, self._timeout())
         member.prompt_tokens, member.context_tokens = opened.prompt_tokens, opened.context_tokens
 
+    async def _place(
+        self, member: _Member, tried: tuple[WorkerClient, ...] = (), failure: WorkerFailed | None = None
+    ) -> None:
+        """Opens the member's session on its least-loaded replica, moving on to the next replica
+        while the chosen one is unreachable; `failure` is the reason given when none is left."""
+        tried = list(tried)
+        while (client := await member.replicas.acquire(exclude=tried)) is not None:
+            member.client = client
+            tried.append(client)
+            try:
+                return await self._open(member)
+            except WorkerUnavailable as gone:
+                member.replicas.mark_failed(client)
+                self._release(member)
+                failure = gone
+        if failure is None:
+            raise WorkerUnavailable(f"UNAVAILABLE: {member.replicas.problem or f'no replica of {member.name}'}")
+        if len(tried) > 1:
+            raise WorkerUnavailable(f"{failure} (all {len(tried)} replicas tried)") from failure
+        raise failure
+
     async def _reopen(self, member: _Member) -> None:
         """Re-creates a lost or desynchronised session from the full text (DESIGN.md section 3)."""
         await self._close(member)
         await self._open(member)
 
+    async def _fail_over(self, member: _Member, gone: WorkerUnavailable) -> None:
+        """The session's pod is gone: re-open the session on another replica, with the full text."""
+        failed = member.client
+        logger.warning(
+            "moving %s's session off replica %s: %s", member.name, failed.address, gone,
+            extra={"request_id": self._request.request_id},
+        )  # fmt: skip
+        member.replicas.mark_failed(failed)
+        self._release(member)
+        await self._place(member, (failed,), gone)
+
     async def _generate(self, member: _Member) -> GeneratedSegment:
         request = self._request
-        try:
-            answer_chars = len(self._answer.text) - len(self._to_append)
-            segment = await member.client.generate(
-                member.session_id, member.context_tokens, answer_chars, self._to_append,
+
+        def call(reopened: bool) -> Awaitable[GeneratedSegment]:
+            append = "" if reopened else self._to_append  # a re-opened context already holds it
+            return member.client.generate(
+                member.session_id, member.context_tokens, len(self._answer.text) - len(append), append,
                 request.segment_max_tokens, request.stop_strings, self._timeout(),
             )  # fmt: skip
-        except SessionLost as lost:
-            logger.info("re-opening %s after %s", member.name, lost, extra={"request_id": request.request_id})
-            await self._reopen(member)  # the re-opened context already holds the appended text
-            segment = await self._retry(
-                member.client.generate(
-                    member.session_id, member.context_tokens, len(self._answer.text), "",
-                    request.segment_max_tokens, request.stop_strings, self._timeout(),
-                )  # fmt: skip
-            )
+
+        segment = await self._on_session(member, call)
         member.context_tokens = segment.context_tokens
         return segment
 
     async def _score(self, member: _Member, pairs: list[tuple[str, bool]]) -> tuple[list[CandidateScore], float]:
-        try:
-            return await member.client.score(member.session_id, member.context_tokens, pairs, self._timeout())
-        except SessionLost:
-            await self._reopen(member)
-            return await self._retry(member.client.score(member.session_id, member.context_tokens, pairs, self._timeout()))
+        return await self._on_session(
+            member, lambda _: member.client.score(member.session_id, member.context_tokens, pairs, self._timeout())
+        )
 
-    @staticmethod
-    async def _retry(call: Awaitable):
+    async def _on_session(self, member: _Member, call: Callable[[bool], Awaitable]):
+        """`call(reopened=False)`; when the session was lost, or its pod is gone, re-opens it (on
+        another replica if the pod is gone) and tries once more with `call(reopened=True)`."""
         try:
-            return await call
+            return await call(False)
+        except SessionLost as lost:
+            logger.info("re-opening %s after %s", member.name, lost, extra={"request_id": self._request.request_id})
+            await self._reopen(member)
+        except WorkerUnavailable as gone:
+            await self._fail_over(member, gone)
+        try:
+            return await call(True)
         except SessionLost as lost:
             raise WorkerFailed(f"session lost twice: {lost}") from lost
 
@@ -293,19 +334,24 @@ class FusionLoop:
         answers = {}
         for member, result in zip(members, results):
             if isinstance(result, WorkerFailed):
-                self._drop(member, str(result))
+                self._drop(member, result)
             elif isinstance(result, BaseException):
                 raise result
             else:
                 answers[member.name] = result
         return answers
 
-    def _drop(self, member: _Member, reason: str) -> None:
+    def _drop(self, member: _Member, error: WorkerFailed) -> None:
+        reason = str(error)
         logger.warning("dropping worker %s: %s", member.name, reason, extra={"request_id": self._request.request_id})
         self._members.remove(member)
+        self._release(member)
         self._answer.dropped.append(Dropped(member.name, reason, self._step_index))
+        self._rejections += isinstance(error, WorkerRejected)
         if not self._members:
             failures = "; ".join(f"{d.worker}: {d.reason}" for d in self._answer.dropped)
+            if self._rejections == len(self._answer.dropped):
+                raise RejectedByAllWorkers(f"every worker refused the request: {failures}")
             raise NoWorkersLeft(f"no workers left: {failures}")
 
     async def _close(self, member: _Member) -> None:
@@ -314,28 +360,40 @@ class FusionLoop:
         except (WorkerFailed, SessionLost):
             pass  # a worker that cannot be reached will evict the session by its idle TTL
 
+    @staticmethod
+    def _release(member: _Member) -> None:
+        if member.client is not None:
+            member.replicas.release(member.client)
+            member.client = None
+
     async def _close_all(self) -> None:
-        await asyncio.gather(*(self._close(m) for m in self._members))
+        placed = [m for m in self._members if m.client is not None]
+        await asyncio.gather(*(self._close(m) for m in placed))
+        for member in placed:
+            self._release(member)
 
 
 async def fuse(
-    clients: list[WorkerClient],
+    workers: list[ReplicaSet | WorkerClient],
     request: FusionRequest,
     deadline: float,
     call_timeout_s: float,
     on_step: OnStep | None = None,
 ) -> FusionResult:
-    """Fuses `clients` for one request; with rerank, also returns the best of fused and solo answers."""
+    """Fuses `workers` for one request; with rerank, also returns the best of fused and solo answers.
+
+    A bare WorkerClient stands for a worker with one replica."""
     started = time.perf_counter()
-    names = [c.name for c in clients]
-    fused_loop = FusionLoop(clients, request, "fused", deadline, call_timeout_s, on_step)
+    replica_sets = [w if isinstance(w, ReplicaSet) else ReplicaSet.of(w) for w in workers]
+    names = [c.name for c in replica_sets]
+    fused_loop = FusionLoop(replica_sets, request, "fused", deadline, call_timeout_s, on_step)
     if not request.rerank:
         fused = await fused_loop.run()
         total_ms = (time.perf_counter() - started) * 1000
         return FusionResult(
             request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms
         )
-    solo_loops = [FusionLoop([c], request, "solo", deadline, call_timeout_s) for c in clients]
+    solo_loops = [FusionLoop([c], request, "solo", deadline, call_timeout_s) for c in replica_sets]
     fused_done = 0.0
 
     async def run_fused() -> Answer:
@@ -347,11 +405,11 @@ async def fuse(
     fused, *solos = await asyncio.gather(run_fused(), *(loop.run() for loop in solo_loops), return_exceptions=True)
     if isinstance(fused, BaseException):
         raise fused
-    entries = [("fused", fused)] + [(c.name, s) for c, s in zip(clients, solos) if isinstance(s, Answer)]
+    entries = [("fused", fused)] + [(c.name, s) for c, s in zip(replica_sets, solos) if isinstance(s, Answer)]
     dropped = fused.dropped + [
-        Dropped(c.name, f"solo answer failed: {s}", 0) for c, s in zip(clients, solos) if not isinstance(s, Answer)
+        Dropped(c.name, f"solo answer failed: {s}", 0) for c, s in zip(replica_sets, solos) if not isinstance(s, Answer)
     ]
-    ranking, rerank_dropped = await _rank(entries, clients, fused, request, deadline, call_timeout_s)
+    ranking, rerank_dropped = await _rank(entries, replica_sets, fused, request, deadline, call_timeout_s)
     best = ranking[0]
     total_ms = (time.perf_counter() - started) * 1000
     rerank_ms = (time.perf_counter() - fused_done) * 1000
@@ -364,7 +422,7 @@ async def fuse(
 
 async def _rank(
     entries: list[tuple[str, Answer]],
-    clients: list[WorkerClient],
+    replica_sets: list[ReplicaSet],
     fused: Answer,
     request: FusionRequest,
     deadline: float,
@@ -373,7 +431,7 @@ async def _rank(
     """Mean perplexity of each full answer across the workers still standing; best first, ties to
     the earlier entry (fused first, then workers in order)."""
     failed = {d.worker for d in fused.dropped}
-    scorers = [c for c in clients if c.name not in failed]
+    scorers = [c for c in replica_sets if c.name not in failed]
     loop = FusionLoop(scorers, request, "rerank", deadline, call_timeout_s)
     scores = await loop.score_full_answers([(a.text, a.finish == FINISH_EOS) for _, a in entries])
     ranked = []

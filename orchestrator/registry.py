@@ -6,16 +6,22 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
 import yaml
 
+from coolfusion.orchestrator.replicas import ReplicaSet, fixed, resolve_dns, split_host_port
 from coolfusion.orchestrator.worker_client import WorkerClient
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Fusion streams candidates and traces; 16 MB bounds a misbehaving worker's answers.
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_REPLICAS_HELP = (
+    "'dns' (address is host:port of a headless Service whose A/AAAA records are the pods) or "
+    "'static' (address is a comma-separated list of host:port), or absent for one gRPC target"
+)
 
 
 class RegistryError(ValueError):
@@ -34,12 +40,23 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class WorkerEntry:
-    """One registered worker."""
+    """One registered worker.
+
+    Without `replicas`, `address` is one gRPC target, resolved by gRPC behind one channel. With
+    `replicas`, the orchestrator finds the worker's pods itself and keeps a channel to each, so that
+    every call of a session reaches the pod holding its cache:
+    - `replicas: dns`: `address` is `host:port` (or `dns:///host:port`) of a headless Service; its
+      A/AAAA records are the pods, re-resolved every `refresh_s` seconds.
+    - `replicas: static`: `address` lists the replicas, `host:port,host:port,...`.
+    """
 
     name: str
     address: str
     tls: TlsSettings | None = None
     token_file: str | None = None
+    replicas: str | None = None  # None, "dns" or "static"
+    # New pods take sessions within seconds; one DNS lookup per worker every 10 s costs nothing.
+    refresh_s: float = 10.0
 
     def read_token(self) -> str | None:
         """The bearer token, read when a channel is made so that rotated Secrets are picked up."""
@@ -73,14 +90,36 @@ def _entry(index: int, item: dict) -> WorkerEntry:
     tls = item.get("tls")
     if tls is not None and not isinstance(tls, dict):
         raise RegistryError(f"workers[{index}].tls must be a mapping")
-    return WorkerEntry(
+    replicas, refresh_s = item.get("replicas"), item.get("refresh_s", WorkerEntry.refresh_s)
+    if replicas is not None and replicas not in ("dns", "static"):
+        raise RegistryError(f"workers[{index}].replicas is {replicas!r}; it must be {_REPLICAS_HELP}")
+    if isinstance(refresh_s, bool) or not isinstance(refresh_s, int | float) or refresh_s <= 0:
+        raise RegistryError(f"workers[{index}].refresh_s is {refresh_s!r}; it must be a positive number of seconds")
+    entry = WorkerEntry(
         name=name,
         address=str(item["address"]),
         tls=TlsSettings(**{k: tls.get(k) for k in ("ca_file", "cert_file", "key_file", "server_name")})
         if tls is not None
         else None,
         token_file=item.get("token_file"),
+        replicas=replicas,
+        refresh_s=float(refresh_s),
     )
+    if replicas is not None:
+        try:
+            for target in _targets(entry):
+                split_host_port(target)
+        except ValueError as error:
+            message = f"workers[{index}].address: {error}; with replicas, it must be {_REPLICAS_HELP}"
+            raise RegistryError(message) from error
+    return entry
+
+
+def _targets(entry: WorkerEntry) -> list[str]:
+    """The addresses to dial (DNS mode: the one to resolve)."""
+    if entry.replicas == "static":
+        return [a.strip() for a in entry.address.split(",")]
+    return [entry.address]
 
 
 def load_registry(path: Path | None, env_value: str | None = None) -> list[WorkerEntry]:
@@ -104,8 +143,19 @@ def load_registry(path: Path | None, env_value: str | None = None) -> list[Worke
     return entries
 
 
-def open_channel(entry: WorkerEntry) -> grpc.aio.Channel:
-    """A channel to the worker, with TLS (and client certificate) when configured."""
+def replica_set(entry: WorkerEntry) -> ReplicaSet:
+    """The entry's replicas: resolved from DNS, listed, or its one target."""
+    resolve = partial(resolve_dns, entry.address) if entry.replicas == "dns" else fixed(_targets(entry))
+    return ReplicaSet(entry.name, resolve, partial(_connect, entry), entry.refresh_s)
+
+
+def _connect(entry: WorkerEntry, address: str) -> WorkerClient:
+    # The token is read per channel so that a rotated Secret reaches new pods.
+    return WorkerClient(entry.name, open_channel(entry, address), entry.read_token(), address)
+
+
+def open_channel(entry: WorkerEntry, target: str) -> grpc.aio.Channel:
+    """A channel to one target of the worker, with TLS (and client certificate) when configured."""
     options = [
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -114,16 +164,18 @@ def open_channel(entry: WorkerEntry) -> grpc.aio.Channel:
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
     if entry.tls is None:
-        return grpc.aio.insecure_channel(entry.address, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
     tls = entry.tls
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(tls.ca_file),
         private_key=_read(tls.key_file),
         certificate_chain=_read(tls.cert_file),
     )
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(entry.address, credentials, options=options)
+    # A pod found in DNS is dialled by IP, but its certificate names the Service.
+    server_name = tls.server_name or (split_host_port(entry.address)[0] if entry.replicas == "dns" else None)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -136,25 +188,21 @@ def workers_from_environment() -> str | None:
 
 
 class WorkerPool:
-    """One channel and client per registered worker, shared by all requests."""
+    """The replicas of every registered worker (one channel per replica), shared by all requests."""
 
     def __init__(self, entries: list[WorkerEntry] | tuple[WorkerEntry, ...]):
         self.entries = list(entries)
-        self._channels = {e.name: open_channel(e) for e in self.entries}
-        self.clients = {e.name: WorkerClient(e.name, self._channels[e.name], e.read_token()) for e in self.entries}
+        self.replicas = {e.name: replica_set(e) for e in self.entries}
 
-    def channel(self, name: str) -> grpc.aio.Channel:
-        return self._channels[name]
-
-    def select(self, names: list[str]) -> list[WorkerClient]:
-        """Clients for `names` in that order; all registered workers when `names` is empty."""
-        unknown = [n for n in names if n not in self.clients]
+    def select(self, names: list[str]) -> list[ReplicaSet]:
+        """Replica sets for `names` in that order; all registered workers when `names` is empty."""
+        unknown = [n for n in names if n not in self.replicas]
         if unknown:
-            raise RegistryError(f"unknown workers: {', '.join(unknown)}; registered: {', '.join(self.clients)}")
+            raise RegistryError(f"unknown workers: {', '.join(unknown)}; registered: {', '.join(self.replicas)}")
         if len(set(names)) != len(names):
             raise RegistryError("a worker is named twice")
-        return [self.clients[n] for n in (names or list(self.clients))]
+        return [self.replicas[n] for n in (names or list(self.replicas))]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        for replicas in self.replicas.values():
+            await replicas.close()

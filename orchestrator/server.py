@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from coolfusion.orchestrator.fusion import NoWorkersLeft
+from coolfusion.orchestrator.fusion import NoWorkersLeft, RejectedByAllWorkers
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer
 from coolfusion.orchestrator.settings import OrchestratorSettings
@@ -19,8 +19,9 @@ from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAMES = [orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
-STATUS_CODES = {
+STATUS_CODES = {  # first match wins: the subclass comes before its base
     InvalidFusionRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectedByAllWorkers: grpc.StatusCode.INVALID_ARGUMENT,
     NoWorkersLeft: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -7,12 +7,11 @@ import time
 import uuid
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.orchestrator.fusion import FINISH_EOS, FINISH_STOP, FusionRequest, FusionResult, Step, fuse
-from coolfusion.orchestrator.registry import RegistryError, WorkerPool
+from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
-from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, WorkerFailed
+from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, SessionLost, WorkerClient, WorkerFailed
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
 _FINISH = {FINISH_EOS: worker_pb2.FINISH_REASON_EOS, FINISH_STOP: worker_pb2.FINISH_REASON_STOP}
@@ -96,36 +95,49 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def ListWorkers(
         self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListWorkersResponse:
-        """Probes every registered worker's health and description, concurrently."""
-        statuses = await asyncio.gather(*(self._probe(entry.name, entry.address) for entry in self._pool.entries))
+        """Probes every registered worker's health and description (every replica), concurrently."""
+        statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
         return orchestrator_pb2.ListWorkersResponse(workers=statuses)
 
     async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
         request_id = uuid.uuid4().hex
         request = parse_request(parameters, self._settings.limits, request_id)
         try:
-            clients = self._pool.select(list(parameters.workers))
+            workers = self._pool.select(list(parameters.workers))
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
         remaining = context.time_remaining()
         budget = self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
         deadline = time.monotonic() + budget
-        return await fuse(clients, request, deadline, self._settings.call_timeout_s, on_step)
+        return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
 
-    async def _probe(self, name: str, address: str) -> orchestrator_pb2.WorkerStatus:
-        status = orchestrator_pb2.WorkerStatus(name=name, address=address)
-        try:
-            health = health_pb2_grpc.HealthStub(self._pool.channel(name))
-            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
-            status.serving = answer.status == health_pb2.HealthCheckResponse.SERVING
-            if status.serving:
-                status.info.CopyFrom(await self._pool.clients[name].get_info(_PROBE_TIMEOUT_S))
-            else:
-                status.error = "health check reports NOT_SERVING (loading or draining)"
-        except (grpc.aio.AioRpcError, WorkerFailed) as error:
-            status.serving = False
-            status.error = str(error.details() if isinstance(error, grpc.aio.AioRpcError) else error)
+    async def _probe(self, entry: WorkerEntry) -> orchestrator_pb2.WorkerStatus:
+        """Serving when any replica serves; the info is the first serving replica's."""
+        status = orchestrator_pb2.WorkerStatus(name=entry.name, address=entry.address)
+        replicas = self._pool.replicas[entry.name]
+        pods = await replicas.pods()
+        probes = await asyncio.gather(*(_probe_replica(c) for c in pods))
+        serving = [answer for answer in probes if isinstance(answer, worker_pb2.GetInfoResponse)]
+        status.serving = bool(serving)
+        if serving:
+            status.info.CopyFrom(serving[0])
+        elif not pods:
+            status.error = replicas.problem or "no replica"
+        elif len(pods) == 1:
+            status.error = probes[0]
+        else:
+            status.error = f"0 of {len(pods)} replicas serving; {pods[0].address}: {probes[0]}"
         return status
+
+
+async def _probe_replica(client: WorkerClient) -> worker_pb2.GetInfoResponse | str:
+    """The replica's info when it serves, else why not."""
+    try:
+        if not await client.is_serving(_PROBE_TIMEOUT_S):
+            return "health check reports NOT_SERVING (loading or draining)"
+        return await client.get_info(_PROBE_TIMEOUT_S)
+    except (WorkerFailed, SessionLost) as error:
+        return str(error)
 
 
 def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -71,17 +72,39 @@ class WorkerFailed(Exception):
     """The worker cannot serve this request any more (unreachable, timed out, or answered nonsense)."""
 
 
+class WorkerUnavailable(WorkerFailed):
+    """The worker's process cannot be reached (UNAVAILABLE): gone, restarting or draining. Another
+    replica of the same model may serve the session instead."""
+
+
+class WorkerRejected(WorkerFailed):
+    """The worker refused the request as invalid for its model (INVALID_ARGUMENT), for example a
+    prompt longer than its context: retrying cannot help."""
+
+
 class SessionLost(Exception):
     """The worker lost or desynchronised the session; re-opening it with the full text may help."""
 
 
 class WorkerClient:
-    """One registered worker, as the fusion loop sees it."""
+    """One registered worker (or one replica of it), as the fusion loop sees it."""
 
-    def __init__(self, name: str, channel: grpc.aio.Channel, token: str | None = None):
+    def __init__(self, name: str, channel: grpc.aio.Channel, token: str | None = None, address: str = ""):
         self.name = name
+        self.address = address  # the replica (pod) this client calls, for placement and logs
+        self._channel = channel
         self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def disconnect(self) -> None:
+        """Closes the channel: the replica left, or the orchestrator stops."""
+        await self._channel.close()
+
+    async def is_serving(self, timeout: float) -> bool:
+        """Whether `grpc.health.v1` reports SERVING (not loading or draining)."""
+        answer = await self._call(self._health.Check, health_pb2.HealthCheckRequest(), timeout)
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
 
     async def get_info(self, timeout: float) -> worker_pb2.GetInfoResponse:
         return await self._call(self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
@@ -145,6 +168,10 @@ class WorkerClient:
             reason = f"{error.code().name}: {error.details()}"
             if error.code() in _SESSION_LOST:
                 raise SessionLost(reason) from error
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise WorkerUnavailable(reason) from error
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise WorkerRejected(reason) from error
             raise WorkerFailed(reason) from error
 
     @staticmethod

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from coolfusion.orchestrator.registry import parse_registry
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 
@@ -264,6 +266,7 @@ def test_registry_matches_rendered_worker_services(rel):
     assert volumes[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
     assert mount.get("subPath") == "workers.yaml"
 
+    parse_registry({"workers": entries})  # the orchestrator's own parser accepts the ConfigMap
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names)), "worker names must be unique"
     registered = set()
@@ -279,6 +282,7 @@ def test_registry_matches_rendered_worker_services(rel):
             assert svc is not None, f"{e['name']}: no Service {labels[0]} in the render"
             assert port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
             assert svc["spec"].get("clusterIP") == "None"
+            assert e.get("replicas") == "dns", f"{e['name']}: per-pod affinity behind a headless Service needs replicas: dns"
             registered.add(labels[0])
         else:
             # A worker in someone else's namespace: everything it needs must be mounted.
