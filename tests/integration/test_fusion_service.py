@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coolfusion.client.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
@@ -17,6 +16,7 @@ from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from reference import ReferenceModel, reference_fuse
+from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 
 FAMILIES = ("bpe", "metaspace", "char")
 PROMPTS = [
@@ -41,14 +41,7 @@ def orchestrator(cluster):
 
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs) -> dict[str, ReferenceModel]:
-    return {
-        f: ReferenceModel(
-            f,
-            AutoModelForCausalLM.from_pretrained(tiny_model_dirs[f]).eval(),
-            AutoTokenizer.from_pretrained(tiny_model_dirs[f]),
-        )
-        for f in FAMILIES
-    }
+    return tiny_references(tiny_model_dirs, FAMILIES)
 
 
 def to_prompt(prompt) -> worker_pb2.Prompt:
@@ -60,22 +53,6 @@ def to_prompt(prompt) -> worker_pb2.Prompt:
 
 def parameters(prompt, **kwargs) -> opb.FusionParameters:
     return opb.FusionParameters(prompt=to_prompt(prompt), **kwargs)
-
-
-def open_sessions(cluster) -> list[int]:
-    counts = []
-    for worker in cluster.workers.values():
-        with grpc.insecure_channel(worker.address) as channel:
-            info = worker_pb2_grpc.WorkerServiceStub(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
-            counts.append(info.load.open_sessions)
-    return counts
-
-
-def wait_for_no_sessions(cluster, timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(counts := open_sessions(cluster)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return counts
 
 
 def free_port() -> int:
@@ -159,21 +136,21 @@ def test_stream_sends_each_step_then_a_summary_equal_to_unary(orchestrator):
 
 def test_sessions_are_closed_after_requests_and_after_a_cancelled_stream(orchestrator, cluster):
     orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[2], max_new_tokens=8)), timeout=120)
-    assert wait_for_no_sessions(cluster) == [0, 0, 0]
+    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
     stream = orchestrator.FuseStream(
         opb.FuseStreamRequest(parameters=parameters(PROMPTS[0], max_new_tokens=400)), timeout=120
     )
     next(stream)
-    assert any(open_sessions(cluster))
+    assert any(open_sessions(cluster.workers.values()))
     stream.cancel()
-    assert wait_for_no_sessions(cluster) == [0, 0, 0]
+    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
 
 
 def test_a_passed_deadline_fails_the_request_and_closes_its_sessions(orchestrator, cluster):
     with pytest.raises(grpc.RpcError) as error:
         orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[0], max_new_tokens=400)), timeout=1.0)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for_no_sessions(cluster) == [0, 0, 0]
+    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,16 @@ run in file order on one cluster: each kills more of the bpe replicas than the o
 from __future__ import annotations
 
 import signal
-import time
 
 import grpc
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.v1 import orchestrator_pb2 as opb
-from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 from reference import ReferenceModel, reference_fuse
+from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 
 PROMPT = "Tom has 3 apples and buys 4 more."
 # Several steps after the kill; the cache-free reference costs seconds per dozen tokens.
@@ -64,36 +63,12 @@ def cluster(tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs) -> dict[str, ReferenceModel]:
-    return {
-        f: ReferenceModel(
-            f,
-            AutoModelForCausalLM.from_pretrained(tiny_model_dirs[f]).eval(),
-            AutoTokenizer.from_pretrained(tiny_model_dirs[f]),
-        )
-        for f in ("bpe", "char")
-    }
+    return tiny_references(tiny_model_dirs, ("bpe", "char"))
 
 
 def parameters(max_new_tokens: int) -> opb.FusionParameters:
     prompt = worker_pb2.Prompt(text=PROMPT)
     return opb.FusionParameters(prompt=prompt, workers=["bpe", "char"], max_new_tokens=max_new_tokens)
-
-
-def open_sessions(replicas) -> list[int]:
-    """Sessions open on each live replica, from the worker's own GetInfo."""
-    counts = []
-    for replica in replicas:
-        with grpc.insecure_channel(replica.address) as channel:
-            info = worker_pb2_grpc.WorkerServiceStub(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
-            counts.append(info.load.open_sessions)
-    return counts
-
-
-def wait_for_no_sessions(replicas, timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(counts := open_sessions(replicas)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return counts
 
 
 def test_concurrent_requests_are_spread_over_the_replicas(cluster):

@@ -1,0 +1,40 @@
+"""Test helpers shared by the integration tests: tiny reference models and session counts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from coolfusion.client.cluster import LocalProcess
+from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+from reference import ReferenceModel
+
+
+def tiny_references(dirs: dict[str, Path], families: Iterable[str]) -> dict[str, ReferenceModel]:
+    """Reference models (tests/reference.py) for the tiny models of `families`."""
+    return {
+        f: ReferenceModel(f, AutoModelForCausalLM.from_pretrained(dirs[f]).eval(), AutoTokenizer.from_pretrained(dirs[f]))
+        for f in families
+    }
+
+
+def open_sessions(workers: Iterable[LocalProcess]) -> list[int]:
+    """Sessions open on each worker process, from the worker's own GetInfo."""
+    counts = []
+    for worker in workers:
+        with grpc.insecure_channel(worker.address) as channel:
+            info = worker_pb2_grpc.WorkerServiceStub(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
+            counts.append(info.load.open_sessions)
+    return counts
+
+
+def wait_for_no_sessions(workers: list[LocalProcess], timeout_s: float = 10.0) -> list[int]:
+    """Polls until every worker has closed its sessions (closing is asynchronous); the last counts."""
+    deadline = time.monotonic() + timeout_s
+    while any(counts := open_sessions(workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return counts
