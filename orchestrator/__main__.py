@@ -15,7 +15,9 @@ from coolfusion.serving.logs import configure_logging
 def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     defaults = OrchestratorSettings(workers=())
     parser = argparse.ArgumentParser(prog="coolfusion-orchestrator", description=__doc__)
-    parser.add_argument("--workers", type=Path, help="registry file (YAML or JSON); COOLFUSION_WORKERS adds name=addr,...")
+    parser.add_argument(
+        "--workers", type=Path, help="registry file (YAML or JSON); COOLFUSION_WORKERS adds name=addr,..."
+    )
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--call-timeout-s", type=float, default=defaults.call_timeout_s, help="one worker call")

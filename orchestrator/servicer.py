@@ -23,14 +23,20 @@ class InvalidFusionRequest(ValueError):
     """A request field is malformed or out of range (INVALID_ARGUMENT)."""
 
 
-def parse_request(parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits, request_id: str) -> FusionRequest:
+def parse_request(
+    parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits, request_id: str
+) -> FusionRequest:
     """Validates a request's parameters; errors name the field and the allowed range."""
-    max_new = _in_range("max_new_tokens", parameters.max_new_tokens, limits.default_max_new_tokens, limits.max_new_tokens)
+    max_new = _in_range(
+        "max_new_tokens", parameters.max_new_tokens, limits.default_max_new_tokens, limits.max_new_tokens
+    )
     segment = _in_range(
         "segment_max_tokens", parameters.segment_max_tokens, limits.default_segment_tokens, limits.max_segment_tokens
     )
     if len(parameters.stop_strings) > limits.max_stop_strings:
-        raise InvalidFusionRequest(f"{len(parameters.stop_strings)} stop_strings; the limit is {limits.max_stop_strings}")
+        raise InvalidFusionRequest(
+            f"{len(parameters.stop_strings)} stop_strings; the limit is {limits.max_stop_strings}"
+        )
     if any(not 1 <= len(s) <= limits.max_stop_chars for s in parameters.stop_strings):
         raise InvalidFusionRequest(f"each stop string must be 1-{limits.max_stop_chars} characters")
     return FusionRequest(
@@ -74,7 +80,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._pool = pool
         self._settings = settings
 
-    async def Fuse(self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext) -> orchestrator_pb2.FuseResponse:
+    async def Fuse(
+        self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.FuseResponse:
         """Runs one fusion to the end."""
         result = await self._fuse(request.parameters, context, on_step=None)
         return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace))
@@ -107,7 +115,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
         remaining = context.time_remaining()
-        budget = self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
+        budget = (
+            self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
+        )
         deadline = time.monotonic() + budget
         return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
 
@@ -188,6 +198,9 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         ),
         trace=[_step_proto(s) for s in fused.steps] if include_trace else [],
         source=result.source,
-        rerank=[orchestrator_pb2.RerankEntry(source=r.source, text=r.text, fused_score=r.fused_score) for r in result.ranking],
+        rerank=[
+            orchestrator_pb2.RerankEntry(source=r.source, text=r.text, fused_score=r.fused_score)
+            for r in result.ranking
+        ],
         request_id=result.request_id,
     )

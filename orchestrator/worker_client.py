@@ -110,10 +110,14 @@ class WorkerClient:
         return await self._call(self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
 
     async def open(self, session_id: str, prompt: Prompt, answer_text: str, timeout: float) -> OpenedSession:
-        request = worker_pb2.OpenSessionRequest(session_id=session_id, prompt=prompt.to_proto(), answer_text=answer_text)
+        request = worker_pb2.OpenSessionRequest(
+            session_id=session_id, prompt=prompt.to_proto(), answer_text=answer_text
+        )
         response = await self._call(self._stub.OpenSession, request, timeout)
         if not 0 < response.prompt_tokens <= response.context_tokens:
-            raise WorkerFailed(f"invalid answer: OpenSession token counts {response.prompt_tokens}/{response.context_tokens}")
+            raise WorkerFailed(
+                f"invalid answer: OpenSession token counts {response.prompt_tokens}/{response.context_tokens}"
+            )
         return OpenedSession(response.prompt_tokens, response.context_tokens)
 
     async def generate(
@@ -176,7 +180,10 @@ class WorkerClient:
 
     @staticmethod
     def _check_segment(r: worker_pb2.GenerateSegmentResponse, max_tokens: int) -> None:
-        if r.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED or r.finish_reason not in worker_pb2.FinishReason.values():
+        if (
+            r.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED
+            or r.finish_reason not in worker_pb2.FinishReason.values()
+        ):
             raise WorkerFailed(f"invalid answer: finish reason {r.finish_reason}")
         if r.generated_tokens > max_tokens or len(r.text) > max_tokens * _MAX_CHARS_PER_TOKEN:
             raise WorkerFailed(

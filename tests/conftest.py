@@ -3,6 +3,7 @@
 import pathlib
 
 import pytest
+
 from tiny_models import FAMILIES, build_tiny_model
 
 

@@ -56,10 +56,8 @@ class ReferenceModel:
             if token in self.eos_ids:
                 return text, True
             new.append(token)
-            text = self.decode(ids + new)[len(before):]
-            ends = [m.end() for m in [BOUNDARY.search(text)] if m] + [
-                text.find(s) + len(s) for s in stops if s in text
-            ]
+            text = self.decode(ids + new)[len(before) :]
+            ends = [m.end() for m in [BOUNDARY.search(text)] if m] + [text.find(s) + len(s) for s in stops if s in text]
             if ends:
                 return text[: min(ends)], False
         return text, False

@@ -102,9 +102,7 @@ def _metaspace_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
     tok.decoder = decoders.Metaspace(prepend_scheme="never")
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=sorted(PRINTABLE)
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=sorted(PRINTABLE))
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A",
@@ -183,9 +181,7 @@ def _model(family: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
 
 
 @torch.no_grad()
-def _shape_output(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, whitespace_boost: float
-) -> None:
+def _shape_output(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, whitespace_boost: float) -> None:
     """Make greedy decoding of random weights look like text: printable, with word breaks.
 
     A zeroed output row gives a logit of 0, below about half of the random logits, so
@@ -195,11 +191,7 @@ def _shape_output(
     weight = model.get_output_embeddings().weight
     for token_id in range(len(tokenizer)):
         text = tokenizer.decode([token_id])
-        if (
-            token_id in tokenizer.all_special_ids
-            or not text
-            or not set(text) <= PRINTABLE
-        ):
+        if token_id in tokenizer.all_special_ids or not text or not set(text) <= PRINTABLE:
             weight[token_id] = 0.0
         elif text[0].isspace():
             weight[token_id] *= whitespace_boost

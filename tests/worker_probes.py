@@ -11,13 +11,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coolfusion.client.cluster import LocalProcess
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+
 from reference import ReferenceModel
 
 
 def tiny_references(dirs: dict[str, Path], families: Iterable[str]) -> dict[str, ReferenceModel]:
     """Reference models (tests/reference.py) for the tiny models of `families`."""
     return {
-        f: ReferenceModel(f, AutoModelForCausalLM.from_pretrained(dirs[f]).eval(), AutoTokenizer.from_pretrained(dirs[f]))
+        f: ReferenceModel(
+            f, AutoModelForCausalLM.from_pretrained(dirs[f]).eval(), AutoTokenizer.from_pretrained(dirs[f])
+        )
         for f in families
     }
 

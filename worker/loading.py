@@ -145,9 +145,7 @@ def load_model(
     folder = Path(folder)
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, dtype), local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
     model.to(device).eval()
     logger.info("loaded %s (%s, %s) in %.1fs", folder, device, dtype, time.monotonic() - start)
     return model, tokenizer
@@ -237,9 +235,10 @@ def _assemble(preset: Preset, cache: Path) -> Path:
     tmp = Path(tmp_name)
     try:
         total = sum(c.stat().st_size for c in chunks)
-        with os.fdopen(fd, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"assembling {target.name}"
-        ) as bar:
+        with (
+            os.fdopen(fd, "wb") as out,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {target.name}") as bar,
+        ):
             for chunk in chunks:
                 with chunk.open("rb") as src:
                     while block := src.read(_CHUNK):
@@ -291,9 +290,10 @@ def _file_sha256(path: Path, cache: Path) -> str:
 
 def _hash_file(path: Path, size: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}", leave=False
-    ) as bar:
+    with (
+        path.open("rb") as f,
+        tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}", leave=False) as bar,
+    ):
         while block := f.read(_CHUNK):
             digest.update(block)
             bar.update(len(block))
@@ -445,9 +445,7 @@ def _max_logit_diff(gguf_model: PreTrainedModel, folder: Path, tokenizer) -> flo
     import torch
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, local_files_only=True
-    ).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         a = gguf_model(ids).logits

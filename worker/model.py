@@ -132,9 +132,7 @@ class LanguageModel:
             return prompt.text, True
         messages = [{"role": t.role, "content": t.content} for t in prompt.chat]
         if self.tokenizer.chat_template:
-            rendered = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             # The template already spells out its special tokens.
             return rendered, False
         # A base model has no template: the turns become plain paragraphs.

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conformance_support import RPC_TIMEOUT_S, OpenSession, new_session_id
+
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+
+from conformance_support import RPC_TIMEOUT_S, OpenSession, new_session_id
 
 ADDRESS_ENV = "COOLFUSION_WORKER_ADDRESS"
 

@@ -13,11 +13,13 @@ import re
 
 import grpc
 import pytest
-from conformance_support import RPC_TIMEOUT_S, OpenSession, new_session_id
-from coolfusion.v1 import worker_pb2 as pb
-from coolfusion.v1 import worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from coolfusion.v1 import worker_pb2 as pb
+from coolfusion.v1 import worker_pb2_grpc
+
+from conformance_support import RPC_TIMEOUT_S, OpenSession, new_session_id
 
 SERVICE = "coolfusion.v1.WorkerService"
 PROMPTS = [

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from coolfusion.client.cluster import LocalCluster
-from coolfusion.v1 import orchestrator_pb2 as opb
-from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+from coolfusion.client.cluster import LocalCluster
+from coolfusion.v1 import orchestrator_pb2 as opb
+from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 WORKERS = ("bpe", "char")
 # Every call gets a deadline: a hang is a failure, reported as DEADLINE_EXCEEDED (not allowed below).

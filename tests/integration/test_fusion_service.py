@@ -15,6 +15,7 @@ from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
+
 from reference import ReferenceModel, reference_fuse
 from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 
@@ -186,11 +187,15 @@ def start_orchestrator(workers: dict[str, str]):
 
 def test_an_unreachable_worker_is_dropped_and_the_rest_still_fuse(cluster, references):
     ghost = f"127.0.0.1:{free_port()}"
-    process = start_orchestrator({"bpe": cluster.workers["bpe"].address, "ghost": ghost, "char": cluster.workers["char"].address})
+    process = start_orchestrator(
+        {"bpe": cluster.workers["bpe"].address, "ghost": ghost, "char": cluster.workers["char"].address}
+    )
     try:
         with grpc.insecure_channel(process.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            result = stub.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[0], max_new_tokens=16)), timeout=120).result
+            result = stub.Fuse(
+                opb.FuseRequest(parameters=parameters(PROMPTS[0], max_new_tokens=16)), timeout=120
+            ).result
             assert [(d.worker, d.reason.split(":")[0]) for d in result.dropped] == [("ghost", "UNAVAILABLE")]
             assert result.text == reference_fuse([references["bpe"], references["char"]], PROMPTS[0], 16)[0]
             ghosts_only = opb.FuseRequest(parameters=parameters(PROMPTS[0], workers=["ghost"]))
@@ -213,7 +218,9 @@ def test_a_lost_session_is_reopened_with_the_full_text(cluster, references):
 
         async def on_step(step) -> None:
             if step.index in (1, 3):
-                closed = await victim.CloseSession(worker_pb2.CloseSessionRequest(session_id="lost-session-test.fused.bpe"))
+                closed = await victim.CloseSession(
+                    worker_pb2.CloseSessionRequest(session_id="lost-session-test.fused.bpe")
+                )
                 assert closed.closed
 
         result = await fuse(clients, request, time.monotonic() + 120, 60, on_step)

@@ -15,6 +15,7 @@ import yaml
 from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
+
 from reference import ReferenceModel, reference_fuse
 from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 

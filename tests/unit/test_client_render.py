@@ -60,9 +60,7 @@ def test_colour_rendering_gives_each_worker_one_colour_and_a_legend(result: orch
     smollm2, gemma3 = palette.colour("smollm2"), palette.colour("gemma3")
     assert smollm2 != gemma3
     assert lines[0].startswith("workers: ") and "smollm2" in lines[0] and "gemma3" in lines[0]
-    assert lines[1] == (
-        f"\x1b[{smollm2}mThe answer\x1b[0m\x1b[{gemma3}m is\x1b[0m\x1b[{smollm2}m 18.\x1b[0m"
-    )
+    assert lines[1] == (f"\x1b[{smollm2}mThe answer\x1b[0m\x1b[{gemma3}m is\x1b[0m\x1b[{smollm2}m 18.\x1b[0m")
 
 
 def test_summary_shows_shares_drops_and_timings(result: orchestrator_pb2.FuseResult) -> None:

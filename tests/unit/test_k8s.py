@@ -40,9 +40,7 @@ GPU = "nvidia.com/gpu"
 
 RENDERS = ["overlays/demo", "overlays/gpu", "examples/external-worker"]
 # Every kustomization directory that must be rendered (each one renders on its own).
-KUSTOMIZATIONS = sorted(
-    str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml")
-)
+KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
@@ -56,9 +54,7 @@ needs_kubectl = pytest.mark.skipif(
 
 @functools.cache
 def _render_text(rel: str) -> str:
-    proc = subprocess.run(
-        [KUBECTL, "kustomize", str(K8S / rel)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([KUBECTL, "kustomize", str(K8S / rel)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"kubectl kustomize k8s/{rel} failed:\n{proc.stderr}"
     return proc.stdout
 
@@ -154,9 +150,19 @@ def test_render_is_schema_valid(rel, tmp_path):
     out = tmp_path / "render.yaml"
     out.write_text(_render_text(rel))
     proc = subprocess.run(
-        [sys.executable, "-m", "kubernetes_validate", "--strict", "--kubernetes-version",
-         K8S_VERSION, "--quiet", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--kubernetes-version",
+            K8S_VERSION,
+            "--quiet",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"k8s/{rel} is not valid for {K8S_VERSION}:\n{proc.stdout}{proc.stderr}"
 
@@ -282,7 +288,9 @@ def test_registry_matches_rendered_worker_services(rel):
             assert svc is not None, f"{e['name']}: no Service {labels[0]} in the render"
             assert port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
             assert svc["spec"].get("clusterIP") == "None"
-            assert e.get("replicas") == "dns", f"{e['name']}: per-pod affinity behind a headless Service needs replicas: dns"
+            assert e.get("replicas") == "dns", (
+                f"{e['name']}: per-pod affinity behind a headless Service needs replicas: dns"
+            )
             registered.add(labels[0])
         else:
             # A worker in someone else's namespace: everything it needs must be mounted.
@@ -293,8 +301,7 @@ def test_registry_matches_rendered_worker_services(rel):
                         f"{e['name']}: {f} is not on a volume of the orchestrator"
                     )
     worker_services = {
-        n for n, s in services.items()
-        if s["spec"].get("selector", {}).get("app.kubernetes.io/component") == "worker"
+        n for n, s in services.items() if s["spec"].get("selector", {}).get("app.kubernetes.io/component") == "worker"
     }
     assert registered == worker_services, "every rendered worker must be registered"
 
@@ -424,8 +431,12 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 DOCKERFILES = {
     # image -> (Dockerfile, console script, port, manifest holding its Deployment)
     "worker": (REPO / "worker/Dockerfile", "coolfusion-worker", WORKER_PORT, K8S / "worker/deployment.yaml"),
-    "orchestrator": (REPO / "orchestrator/Dockerfile", "coolfusion-orchestrator", ORCH_PORT,
-                     K8S / "base/orchestrator-deployment.yaml"),
+    "orchestrator": (
+        REPO / "orchestrator/Dockerfile",
+        "coolfusion-orchestrator",
+        ORCH_PORT,
+        K8S / "base/orchestrator-deployment.yaml",
+    ),
 }
 
 
@@ -494,7 +505,8 @@ def test_dockerfile_has_no_secrets(name):
 
 def test_dockerignore_keeps_context_small():
     patterns = {
-        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     for needed in (".venv", ".git", "node_modules", "**/__pycache__"):

@@ -24,7 +24,9 @@ class FakeClock:
 @pytest.fixture(scope="module")
 def lm(tiny_model_dirs) -> LanguageModel:
     folder = tiny_model_dirs["bpe"]
-    return LanguageModel(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), "bpe")
+    return LanguageModel(
+        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), "bpe"
+    )
 
 
 def test_least_recently_used_session_is_evicted_when_the_budget_is_full(lm):
