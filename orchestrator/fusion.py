@@ -142,6 +142,7 @@ class FusionLoop:
         on_step: OnStep | None = None,
     ):
         self._members = [_Member(w, f"{request.request_id}.{purpose}.{w.name}") for w in workers]
+        self._dropped_members: list[_Member] = []
         self._request = request
         self._deadline = deadline
         self._call_timeout_s = call_timeout_s
@@ -345,7 +346,7 @@ class FusionLoop:
         reason = str(error)
         logger.warning("dropping worker %s: %s", member.name, reason, extra={"request_id": self._request.request_id})
         self._members.remove(member)
-        self._release(member)
+        self._dropped_members.append(member)  # its session is still closed at the end, if reachable
         self._answer.dropped.append(Dropped(member.name, reason, self._step_index))
         self._rejections += isinstance(error, WorkerRejected)
         if not self._members:
@@ -367,7 +368,7 @@ class FusionLoop:
             member.client = None
 
     async def _close_all(self) -> None:
-        placed = [m for m in self._members if m.client is not None]
+        placed = [m for m in self._members + self._dropped_members if m.client is not None]
         await asyncio.gather(*(self._close(m) for m in placed))
         for member in placed:
             self._release(member)
