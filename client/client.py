@@ -102,13 +102,31 @@ def _metadata(token: str | None) -> Metadata:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _credentials(
+    root_certificates: bytes | None, client_certificate: tuple[bytes, bytes] | None
+) -> grpc.ChannelCredentials | None:
+    """TLS when given a CA or a client certificate (mutual TLS); None means plaintext."""
+    if not (root_certificates or client_certificate):
+        return None
+    chain, key = client_certificate or (None, None)
+    # Without a CA, gRPC verifies the server against the system's roots.
+    return grpc.ssl_channel_credentials(root_certificates or None, private_key=key, certificate_chain=chain)
+
+
 class _ClientBase:
     """What both clients share: the address, the default deadline and the auth metadata."""
 
-    def __init__(self, address: str, timeout_s: float, root_certificates: bytes | None, token: str | None):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        root_certificates: bytes | None,
+        token: str | None,
+        client_certificate: tuple[bytes, bytes] | None,
+    ):
         self.address = address
         self._timeout_s = timeout_s
-        self._credentials = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
+        self._credentials = _credentials(root_certificates, client_certificate)
         self._metadata = _metadata(token)
 
     def _timeout(self, timeout_s: float | None) -> float:
@@ -125,8 +143,10 @@ class FusionClient(_ClientBase):
         timeout_s: float = 600.0,
         root_certificates: bytes | None = None,
         token: str | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ):
-        super().__init__(address, timeout_s, root_certificates, token)
+        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
+        super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
             self._channel = grpc.secure_channel(address, self._credentials)
         else:
@@ -212,8 +232,10 @@ class AsyncFusionClient(_ClientBase):
         timeout_s: float = 600.0,
         root_certificates: bytes | None = None,
         token: str | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ):
-        super().__init__(address, timeout_s, root_certificates, token)
+        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
+        super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
             self._channel = grpc.aio.secure_channel(address, self._credentials)
         else:

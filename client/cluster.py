@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -14,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from coolfusion.serving.lifecycle import PARENT_PID_VARIABLE
+
 # Both servers log "... ready ... on HOST:PORT" once they serve; the port may have been picked by the OS.
 _READY = re.compile(r"ready\b.* on [^ ]+:(\d+)")
 DEFAULT_PRESETS = ("smollm2-135m-instruct", "gemma3-270m")
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ClusterError(RuntimeError):
@@ -39,25 +39,15 @@ class LocalProcess:
         return f"127.0.0.1:{self.port}"
 
 
-def _exit_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the launching process dies (Linux), so that a
-    killed `coolfusion up` or test run never leaves model servers running."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def launch(name: str, argv: list[str], log: TextIO | None = None, env: dict | None = None) -> LocalProcess:
     """Starts `argv` and keeps draining its log into `log` (if any); see `wait_ready`."""
     # A session of its own: Ctrl-C on the terminal reaches `coolfusion up`, which then drains the
-    # servers in order, instead of reaching every server at once.
+    # servers in order, instead of reaching every server at once. PARENT_PID_VARIABLE makes the
+    # server exit if this process dies without stopping it (serving.lifecycle.exit_with_parent);
+    # a preexec_fn could do that too, but is unsafe in a process with gRPC threads.
+    env = {**(os.environ if env is None else env), PARENT_PID_VARIABLE: str(os.getpid())}
     process = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_exit_with_parent,
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
     started = LocalProcess(name, process)
     threading.Thread(target=_drain, args=(started, log), daemon=True).start()

@@ -9,7 +9,9 @@ from pathlib import Path
 from coolfusion.orchestrator.registry import load_registry, workers_from_environment
 from coolfusion.orchestrator.server import serve
 from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
+from coolfusion.serving.security import add_security_flags, security_from_args
 
 
 def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
@@ -24,7 +26,9 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    add_security_flags(parser)
     args = parser.parse_args(argv)
+    tls, auth_tokens = security_from_args(parser, args)
     try:
         workers = load_registry(args.workers, workers_from_environment())
     except (OSError, ValueError) as error:
@@ -38,10 +42,13 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         grace_s=args.grace_s,
         log_json=args.log_json,
         workers_file=args.workers,
+        tls=tls,
+        auth_tokens=auth_tokens,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()
     settings = parse_settings(argv)
     configure_logging(settings.log_json)
     asyncio.run(serve(settings))

@@ -139,6 +139,7 @@ def load_registry(path: Path | None, env_value: str | None = None) -> list[Worke
         entries += parse_registry({"workers": [{"name": n.strip(), "address": a.strip()} for n, a in pairs]})
     if not entries:
         raise RegistryError("no workers registered: pass --workers FILE or set COOLFUSION_WORKERS")
+    _check_files_readable(entries)
     _check_unique([e.name for e in entries])
     return entries
 
@@ -152,6 +153,17 @@ def replica_set(entry: WorkerEntry) -> ReplicaSet:
 def _connect(entry: WorkerEntry, address: str) -> WorkerClient:
     # The token is read per channel so that a rotated Secret reaches new pods.
     return WorkerClient(entry.name, open_channel(entry, address), entry.read_token(), address)
+
+
+def _check_files_readable(entries: list[WorkerEntry]) -> None:
+    """Fails start-up on a missing TLS or token file, instead of failing the first request."""
+    for entry in entries:
+        tls = entry.tls or TlsSettings()
+        files = {"token_file": entry.token_file, "tls.ca_file": tls.ca_file}
+        files |= {"tls.cert_file": tls.cert_file, "tls.key_file": tls.key_file}
+        for field, path in files.items():
+            if path and not os.access(path, os.R_OK):
+                raise RegistryError(f"worker {entry.name}: {field} {path} is missing or unreadable")
 
 
 def open_channel(entry: WorkerEntry, target: str) -> grpc.aio.Channel:

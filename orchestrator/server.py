@@ -14,6 +14,7 @@ from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorS
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
+from coolfusion.serving.security import bind, security_interceptors
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,13 @@ class RunningOrchestrator:
 
 async def start_orchestrator(settings: OrchestratorSettings) -> RunningOrchestrator:
     """Starts a SERVING orchestrator; port 0 picks a free port."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(STATUS_CODES)])
+    server = grpc.aio.server(
+        interceptors=[*security_interceptors(settings.auth_tokens), ErrorMappingInterceptor(STATUS_CODES)]
+    )
     pool = WorkerPool(settings.workers)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(pool, settings), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = bind(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     await set_serving(health_servicer, SERVICE_NAMES, serving=True)
     logger.info("orchestrator ready on %s:%d with workers %s", settings.host, port, [e.name for e in settings.workers])

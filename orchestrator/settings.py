@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coolfusion.orchestrator.registry import WorkerEntry
+from coolfusion.serving.security import TlsServerSettings
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,6 @@ class OrchestratorSettings:
     log_json: bool | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
     workers_file: Path | None = None
+    tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
+    # Tokens the orchestrator's callers must send; empty: no authentication. Kept out of repr.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)

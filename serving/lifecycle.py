@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger(__name__)
+
+# Set by client.cluster.launch to the launcher's pid: the server then exits along with it.
+PARENT_PID_VARIABLE = "COOLFUSION_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """Asks Linux to send SIGTERM when the launching process dies, so that a killed `coolfusion up`
+    or test run never leaves model servers behind. A no-op unless launched by a local cluster."""
+    expected = os.environ.get(PARENT_PID_VARIABLE)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(expected):  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
+from coolfusion.serving.security import add_security_flags, security_from_args
 from coolfusion.worker.settings import SessionLimits, WorkerSettings
 
 
@@ -27,7 +29,9 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--idle-ttl-s", type=float, default=limits.idle_ttl_s)
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    add_security_flags(parser)
     args = parser.parse_args(argv)
+    tls, auth_tokens = security_from_args(parser, args)
     return WorkerSettings(
         model=args.model,
         preset=args.preset,
@@ -42,10 +46,13 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         limits=SessionLimits(
             token_budget=args.token_budget, max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl_s
         ),
+        tls=tls,
+        auth_tokens=auth_tokens,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()
     settings = parse_settings(argv)
     configure_logging(settings.log_json)
     from coolfusion.worker.server import serve  # after flag parsing: --help should not import torch

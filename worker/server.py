@@ -13,6 +13,7 @@ from grpc_health.v1 import health
 
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
+from coolfusion.serving.security import bind, security_interceptors
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker import errors, loading
 from coolfusion.worker.model import LanguageModel, PromptSpec
@@ -67,7 +68,7 @@ class RunningWorker:
 async def start_worker(settings: WorkerSettings, lm: LanguageModel | None = None) -> RunningWorker:
     """Starts the server (NOT_SERVING); serves `lm` at once when given. Port 0 picks a free port."""
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(STATUS_CODES)],
+        interceptors=[*security_interceptors(settings.auth_tokens), ErrorMappingInterceptor(STATUS_CODES)],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -78,7 +79,7 @@ async def start_worker(settings: WorkerSettings, lm: LanguageModel | None = None
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     await set_serving(health_servicer, SERVICE_NAMES, serving=False)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = bind(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     running = RunningWorker(server, port, servicer, health_servicer, thread, settings)
     if lm is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from coolfusion.serving.security import TlsServerSettings
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,6 @@ class WorkerSettings:
     grace_s: float = 20.0
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
     limits: SessionLimits = SessionLimits()
+    tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
+    # Accepted bearer tokens; empty: no authentication. Kept out of repr so settings can be logged.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)

@@ -16,6 +16,7 @@ from coolfusion.client.cluster import launch, stop_processes, wait_ready, worker
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+
 from worker_probes import open_sessions
 
 PROMPT = "Tom has 3 apples and buys 4 more."

@@ -1,0 +1,199 @@
+"""TLS, mutual TLS and bearer tokens end to end: client -> orchestrator -> worker processes.
+
+Certificates are made at test time: one CA signs the orchestrator's certificate (localhost,
+127.0.0.1), the worker's (only a Service name, so dialling it by IP needs the registry's
+`server_name`) and the orchestrator's client certificate for the worker's mutual TLS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coolfusion.client.client import CoolfusionError, FusionClient, UnavailableError
+from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+
+WORKER_SERVICE_NAME = "bpe.workers.svc.cluster.local"  # as in a cluster: pods are dialled by IP
+CALLER_TOKEN = "caller-token-5f2d91"
+WORKER_TOKENS = ("worker-token-old-a81c", "worker-token-new-3e07")  # mid-rotation: both accepted
+IMPOSTOR_TOKEN = "impostor-token-c4d2"
+SECRETS = (CALLER_TOKEN, *WORKER_TOKENS, IMPOSTOR_TOKEN)
+PROMPT = "Tom has 3 apples and buys 4 more."
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(
+    subject: str,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    sans: list[x509.GeneralName] = (),
+    usage: x509.ObjectIdentifier | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate for `subject`, signed by `ca` (self-signed CA when None)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_cert, issuer_key = ca or (None, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_cert.subject if issuer_cert else _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _write_pair(folder: Path, stem: str, pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+    cert, key = pair
+    (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (folder / f"{stem}.key").write_bytes(key_pem)
+
+
+def make_certificates(folder: Path) -> Path:
+    ca = _issue("coolfusion test CA", None)
+    _write_pair(folder, "ca", ca)
+    local = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    _write_pair(folder, "orchestrator", _issue("orchestrator", ca, sans=local, usage=ExtendedKeyUsageOID.SERVER_AUTH))
+    worker_sans = [x509.DNSName(WORKER_SERVICE_NAME)]
+    _write_pair(folder, "worker", _issue("worker", ca, sans=worker_sans, usage=ExtendedKeyUsageOID.SERVER_AUTH))
+    _write_pair(folder, "client", _issue("orchestrator-client", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model_dirs, tmp_path_factory):
+    """A worker (TLS, client certificates required, tokens) behind an orchestrator (TLS, token)."""
+    folder = tmp_path_factory.mktemp("tls")
+    certs = make_certificates(folder)
+    (folder / "worker-tokens").write_text("\n".join(WORKER_TOKENS) + "\n")
+    (folder / "new-token").write_text(WORKER_TOKENS[1] + "\n")
+    (folder / "impostor-token").write_text(IMPOSTOR_TOKEN + "\n")
+    (folder / "caller-tokens").write_text(CALLER_TOKEN + "\n")
+    tls = [*("--tls-cert", str(certs / "worker.crt")), *("--tls-key", str(certs / "worker.key"))]
+    worker_flags = [*tls, "--tls-client-ca", str(certs / "ca.crt"), "--auth-token-file", str(folder / "worker-tokens")]
+    log = open(folder / "cluster.log", "a")  # noqa: SIM115 - closed below
+    worker_args = worker_argv(["--model", str(tiny_model_dirs["bpe"])], ["--threads", "1", *worker_flags])
+    worker = launch("worker", worker_args, log)
+    processes = [worker]
+    try:
+        wait_ready(worker, 60)
+        client_tls = {
+            "ca_file": str(certs / "ca.crt"),
+            "cert_file": str(certs / "client.crt"),
+            "key_file": str(certs / "client.key"),
+            "server_name": WORKER_SERVICE_NAME,
+        }
+        entries = [
+            # A replica list dialled by IP: the certificate names the Service, hence server_name.
+            {"name": "bpe", "address": worker.address, "replicas": "static", "tls": client_tls,
+             "token_file": str(folder / "new-token")},
+            {"name": "impostor", "address": worker.address, "tls": client_tls,
+             "token_file": str(folder / "impostor-token")},
+        ]  # fmt: skip
+        (folder / "workers.yaml").write_text(yaml.safe_dump({"workers": entries}))
+        orchestrator_flags = [
+            *("--workers", str(folder / "workers.yaml")),
+            *("--tls-cert", str(certs / "orchestrator.crt"), "--tls-key", str(certs / "orchestrator.key")),
+            *("--auth-token-file", str(folder / "caller-tokens")),
+        ]
+        orchestrator = launch("orchestrator", orchestrator_argv(orchestrator_flags), log)
+        processes.append(orchestrator)
+        wait_ready(orchestrator, 30)
+        yield {"worker": worker, "orchestrator": orchestrator, "certs": certs}
+    finally:
+        stop_processes(processes)
+        log.close()
+
+
+def client(secured, **options) -> FusionClient:
+    return FusionClient(secured["orchestrator"].address, timeout_s=30, **options)
+
+
+def ca(secured) -> bytes:
+    return (secured["certs"] / "ca.crt").read_bytes()
+
+
+def test_fuse_over_tls_with_tokens_at_both_hops(secured):
+    with client(secured, root_certificates=ca(secured), token=CALLER_TOKEN) as c:
+        result = c.fuse(PROMPT, workers=["bpe"], max_new_tokens=8)
+    assert result.text and not result.dropped
+
+
+def test_orchestrator_refuses_a_missing_or_wrong_token(secured):
+    for token in (None, IMPOSTOR_TOKEN):
+        with client(secured, root_certificates=ca(secured), token=token) as c, pytest.raises(CoolfusionError) as error:
+            c.fuse(PROMPT, workers=["bpe"], max_new_tokens=8)
+        assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert not any(secret in error.value.details for secret in SECRETS)
+
+
+def test_health_needs_tls_but_no_token(secured):
+    credentials = grpc.ssl_channel_credentials(ca(secured))
+    with grpc.secure_channel(secured["orchestrator"].address, credentials) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_client_cannot_reach_a_tls_orchestrator(secured):
+    with client(secured, token=CALLER_TOKEN) as c, pytest.raises(UnavailableError):
+        c.list_workers(timeout_s=10)
+
+
+def worker_health(secured, with_client_certificate: bool) -> int:
+    certs = secured["certs"]
+    pair = {
+        "private_key": (certs / "client.key").read_bytes(),
+        "certificate_chain": (certs / "client.crt").read_bytes(),
+    }
+    credentials = grpc.ssl_channel_credentials(ca(secured), **(pair if with_client_certificate else {}))
+    options = [("grpc.ssl_target_name_override", WORKER_SERVICE_NAME)]
+    with grpc.secure_channel(secured["worker"].address, credentials, options=options) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_worker_requires_a_client_certificate(secured):
+    assert worker_health(secured, with_client_certificate=True) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        worker_health(secured, with_client_certificate=False)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails: no call is made
+
+
+def test_a_worker_refusing_the_registry_token_is_dropped(secured):
+    with client(secured, root_certificates=ca(secured), token=CALLER_TOKEN) as c:
+        result = c.fuse(PROMPT, workers=["bpe", "impostor"], max_new_tokens=8)
+        assert result.text
+        assert [d.worker for d in result.dropped] == ["impostor"]
+        assert "UNAUTHENTICATED" in result.dropped[0].reason
+        with pytest.raises(UnavailableError) as error:
+            c.fuse(PROMPT, workers=["impostor"], max_new_tokens=8)
+    assert "UNAUTHENTICATED" in error.value.details
+    assert not any(secret in error.value.details for secret in SECRETS)
+
+
+def test_no_token_is_ever_logged(secured):
+    logs = "".join(secured["worker"].log_lines + secured["orchestrator"].log_lines)
+    assert "refused /coolfusion.v1.WorkerService/" in logs  # the impostor's calls were logged ...
+    assert not any(secret in logs for secret in SECRETS)  # ... without a token
