@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 
 from coolfusion.orchestrator.fusion import NoWorkersLeft, RejectedByAllWorkers
 from coolfusion.orchestrator.registry import WorkerPool
-from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer
+from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
@@ -24,6 +24,7 @@ STATUS_CODES = {  # first match wins: the subclass comes before its base
     InvalidFusionRequest: grpc.StatusCode.INVALID_ARGUMENT,
     RejectedByAllWorkers: grpc.StatusCode.INVALID_ARGUMENT,
     NoWorkersLeft: grpc.StatusCode.UNAVAILABLE,
+    RequestTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -8,7 +8,15 @@ import uuid
 
 import grpc
 
-from coolfusion.orchestrator.fusion import FINISH_EOS, FINISH_STOP, FusionRequest, FusionResult, Step, fuse
+from coolfusion.orchestrator.fusion import (
+    FINISH_EOS,
+    FINISH_STOP,
+    FusionRequest,
+    FusionResult,
+    NoWorkersLeft,
+    Step,
+    fuse,
+)
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, SessionLost, WorkerClient, WorkerFailed
@@ -21,6 +29,10 @@ _PROBE_TIMEOUT_S = 2.0
 
 class InvalidFusionRequest(ValueError):
     """A request field is malformed or out of range (INVALID_ARGUMENT)."""
+
+
+class RequestTimedOut(Exception):
+    """The request's time budget ran out before it finished (DEADLINE_EXCEEDED)."""
 
 
 def parse_request(
@@ -119,7 +131,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
         )
         deadline = time.monotonic() + budget
-        return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
+        try:
+            return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
+        except NoWorkersLeft as error:
+            if time.monotonic() >= deadline:
+                # The workers did not fail: the request ran out of time (our own request timeout;
+                # a caller's deadline cancels the call before this). Say so, not UNAVAILABLE.
+                raise RequestTimedOut(f"the request took longer than {budget:.0f} s") from error
+            raise
 
     async def _probe(self, entry: WorkerEntry) -> orchestrator_pb2.WorkerStatus:
         """Serving when any replica serves; the info is the first serving replica's."""

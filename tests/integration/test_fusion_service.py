@@ -180,9 +180,26 @@ def test_list_workers_reports_health_and_info(orchestrator):
     assert all(w.serving and w.info.protocol_version == "coolfusion.v1" for w in workers)
 
 
-def start_orchestrator(workers: dict[str, str]):
+def start_orchestrator(workers: dict[str, str], extra: list[str] = ()):
     env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={a}" for n, a in workers.items()))
-    return wait_ready(launch("orchestrator-2", orchestrator_argv(), env=env), 60)
+    return wait_ready(launch("orchestrator-2", orchestrator_argv(extra), env=env), 60)
+
+
+def test_the_orchestrators_own_request_timeout_is_deadline_exceeded(cluster):
+    """Without a caller deadline the orchestrator's --request-timeout-s applies; running out of
+    time is DEADLINE_EXCEEDED (not UNAVAILABLE, which would read as "workers are down")."""
+    workers = {f: cluster.workers[f].address for f in FAMILIES}
+    process = start_orchestrator(workers, ["--request-timeout-s", "1"])
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[0], max_new_tokens=4000)))
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "longer than 1 s" in error.value.details()
+    finally:
+        stop_processes([process])
+    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
 
 
 def test_an_unreachable_worker_is_dropped_and_the_rest_still_fuse(cluster, references):
