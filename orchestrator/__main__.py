@@ -41,7 +41,6 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         request_timeout_s=args.request_timeout_s,
         grace_s=args.grace_s,
         log_json=args.log_json,
-        workers_file=args.workers,
         tls=tls,
         auth_tokens=auth_tokens,
     )

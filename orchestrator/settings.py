@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from coolfusion.orchestrator.registry import WorkerEntry
 from coolfusion.serving.security import TlsServerSettings
@@ -41,7 +40,6 @@ class OrchestratorSettings:
     grace_s: float = 20.0
     log_json: bool | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
-    workers_file: Path | None = None
     tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
     # Tokens the orchestrator's callers must send; empty: no authentication. Kept out of repr.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)

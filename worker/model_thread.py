@@ -25,10 +25,6 @@ class ModelThread:
         self._max_queued = max_queued
         self._queued = 0
 
-    @property
-    def queued(self) -> int:
-        return self._queued
-
     async def run(self, fn: Callable[..., T], *args) -> T:
         result, _ = await self.run_timed(fn, *args)
         return result
