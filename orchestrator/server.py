@@ -7,14 +7,18 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from coolfusion.orchestrator.fusion import NoWorkersLeft, RejectedByAllWorkers
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
 from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.orchestrator.telemetry import FusionTelemetry
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
+from coolfusion.serving.metrics import OrchestratorMetrics
 from coolfusion.serving.security import bind, security_interceptors
+from coolfusion.serving.telemetry import ServerTelemetry, start_telemetry
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -35,25 +39,42 @@ class RunningOrchestrator:
     pool: WorkerPool
     health: health.aio.HealthServicer
     settings: OrchestratorSettings
+    metrics: OrchestratorMetrics
+    telemetry: ServerTelemetry
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics; None without --metrics-port."""
+        return self.telemetry.metrics_port
 
     async def stop(self, grace_s: float | None = None) -> None:
         await drain(self.server, self.health, SERVICE_NAMES, self.settings.grace_s if grace_s is None else grace_s)
         await self.pool.close()
+        await self.telemetry.stop()
 
 
 async def start_orchestrator(settings: OrchestratorSettings) -> RunningOrchestrator:
     """Starts a SERVING orchestrator; port 0 picks a free port."""
+    metrics = OrchestratorMetrics(CollectorRegistry())
+    telemetry = start_telemetry(
+        metrics.registry, settings.host, settings.metrics_port, settings.tracing, "coolfusion-orchestrator"
+    )
     server = grpc.aio.server(
-        interceptors=[*security_interceptors(settings.auth_tokens), ErrorMappingInterceptor(STATUS_CODES)]
+        interceptors=[
+            *telemetry.interceptors(metrics.rpc),
+            *security_interceptors(settings.auth_tokens),
+            ErrorMappingInterceptor(STATUS_CODES),
+        ]
     )
     pool = WorkerPool(settings.workers)
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(pool, settings), server)
+    servicer = OrchestratorServicer(pool, settings, FusionTelemetry(metrics, telemetry.tracing.tracer))
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
     await set_serving(health_servicer, SERVICE_NAMES, serving=True)
     logger.info("orchestrator ready on %s:%d with workers %s", settings.host, port, [e.name for e in settings.workers])
-    return RunningOrchestrator(server, port, pool, health_servicer, settings)
+    return RunningOrchestrator(server, port, pool, health_servicer, settings, metrics, telemetry)
 
 
 async def serve(settings: OrchestratorSettings) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coolfusion.orchestrator.observer import current_observer
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 # Statuses that mean "this session's cache is gone or out of step": re-open it with the full text.
@@ -16,6 +17,8 @@ _SESSION_LOST = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 _LOG_PROB_SLACK = 1e-4
 # Characters per generated token a sane tokenizer can produce (long whitespace or code tokens).
 _MAX_CHARS_PER_TOKEN = 64
+_WORKER_SERVICE = "/coolfusion.v1.WorkerService/"
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ class WorkerRejected(WorkerFailed):
     prompt longer than its context: retrying cannot help."""
 
 
+class InvalidAnswer(WorkerFailed):
+    """The worker answered something impossible (NaN scores, an oversized segment): it is broken."""
+
+
 class SessionLost(Exception):
     """The worker lost or desynchronised the session; re-opening it with the full text may help."""
 
@@ -103,19 +110,19 @@ class WorkerClient:
 
     async def is_serving(self, timeout: float) -> bool:
         """Whether `grpc.health.v1` reports SERVING (not loading or draining)."""
-        answer = await self._call(self._health.Check, health_pb2.HealthCheckRequest(), timeout)
+        answer = await self._call(_HEALTH_CHECK, self._health.Check, health_pb2.HealthCheckRequest(), timeout)
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
     async def get_info(self, timeout: float) -> worker_pb2.GetInfoResponse:
-        return await self._call(self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
+        return await self._call(_WORKER_SERVICE + "GetInfo", self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
 
     async def open(self, session_id: str, prompt: Prompt, answer_text: str, timeout: float) -> OpenedSession:
         request = worker_pb2.OpenSessionRequest(
             session_id=session_id, prompt=prompt.to_proto(), answer_text=answer_text
         )
-        response = await self._call(self._stub.OpenSession, request, timeout)
+        response = await self._call(_WORKER_SERVICE + "OpenSession", self._stub.OpenSession, request, timeout)
         if not 0 < response.prompt_tokens <= response.context_tokens:
-            raise WorkerFailed(
+            raise InvalidAnswer(
                 f"invalid answer: OpenSession token counts {response.prompt_tokens}/{response.context_tokens}"
             )
         return OpenedSession(response.prompt_tokens, response.context_tokens)
@@ -138,7 +145,7 @@ class WorkerClient:
             max_tokens=max_tokens,
             stop_strings=stop_strings,
         )
-        r = await self._call(self._stub.GenerateSegment, request, timeout)
+        r = await self._call(_WORKER_SERVICE + "GenerateSegment", self._stub.GenerateSegment, request, timeout)
         self._check_segment(r, max_tokens)
         eos = r.finish_reason == worker_pb2.FINISH_REASON_EOS
         return GeneratedSegment(r.text, eos, r.finish_reason, r.generated_tokens, r.context_tokens, r.compute_ms)
@@ -152,22 +159,26 @@ class WorkerClient:
             expected_context_tokens=expected_context_tokens,
             candidates=[worker_pb2.Candidate(text=t, ends_with_eos=e) for t, e in candidates],
         )
-        response = await self._call(self._stub.ScoreText, request, timeout)
+        response = await self._call(_WORKER_SERVICE + "ScoreText", self._stub.ScoreText, request, timeout)
         if len(response.scores) != len(candidates):
-            raise WorkerFailed(f"invalid answer: {len(response.scores)} scores for {len(candidates)} candidates")
+            raise InvalidAnswer(f"invalid answer: {len(response.scores)} scores for {len(candidates)} candidates")
         for score, (text, eos) in zip(response.scores, candidates):
             self._check_score(score, text, eos)
         scores = [CandidateScore(s.scored_tokens, s.log_prob_sum, s.context_tokens_with_text) for s in response.scores]
         return scores, response.compute_ms
 
     async def close(self, session_id: str, timeout: float) -> None:
-        await self._call(self._stub.CloseSession, worker_pb2.CloseSessionRequest(session_id=session_id), timeout)
+        request = worker_pb2.CloseSessionRequest(session_id=session_id)
+        await self._call(_WORKER_SERVICE + "CloseSession", self._stub.CloseSession, request, timeout)
 
     # ---- checks ---------------------------------------------------------------------------
 
-    async def _call(self, method, request, timeout: float):
+    async def _call(self, path: str, method, request, timeout: float):
+        """`method(request)`, with its failure classified; `path` names it for metrics and traces."""
         try:
-            return await method(request, timeout=max(timeout, 0.001), metadata=self._metadata)
+            with current_observer().worker_call(path, self.name, self.address) as trace_metadata:
+                metadata = (*(self._metadata or ()), *trace_metadata) or None
+                return await method(request, timeout=max(timeout, 0.001), metadata=metadata)
         except grpc.aio.AioRpcError as error:
             reason = f"{error.code().name}: {error.details()}"
             if error.code() in _SESSION_LOST:
@@ -184,9 +195,9 @@ class WorkerClient:
             r.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED
             or r.finish_reason not in worker_pb2.FinishReason.values()
         ):
-            raise WorkerFailed(f"invalid answer: finish reason {r.finish_reason}")
+            raise InvalidAnswer(f"invalid answer: finish reason {r.finish_reason}")
         if r.generated_tokens > max_tokens or len(r.text) > max_tokens * _MAX_CHARS_PER_TOKEN:
-            raise WorkerFailed(
+            raise InvalidAnswer(
                 f"invalid answer: segment of {r.generated_tokens} tokens / {len(r.text)} characters "
                 f"over the cap of {max_tokens} tokens"
             )
@@ -194,7 +205,7 @@ class WorkerClient:
     @staticmethod
     def _check_score(score: worker_pb2.CandidateScore, text: str, ends_with_eos: bool) -> None:
         if not math.isfinite(score.log_prob_sum) or score.log_prob_sum > _LOG_PROB_SLACK:
-            raise WorkerFailed(f"invalid answer: log-probability {score.log_prob_sum} is not a finite value <= 0")
+            raise InvalidAnswer(f"invalid answer: log-probability {score.log_prob_sum} is not a finite value <= 0")
         # Tokens cover at least one byte each (EOS aside); a join can re-score a few context tokens.
         if score.scored_tokens > len(text.encode()) + ends_with_eos + 8:
-            raise WorkerFailed(f"invalid answer: {score.scored_tokens} scored tokens for {len(text)} characters")
+            raise InvalidAnswer(f"invalid answer: {score.scored_tokens} scored tokens for {len(text)} characters")

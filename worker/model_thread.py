@@ -20,10 +20,18 @@ class ModelThread:
     already uses every core; a bound so that overload is refused quickly instead of piling up.
     """
 
-    def __init__(self, max_queued: int):
+    def __init__(self, max_queued: int, after_each: Callable[[], None] | None = None):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._max_queued = max_queued
         self._queued = 0
+        # Runs on this thread after every call (outside its timing): the one moment when state that
+        # only this thread may touch, such as the session store's load, can be read safely.
+        self._after_each = after_each
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the thread or running on it."""
+        return self._queued
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         result, _ = await self.run_timed(fn, *args)
@@ -36,8 +44,12 @@ class ModelThread:
 
         def timed() -> tuple[T, float]:
             started = time.perf_counter()
-            result = fn(*args)
-            return result, (time.perf_counter() - started) * 1000
+            try:
+                result = fn(*args)
+                return result, (time.perf_counter() - started) * 1000
+            finally:  # a failed call may still have changed state (evicted sessions, say)
+                if self._after_each is not None:
+                    self._after_each()
 
         self._queued += 1
         try:

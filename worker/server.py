@@ -10,10 +10,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
+from coolfusion.serving.metrics import WorkerMetrics
 from coolfusion.serving.security import bind, security_interceptors
+from coolfusion.serving.telemetry import ServerTelemetry, start_telemetry
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker import errors, loading
 from coolfusion.worker.model import LanguageModel, PromptSpec
@@ -47,12 +50,21 @@ class RunningWorker:
     health: health.aio.HealthServicer
     thread: ModelThread
     settings: WorkerSettings
+    metrics: WorkerMetrics
+    telemetry: ServerTelemetry
     _sweeper: asyncio.Task | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics; None without --metrics-port."""
+        return self.telemetry.metrics_port
 
     async def attach_model(self, lm: LanguageModel) -> None:
         """Serves `lm`: warms it up, then reports SERVING."""
         store = SessionStore(lm, self.settings.limits)
         await self.thread.run(_warm_up, lm)
+        self.metrics.sessions.watch(store.load)
+        await self.thread.run(self.metrics.sessions.sample)  # so that the first scrape sees the store
         self.servicer.attach(lm, store)
         self._sweeper = asyncio.create_task(_sweep_idle(store, self.thread, self.settings.limits.idle_ttl_s))
         await set_serving(self.health, SERVICE_NAMES, serving=True)
@@ -63,25 +75,35 @@ class RunningWorker:
             self._sweeper.cancel()
         await drain(self.server, self.health, SERVICE_NAMES, self.settings.grace_s if grace_s is None else grace_s)
         self.thread.shutdown()
+        await self.telemetry.stop()
 
 
 async def start_worker(settings: WorkerSettings, lm: LanguageModel | None = None) -> RunningWorker:
     """Starts the server (NOT_SERVING); serves `lm` at once when given. Port 0 picks a free port."""
+    metrics = WorkerMetrics(CollectorRegistry(), settings.limits.token_budget)
+    telemetry = start_telemetry(
+        metrics.registry, settings.host, settings.metrics_port, settings.tracing, "coolfusion-worker"
+    )
     server = grpc.aio.server(
-        interceptors=[*security_interceptors(settings.auth_tokens), ErrorMappingInterceptor(STATUS_CODES)],
+        interceptors=[
+            *telemetry.interceptors(metrics.rpc),
+            *security_interceptors(settings.auth_tokens),
+            ErrorMappingInterceptor(STATUS_CODES),
+        ],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ],
     )
-    thread = ModelThread(settings.limits.max_queued_calls)
+    thread = ModelThread(settings.limits.max_queued_calls, after_each=metrics.sessions.sample)
+    metrics.watch_queue(lambda: thread.queued)
     servicer = WorkerServicer(thread, settings.limits, settings.dtype)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     await set_serving(health_servicer, SERVICE_NAMES, serving=False)
     port = bind(server, f"{settings.host}:{settings.port}", settings.tls)
     await server.start()
-    running = RunningWorker(server, port, servicer, health_servicer, thread, settings)
+    running = RunningWorker(server, port, servicer, health_servicer, thread, settings, metrics, telemetry)
     if lm is not None:
         await running.attach_model(lm)
     return running

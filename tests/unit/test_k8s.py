@@ -54,7 +54,9 @@ needs_kubectl = pytest.mark.skipif(
 
 @functools.cache
 def _render_text(rel: str) -> str:
-    proc = subprocess.run([KUBECTL, "kustomize", str(K8S / rel)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / rel)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"kubectl kustomize k8s/{rel} failed:\n{proc.stderr}"
     return proc.stdout
 
@@ -78,7 +80,7 @@ def pod_labels(deploy: dict) -> dict:
 def matches(selector: dict, labels: dict) -> bool:
     """matchLabels-style selector (or a Service's plain selector dict) vs labels."""
     assert "matchExpressions" not in selector, "only matchLabels selectors are used here"
-    wanted = selector["matchLabels"] if "matchLabels" in selector else selector
+    wanted = selector.get("matchLabels", selector)
     return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
 
 
@@ -160,6 +162,7 @@ def test_render_is_schema_valid(rel, tmp_path):
             "--quiet",
             str(out),
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
@@ -361,6 +364,19 @@ def test_orchestrator_service_hpa_pdb(rel):
     assert matches(pdb["spec"]["selector"], pod_labels(orch))
 
 
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_metrics_port_flag_matches_the_metrics_container_port(rel):
+    for d in of_kind(render(rel), "Deployment"):
+        name, c = d["metadata"]["name"], main_container(d)
+        ports = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "metrics"]
+        assert len(ports) == 1, f"{name}: needs one container port named metrics"
+        assert arg_value(c["args"], "--metrics-port") == str(ports[0]), f"{name}: --metrics-port"
+        assert ports[0] != grpc_port(c)
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/port") == str(ports[0]), f"{name}: prometheus.io/port"
+
+
 def _gpu_quantities(deploy: dict) -> list:
     spec = deploy["spec"]["template"]["spec"]
     found = []
@@ -500,7 +516,7 @@ def test_orchestrator_dockerfile_is_slim_and_torch_free():
 def test_dockerfile_has_no_secrets(name):
     for kind in ("ENV", "ARG"):
         for args in _instr(name, kind):
-            assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY)", args, re.I), args
+            assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY)", args, re.IGNORECASE), args
 
 
 def test_dockerignore_keeps_context_small():
