@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Self, TextIO
 
 from coolfusion.serving.lifecycle import PARENT_PID_VARIABLE
 
@@ -103,8 +103,15 @@ def orchestrator_argv(extra: list[str] = ()) -> list[str]:
 class LocalCluster:
     """Workers plus an orchestrator that knows them; a context manager that always cleans up."""
 
-    def __init__(self, workers: dict[str, list[str]], log_path: Path | None = None, ready_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        workers: dict[str, list[str]],
+        log_path: Path | None = None,
+        ready_timeout_s: float = 600.0,
+        worker_flags: tuple[str, ...] = (),
+    ):
         self._workers_spec = workers  # name -> worker model arguments, e.g. ["--preset", "gemma3-270m"]
+        self._worker_flags = worker_flags  # given to every worker, e.g. ("--no-cache",)
         self._log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in stop()
         self._ready_timeout_s = ready_timeout_s
         self.workers: dict[str, LocalProcess] = {}
@@ -115,7 +122,7 @@ class LocalCluster:
             # Workers load their models in parallel; the orchestrator starts once they all serve.
             threads = ["--threads", str(max(1, (os.cpu_count() or 1) // len(self._workers_spec)))]
             for name, model_args in self._workers_spec.items():
-                self.workers[name] = launch(name, worker_argv(model_args, threads), self._log)
+                self.workers[name] = launch(name, worker_argv(model_args, [*threads, *self._worker_flags]), self._log)
             for worker in self.workers.values():
                 wait_ready(worker, self._ready_timeout_s)
             env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))
@@ -137,7 +144,7 @@ class LocalCluster:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

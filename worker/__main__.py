@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
 from coolfusion.serving.security import add_security_flags, security_from_args
+from coolfusion.serving.tracing import tracing_from_environment
 from coolfusion.worker.settings import SessionLimits, WorkerSettings
 
 
@@ -27,11 +29,19 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--token-budget", type=int, default=limits.token_budget, help="cached tokens, all sessions")
     parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
     parser.add_argument("--idle-ttl-s", type=float, default=limits.idle_ttl_s)
+    parser.add_argument(
+        "--no-cache", action="store_true", help="drop each session's KV cache after every call (a benchmark baseline)"
+    )
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on --host (0 picks a port); default: off")
     add_security_flags(parser)
     args = parser.parse_args(argv)
     tls, auth_tokens = security_from_args(parser, args)
+    try:
+        tracing = tracing_from_environment(os.environ)  # OTEL_TRACES_EXPORTER and friends
+    except ValueError as error:
+        parser.error(str(error))
     return WorkerSettings(
         model=args.model,
         preset=args.preset,
@@ -43,8 +53,13 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         cache_dir=args.cache_dir,
         grace_s=args.grace_s,
         log_json=args.log_json,
+        metrics_port=args.metrics_port,
+        tracing=tracing,
         limits=SessionLimits(
-            token_budget=args.token_budget, max_sessions=args.max_sessions, idle_ttl_s=args.idle_ttl_s
+            token_budget=args.token_budget,
+            max_sessions=args.max_sessions,
+            idle_ttl_s=args.idle_ttl_s,
+            keep_kv_cache=not args.no_cache,
         ),
         tls=tls,
         auth_tokens=auth_tokens,

@@ -18,6 +18,11 @@ from coolfusion.worker.errors import (
 from coolfusion.worker.model import CandidateText, KVState, LanguageModel, PromptSpec, Segment, TextScore
 from coolfusion.worker.settings import SessionLimits
 
+# Why a session was evicted (the worker's metrics count each): idle past the TTL, least recently
+# used while making room in the token budget, or oldest beyond the session count limit.
+EVICTED_IDLE, EVICTED_FOR_BUDGET, EVICTED_FOR_COUNT = "ttl", "token_budget", "max_sessions"
+EVICTION_CAUSES = (EVICTED_IDLE, EVICTED_FOR_BUDGET, EVICTED_FOR_COUNT)
+
 
 @dataclass
 class Session:
@@ -61,6 +66,7 @@ class Load:
     open_sessions: int
     cached_tokens: int
     evicted_sessions: int
+    evicted_by_cause: dict[str, int] = field(default_factory=dict)  # cause (EVICTION_CAUSES) -> count
 
 
 class SessionStore:
@@ -74,7 +80,7 @@ class SessionStore:
         self._limits = limits
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._evicted = 0
+        self._evicted = dict.fromkeys(EVICTION_CAUSES, 0)
 
     # ---- public operations ----------------------------------------------------------------
 
@@ -110,6 +116,7 @@ class SessionStore:
             session.context_ids = context_ids
         self._make_room(session_id, len(session.context_ids) + max_tokens)
         segment = self._lm.generate_segment(session.kv, session.context_ids, max_tokens, stop_strings)
+        self._drop_cache_unless_kept(session)
         return segment, len(session.context_ids)
 
     def score(
@@ -121,6 +128,7 @@ class SessionStore:
         for row, candidate in zip(rows, candidates):
             self._check_fits(len(row) + candidate.ends_with_eos, "context + candidate")
         scores = self._lm.score(session.kv, session.context_ids, rows, candidates)
+        self._drop_cache_unless_kept(session)
         return scores, len(session.context_ids)
 
     def close(self, session_id: str) -> bool:
@@ -131,12 +139,12 @@ class SessionStore:
         deadline = self._clock() - self._limits.idle_ttl_s
         stale = [sid for sid, s in self._sessions.items() if s.last_used < deadline]
         for sid in stale:
-            self._evict(sid)
+            self._evict(sid, EVICTED_IDLE)
         return len(stale)
 
     def load(self) -> Load:
         cached = sum(s.cached_tokens for s in self._sessions.values())
-        return Load(len(self._sessions), cached, self._evicted)
+        return Load(len(self._sessions), cached, sum(self._evicted.values()), dict(self._evicted))
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -166,6 +174,12 @@ class SessionStore:
         ids = self._lm.tokenize(context_text, session.add_special_tokens)
         self._check_fits(len(ids), "context")
         return ids
+
+    def _drop_cache_unless_kept(self, session: Session) -> None:
+        # --no-cache: the session keeps its ids (the caller's expectations still hold) but not
+        # its KV state, so the next call re-prefills the whole context.
+        if not self._limits.keep_kv_cache:
+            session.kv = KVState()
 
     def _check_fits(self, tokens: int, what: str) -> None:
         limit = self._lm.max_context_tokens
@@ -204,11 +218,12 @@ class SessionStore:
         held = self.load().cached_tokens - (own.cached_tokens if own else 0)
         count = len(others) + 1
         while others and (held + tokens_needed > budget or count > self._limits.max_sessions):
+            cause = EVICTED_FOR_BUDGET if held + tokens_needed > budget else EVICTED_FOR_COUNT
             victim = others.pop(0)
             held -= self._sessions[victim].cached_tokens
             count -= 1
-            self._evict(victim)
+            self._evict(victim, cause)
 
-    def _evict(self, session_id: str) -> None:
+    def _evict(self, session_id: str, cause: str) -> None:
         del self._sessions[session_id]
-        self._evicted += 1
+        self._evicted[cause] += 1

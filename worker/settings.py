@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coolfusion.serving.security import TlsServerSettings
+from coolfusion.serving.tracing import TracingSettings
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SessionLimits:
     # Stop strings per call and their length bound tokenizer-independent scanning work.
     max_stop_strings: int = 8
     max_stop_chars: int = 64
+    # Keeping each session's KV cache between calls is the point of sessions; False (--no-cache)
+    # drops it after every call so each call re-prefills the whole context: the baseline that
+    # `coolfusion bench` measures the caches against. Texts and scores are the same either way.
+    keep_kv_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class WorkerSettings:
     grace_s: float = 20.0
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
     limits: SessionLimits = SessionLimits()
+    # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
+    # servers share one host in local clusters and tests, where a fixed port would collide;
+    # the Kubernetes manifests turn it on (--metrics-port).
+    metrics_port: int | None = None
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # from the OTEL_* variables; off by default
     tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
     # Accepted bearer tokens; empty: no authentication. Kept out of repr so settings can be logged.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)

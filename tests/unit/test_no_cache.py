@@ -1,0 +1,58 @@
+"""A `--no-cache` worker re-prefills every call yet answers exactly as a caching one does."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from coolfusion.worker.__main__ import parse_settings
+from coolfusion.worker.model import CandidateText, Finish, LanguageModel, PromptSpec
+from coolfusion.worker.sessions import Expectation, SessionStore
+from coolfusion.worker.settings import SessionLimits
+
+PROMPT = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"
+STEPS = 5
+
+
+@pytest.fixture(scope="module", params=["bpe", "metaspace", "char"])
+def lm(request, tiny_model_dirs) -> LanguageModel:
+    folder = tiny_model_dirs[request.param]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return LanguageModel(model, AutoTokenizer.from_pretrained(folder), request.param)
+
+
+def fusion_steps(lm: LanguageModel, keep_kv_cache: bool) -> list[tuple[str, Finish, list[tuple[int, float]]]]:
+    """A fusion loop on one worker: generate a segment, score it against rivals, append it; repeat.
+
+    After every call, checks that the store holds cached tokens exactly when it keeps caches.
+    """
+    store = SessionStore(lm, SessionLimits(keep_kv_cache=keep_kv_cache))
+    opened = store.open("s", PromptSpec(text=PROMPT), "")
+    context_tokens, append, steps = opened.context_tokens, "", []
+    for _ in range(STEPS):
+        segment, context_tokens = store.generate("s", Expectation(context_tokens), append, 8, ())
+        assert (store.load().cached_tokens > 0) == keep_kv_cache
+        rivals = [CandidateText(segment.text), CandidateText(" 7 apples"), CandidateText("", ends_with_eos=True)]
+        scores, _ = store.score("s", Expectation(context_tokens), rivals)
+        assert (store.load().cached_tokens > 0) == keep_kv_cache
+        steps.append((segment.text, segment.finish, [(s.scored_tokens, s.log_prob_sum) for s in scores]))
+        if segment.finish is Finish.EOS:
+            break
+        append = segment.text
+    return steps
+
+
+def test_no_cache_gives_the_same_segments_and_scores(lm: LanguageModel) -> None:
+    cached = fusion_steps(lm, keep_kv_cache=True)
+    uncached = fusion_steps(lm, keep_kv_cache=False)
+    assert [(text, finish) for text, finish, _ in uncached] == [(text, finish) for text, finish, _ in cached]
+    assert any(text for text, _, _ in cached)  # the comparison covered real text, not only empty segments
+    for (_, _, cached_scores), (_, _, uncached_scores) in zip(cached, uncached):
+        assert [count for count, _ in uncached_scores] == [count for count, _ in cached_scores]
+        # One full prefill and an incremental one differ only by float rounding.
+        assert [lp for _, lp in uncached_scores] == pytest.approx([lp for _, lp in cached_scores], rel=1e-4, abs=1e-4)
+
+
+def test_no_cache_flag_turns_the_cache_off() -> None:
+    assert parse_settings(["--model", "m"]).limits.keep_kv_cache is True
+    assert parse_settings(["--model", "m", "--no-cache"]).limits.keep_kv_cache is False
