@@ -13,6 +13,7 @@ from coolfusion.client.client import (
     chat,
     error_from_rpc,
     fusion_parameters,
+    fusion_strategy,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "chat",
     "error_from_rpc",
     "fusion_parameters",
+    "fusion_strategy",
 ]

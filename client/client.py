@@ -76,8 +76,9 @@ def fusion_parameters(
     segment_max_tokens: int = 0,
     rerank: bool = False,
     trace: bool = False,
+    strategy: orchestrator_pb2.FusionStrategy | None = None,
 ) -> orchestrator_pb2.FusionParameters:
-    """Builds the request parameters; zero numbers mean the orchestrator's defaults."""
+    """Builds the request parameters; zero numbers and an unset strategy mean the orchestrator's defaults."""
     return orchestrator_pb2.FusionParameters(
         prompt=_prompt(prompt),
         workers=list(workers),
@@ -86,7 +87,31 @@ def fusion_parameters(
         segment_max_tokens=segment_max_tokens,
         rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if rerank else orchestrator_pb2.RERANK_MODE_NONE,
         include_trace=trace,
+        strategy=strategy,
     )
+
+
+def fusion_strategy(
+    aggregation: str = "",
+    repetition_guard: str = "",
+    weights: Mapping[str, float] | None = None,
+    prompt_templates: Mapping[str, str] | None = None,
+) -> orchestrator_pb2.FusionStrategy:
+    """A FusionStrategy from the names used in docs and flags ("nll_mean", "stop"); "" leaves a
+    field to the orchestrator's default."""
+    try:
+        return orchestrator_pb2.FusionStrategy(
+            aggregation=orchestrator_pb2.Aggregation.Value(f"AGGREGATION_{aggregation.upper()}") if aggregation else 0,
+            repetition_guard=(
+                orchestrator_pb2.RepetitionGuard.Value(f"REPETITION_GUARD_{repetition_guard.upper()}")
+                if repetition_guard
+                else 0
+            ),
+            worker_weights=weights or {},
+            prompt_templates=prompt_templates or {},
+        )
+    except ValueError as error:
+        raise ValueError(f"unknown strategy option: {error}") from None
 
 
 def _prompt(prompt: PromptLike) -> worker_pb2.Prompt:
@@ -163,12 +188,13 @@ class FusionClient(_ClientBase):
         segment_max_tokens: int = 0,
         rerank: bool = False,
         trace: bool = False,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
         parameters = fusion_parameters(
             prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
         )  # fmt: skip
         request = orchestrator_pb2.FuseRequest(parameters=parameters)
         try:
@@ -187,12 +213,13 @@ class FusionClient(_ClientBase):
         segment_max_tokens: int = 0,
         rerank: bool = False,
         trace: bool = False,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[orchestrator_pb2.FuseStreamResponse]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
         parameters = fusion_parameters(
             prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
         )  # fmt: skip
         request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
         call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
@@ -252,12 +279,13 @@ class AsyncFusionClient(_ClientBase):
         segment_max_tokens: int = 0,
         rerank: bool = False,
         trace: bool = False,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
         parameters = fusion_parameters(
             prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
         )  # fmt: skip
         request = orchestrator_pb2.FuseRequest(parameters=parameters)
         try:
@@ -276,12 +304,13 @@ class AsyncFusionClient(_ClientBase):
         segment_max_tokens: int = 0,
         rerank: bool = False,
         trace: bool = False,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[orchestrator_pb2.FuseStreamResponse]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
         parameters = fusion_parameters(
             prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace,
+            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
         )  # fmt: skip
         request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
         call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 from coolfusion.orchestrator.registry import load_registry, workers_from_environment
 from coolfusion.orchestrator.server import serve
 from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.orchestrator.strategy import Aggregation, RepetitionGuard, Strategy
 from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
 from coolfusion.serving.security import add_security_flags, security_from_args
+from coolfusion.serving.tracing import tracing_from_environment
 
 
 def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
@@ -26,9 +29,22 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on --host (0 picks a port); default: off")
+    strategy = parser.add_argument_group("fusion defaults, for requests that do not set their own")
+    strategy.add_argument(
+        "--aggregation", type=Aggregation, choices=list(Aggregation), default=defaults.strategy.aggregation
+    )
+    strategy.add_argument(
+        "--repetition-guard", type=RepetitionGuard, choices=list(RepetitionGuard),
+        default=defaults.strategy.repetition_guard,
+    )  # fmt: skip
     add_security_flags(parser)
     args = parser.parse_args(argv)
     tls, auth_tokens = security_from_args(parser, args)
+    try:
+        tracing = tracing_from_environment(os.environ)  # OTEL_TRACES_EXPORTER and friends
+    except ValueError as error:
+        parser.error(str(error))
     try:
         workers = load_registry(args.workers, workers_from_environment())
     except (OSError, ValueError) as error:
@@ -41,6 +57,9 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         request_timeout_s=args.request_timeout_s,
         grace_s=args.grace_s,
         log_json=args.log_json,
+        metrics_port=args.metrics_port,
+        tracing=tracing,
+        strategy=Strategy(aggregation=args.aggregation, repetition_guard=args.repetition_guard),
         tls=tls,
         auth_tokens=auth_tokens,
     )

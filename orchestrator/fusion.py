@@ -8,7 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from coolfusion.orchestrator.observer import FusionObserver, current_observer
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
 from coolfusion.orchestrator.worker_client import (
     CandidateScore,
     GeneratedSegment,
@@ -22,7 +24,7 @@ from coolfusion.orchestrator.worker_client import (
 
 logger = logging.getLogger(__name__)
 
-FINISH_EOS, FINISH_LENGTH, FINISH_STOP = "eos", "length", "stop"
+FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_REPETITION = "eos", "length", "stop", "repetition"
 # Closing sessions must not hang a finished request on a dead worker.
 _CLOSE_TIMEOUT_S = 2.0
 
@@ -37,6 +39,7 @@ class FusionRequest:
     segment_max_tokens: int
     rerank: bool
     request_id: str
+    strategy: Strategy = PAPER
 
 
 @dataclass
@@ -101,6 +104,7 @@ class FusionResult:
     dropped: list[Dropped]
     rerank_ms: float
     total_ms: float
+    strategy: Strategy
 
 
 class NoWorkersLeft(Exception):
@@ -140,8 +144,12 @@ class FusionLoop:
         deadline: float,
         call_timeout_s: float,
         on_step: OnStep | None = None,
+        observer: FusionObserver | None = None,
     ):
         self._members = [_Member(w, f"{request.request_id}.{purpose}.{w.name}") for w in workers]
+        self._purpose = purpose
+        # Metrics and spans; by default those of the request being served (see observer.py).
+        self._observer = observer or current_observer()
         self._dropped_members: list[_Member] = []
         self._request = request
         self._deadline = deadline
@@ -180,8 +188,13 @@ class FusionLoop:
     # ---- one step -------------------------------------------------------------------------
 
     async def _step(self) -> bool:
+        """Runs one step inside the observer's step span; True when the answer is finished."""
+        with self._observer.step(self._purpose, self._step_index):
+            return await self._run_step()
+
+    async def _run_step(self) -> bool:
         """Runs one step; True when the answer is finished."""
-        started = time.perf_counter()
+        started = step_started = time.perf_counter()
         segments = await self._fan_out(self._generate)
         self._to_append = ""
         generate_ms = (time.perf_counter() - started) * 1000
@@ -194,8 +207,9 @@ class FusionLoop:
             started = time.perf_counter()
             compute_ms += await self._score_all(candidates)
             score_ms = (time.perf_counter() - started) * 1000
-        step = Step(self._step_index, candidates, _winner_index(candidates), generate_ms, score_ms, compute_ms)
+        step = Step(self._step_index, candidates, self._winner_index(candidates), generate_ms, score_ms, compute_ms)
         self._answer.steps.append(step)
+        self._observer.on_step(self._purpose, step, (time.perf_counter() - step_started) * 1000)
         if self._on_step:
             await self._on_step(step)
         return self._append(step.winner)
@@ -212,8 +226,8 @@ class FusionLoop:
             for candidate, score in zip(candidates, per_candidate):
                 candidate.scores[name] = score
         for candidate in candidates:
-            perplexities = [s.perplexity for s in candidate.scores.values()]
-            candidate.fused_score = sum(perplexities) / len(perplexities)
+            perplexities = {name: s.perplexity for name, s in candidate.scores.items()}
+            candidate.fused_score = self._request.strategy.fused_score(perplexities)
         return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:
@@ -224,6 +238,8 @@ class FusionLoop:
             return self._finish(FINISH_EOS)
         if self._cut_at_stop_string(previous):
             return self._finish(FINISH_STOP)
+        if self._request.strategy.repetition_guard != RepetitionGuard.OFF and self._cut_repetition():
+            return self._finish(FINISH_REPETITION)
         lead = winner.scores.get(self._members[0].name)
         if lead and self._answer_tokens(lead.context_tokens_with_text) >= self._request.max_new_tokens:
             return self._finish(FINISH_LENGTH)
@@ -241,6 +257,21 @@ class FusionLoop:
             self._answer.text = text[: min(hits)]
         return bool(hits)
 
+    def _cut_repetition(self) -> bool:
+        start = repeated_tail(self._answer.text)
+        if start is not None:
+            self._answer.text = self._answer.text[:start]
+        return start is not None
+
+    def _winner_index(self, candidates: list[StepCandidate]) -> int:
+        """Lowest fused score, ties to the earliest worker's candidate; with the STEER guard, among
+        the candidates that would not make the answer repeat itself, when there are any."""
+        if self._request.strategy.repetition_guard == RepetitionGuard.STEER:
+            fresh = [i for i, c in enumerate(candidates) if repeated_tail(self._answer.text + c.text) is None]
+            if fresh and len(fresh) < len(candidates):
+                return min(fresh, key=lambda i: (candidates[i].fused_score, i))
+        return _lowest_score(candidates)
+
     def _finish(self, reason: str) -> bool:
         self._answer.finish = reason
         return True
@@ -254,7 +285,8 @@ class FusionLoop:
         return min(remaining, self._call_timeout_s)
 
     async def _open(self, member: _Member) -> None:
-        opened = await member.client.open(member.session_id, self._request.prompt, self._answer.text, self._timeout())
+        prompt = self._request.strategy.prompt_for(member.name, self._request.prompt)
+        opened = await member.client.open(member.session_id, prompt, self._answer.text, self._timeout())
         member.prompt_tokens, member.context_tokens = opened.prompt_tokens, opened.context_tokens
 
     async def _place(
@@ -345,6 +377,7 @@ class FusionLoop:
     def _drop(self, member: _Member, error: WorkerFailed) -> None:
         reason = str(error)
         logger.warning("dropping worker %s: %s", member.name, reason, extra={"request_id": self._request.request_id})
+        self._observer.on_drop(self._purpose, member.name, error)
         self._members.remove(member)
         self._dropped_members.append(member)  # its session is still closed at the end, if reachable
         self._answer.dropped.append(Dropped(member.name, reason, self._step_index))
@@ -392,8 +425,9 @@ async def fuse(
         fused = await fused_loop.run()
         total_ms = (time.perf_counter() - started) * 1000
         return FusionResult(
-            request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms
-        )
+            request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms,
+            request.strategy,
+        )  # fmt: skip
     solo_loops = [FusionLoop([c], request, "solo", deadline, call_timeout_s) for c in replica_sets]
     fused_done = 0.0
 
@@ -417,7 +451,7 @@ async def fuse(
     best_answer = dict(entries)[best.source]
     return FusionResult(
         request.request_id, names, best.text, best_answer.finish, best.source, fused, ranking,
-        dropped + rerank_dropped, rerank_ms, total_ms,
+        dropped + rerank_dropped, rerank_ms, total_ms, request.strategy,
     )  # fmt: skip
 
 
@@ -429,16 +463,17 @@ async def _rank(
     deadline: float,
     call_timeout_s: float,
 ) -> tuple[list[RankedAnswer], list[Dropped]]:
-    """Mean perplexity of each full answer across the workers still standing; best first, ties to
-    the earlier entry (fused first, then workers in order)."""
+    """Fused score (the strategy's aggregation; the paper's is mean perplexity) of each full answer
+    across the workers still standing; best first, ties to the earlier entry (fused first, then
+    workers in order)."""
     failed = {d.worker for d in fused.dropped}
     scorers = [c for c in replica_sets if c.name not in failed]
     loop = FusionLoop(scorers, request, "rerank", deadline, call_timeout_s)
     scores = await loop.score_full_answers([(a.text, a.finish == FINISH_EOS) for _, a in entries])
     ranked = []
     for i, (source, answer) in enumerate(entries):
-        perplexities = [per_answer[i].perplexity for per_answer in scores.values()]
-        ranked.append(RankedAnswer(source, answer.text, sum(perplexities) / len(perplexities)))
+        perplexities = {name: per_answer[i].perplexity for name, per_answer in scores.items()}
+        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities)))
     order = sorted(range(len(ranked)), key=lambda i: (ranked[i].fused_score, i))
     return [ranked[i] for i in order], loop.dropped
 
@@ -455,7 +490,7 @@ def _distinct_candidates(segments: dict[str, GeneratedSegment]) -> list[StepCand
     return list(candidates.values())
 
 
-def _winner_index(candidates: list[StepCandidate]) -> int:
+def _lowest_score(candidates: list[StepCandidate]) -> int:
     """Lowest fused score; ties go to the earliest worker's candidate (strict comparison)."""
     best = 0
     for i, candidate in enumerate(candidates):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import grpc
 import yaml
 
 from coolfusion.orchestrator.replicas import ReplicaSet, fixed, resolve_dns, split_host_port
+from coolfusion.orchestrator.strategy import PROMPT_SLOT, StrategyOverrides
 from coolfusion.orchestrator.worker_client import WorkerClient
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -57,6 +59,9 @@ class WorkerEntry:
     replicas: str | None = None  # None, "dns" or "static"
     # New pods take sessions within seconds; one DNS lookup per worker every 10 s costs nothing.
     refresh_s: float = 10.0
+    # Fusion defaults for this worker (orchestrator/strategy.py); requests may override them.
+    weight: float = 1.0  # its score's weight in the fused score
+    prompt_template: str | None = None  # containing "{prompt}": the worker gets plain text
 
     def read_token(self) -> str | None:
         """The bearer token, read when a channel is made so that rotated Secrets are picked up."""
@@ -95,6 +100,11 @@ def _entry(index: int, item: dict) -> WorkerEntry:
         raise RegistryError(f"workers[{index}].replicas is {replicas!r}; it must be {_REPLICAS_HELP}")
     if isinstance(refresh_s, bool) or not isinstance(refresh_s, int | float) or refresh_s <= 0:
         raise RegistryError(f"workers[{index}].refresh_s is {refresh_s!r}; it must be a positive number of seconds")
+    weight, template = item.get("weight", 1.0), item.get("prompt_template")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+        raise RegistryError(f"workers[{index}].weight is {weight!r}; it must be a positive number")
+    if template is not None and (not isinstance(template, str) or PROMPT_SLOT not in template):
+        raise RegistryError(f"workers[{index}].prompt_template must be a string containing {PROMPT_SLOT}")
     entry = WorkerEntry(
         name=name,
         address=str(item["address"]),
@@ -104,6 +114,8 @@ def _entry(index: int, item: dict) -> WorkerEntry:
         token_file=item.get("token_file"),
         replicas=replicas,
         refresh_s=float(refresh_s),
+        weight=float(weight),
+        prompt_template=template,
     )
     if replicas is not None:
         try:
@@ -113,6 +125,14 @@ def _entry(index: int, item: dict) -> WorkerEntry:
             message = f"workers[{index}].address: {error}; with replicas, it must be {_REPLICAS_HELP}"
             raise RegistryError(message) from error
     return entry
+
+
+def registry_strategy(entries: list[WorkerEntry]) -> StrategyOverrides:
+    """The fusion defaults the entries set: weights other than 1, and prompt templates."""
+    return StrategyOverrides(
+        weights={e.name: e.weight for e in entries if e.weight != 1.0},
+        prompt_templates={e.name: e.prompt_template for e in entries if e.prompt_template is not None},
+    )
 
 
 def _targets(entry: WorkerEntry) -> list[str]:
@@ -174,6 +194,9 @@ def open_channel(entry: WorkerEntry, target: str) -> grpc.aio.Channel:
         # Notice dead workers within seconds even when no call is in flight.
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # gRPC shares connections, with their reconnect backoff, between channels to the same target;
+        # a channel of its own lets a replica re-dialled after a failure (replicas.py) connect at once.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if entry.tls is None:
         return grpc.aio.insecure_channel(target, options=options)

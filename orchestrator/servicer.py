@@ -10,6 +10,7 @@ import grpc
 
 from coolfusion.orchestrator.fusion import (
     FINISH_EOS,
+    FINISH_REPETITION,
     FINISH_STOP,
     FusionRequest,
     FusionResult,
@@ -17,12 +18,20 @@ from coolfusion.orchestrator.fusion import (
     Step,
     fuse,
 )
-from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool
+from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
+from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
+from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
 from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, SessionLost, WorkerClient, WorkerFailed
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
-_FINISH = {FINISH_EOS: worker_pb2.FINISH_REASON_EOS, FINISH_STOP: worker_pb2.FINISH_REASON_STOP}
+_FINISH = {
+    FINISH_EOS: worker_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: worker_pb2.FINISH_REASON_STOP,
+    FINISH_REPETITION: worker_pb2.FINISH_REASON_REPETITION,
+}
+# A weight outside this range is a typo or an attempt to silence every other worker.
+_MAX_WEIGHT = 1e6
 # ListWorkers must answer quickly even when a worker hangs.
 _PROBE_TIMEOUT_S = 2.0
 
@@ -36,7 +45,11 @@ class RequestTimedOut(Exception):
 
 
 def parse_request(
-    parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits, request_id: str
+    parameters: orchestrator_pb2.FusionParameters,
+    limits: RequestLimits,
+    request_id: str,
+    default_strategy: Strategy,
+    known_workers: set[str],
 ) -> FusionRequest:
     """Validates a request's parameters; errors name the field and the allowed range."""
     max_new = _in_range(
@@ -58,6 +71,51 @@ def parse_request(
         segment_max_tokens=segment,
         rerank=parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER,
         request_id=request_id,
+        strategy=default_strategy.overridden_by(_strategy(parameters.strategy, limits, known_workers)),
+    )
+
+
+def _strategy(
+    strategy: orchestrator_pb2.FusionStrategy, limits: RequestLimits, known_workers: set[str]
+) -> StrategyOverrides:
+    """The request's own strategy fields; names must be registered workers."""
+    if unknown := (set(strategy.worker_weights) | set(strategy.prompt_templates)) - known_workers:
+        raise InvalidFusionRequest(f"strategy names unknown workers {sorted(unknown)}")
+    for name, weight in strategy.worker_weights.items():
+        if not 0 < weight <= _MAX_WEIGHT:  # also refuses NaN
+            raise InvalidFusionRequest(f"worker_weights[{name!r}] is {weight}; it must be in (0, {_MAX_WEIGHT:g}]")
+    for name, template in strategy.prompt_templates.items():
+        if PROMPT_SLOT not in template or len(template) > limits.max_prompt_chars:
+            raise InvalidFusionRequest(
+                f"prompt_templates[{name!r}] must contain {PROMPT_SLOT} and be at most {limits.max_prompt_chars} characters"
+            )
+    return StrategyOverrides(
+        aggregation=_enum_value(Aggregation, orchestrator_pb2.Aggregation, "AGGREGATION_", strategy.aggregation),
+        weights=dict(strategy.worker_weights),
+        repetition_guard=_enum_value(
+            RepetitionGuard, orchestrator_pb2.RepetitionGuard, "REPETITION_GUARD_", strategy.repetition_guard
+        ),
+        prompt_templates=dict(strategy.prompt_templates),
+    )
+
+
+def _enum_value(python_enum, proto_enum, prefix: str, number: int):
+    """The Python member named like the proto value without its prefix (AGGREGATION_NLL_MEAN ->
+    NLL_MEAN); None when unset."""
+    if number == 0:
+        return None
+    try:
+        return python_enum[proto_enum.Name(number).removeprefix(prefix)]
+    except ValueError:
+        raise InvalidFusionRequest(f"unknown {proto_enum.DESCRIPTOR.name} value {number}") from None
+
+
+def strategy_proto(strategy: Strategy) -> orchestrator_pb2.FusionStrategy:
+    return orchestrator_pb2.FusionStrategy(
+        aggregation=orchestrator_pb2.Aggregation.Value(f"AGGREGATION_{strategy.aggregation.name}"),
+        worker_weights=dict(strategy.weights),
+        repetition_guard=orchestrator_pb2.RepetitionGuard.Value(f"REPETITION_GUARD_{strategy.repetition_guard.name}"),
+        prompt_templates=dict(strategy.prompt_templates),
     )
 
 
@@ -88,9 +146,12 @@ def _prompt(prompt: worker_pb2.Prompt, max_chars: int) -> Prompt:
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Runs fusions over the registered workers; keeps no state between requests."""
 
-    def __init__(self, pool: WorkerPool, settings: OrchestratorSettings):
+    def __init__(self, pool: WorkerPool, settings: OrchestratorSettings, observer: FusionObserver = NO_OBSERVER):
         self._pool = pool
         self._settings = settings
+        self._observer = observer  # metrics and spans of every request
+        # The operator's flags, then each registry entry's weight and template; requests override.
+        self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
@@ -116,12 +177,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListWorkersResponse:
         """Probes every registered worker's health and description (every replica), concurrently."""
-        statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
+        with observing(self._observer):
+            statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
         return orchestrator_pb2.ListWorkersResponse(workers=statuses)
 
     async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
         request_id = uuid.uuid4().hex
-        request = parse_request(parameters, self._settings.limits, request_id)
+        known = {entry.name for entry in self._pool.entries}
+        request = parse_request(parameters, self._settings.limits, request_id, self._default_strategy, known)
         try:
             workers = self._pool.select(list(parameters.workers))
         except RegistryError as error:
@@ -132,7 +195,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         deadline = time.monotonic() + budget
         try:
-            return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
+            with observing(self._observer), self._observer.fusion(request_id):
+                return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;
@@ -222,4 +286,5 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
             for r in result.ranking
         ],
         request_id=result.request_id,
+        strategy=strategy_proto(result.strategy),
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coolfusion.orchestrator.registry import WorkerEntry
+from coolfusion.orchestrator.strategy import DEFAULT, Strategy
 from coolfusion.serving.security import TlsServerSettings
+from coolfusion.serving.tracing import TracingSettings
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class OrchestratorSettings:
     grace_s: float = 20.0
     log_json: bool | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # How requests that do not say otherwise fuse; registry weights and templates apply on top.
+    strategy: Strategy = DEFAULT
+    # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
+    # servers share one host in local clusters and tests, where a fixed port would collide;
+    # the Kubernetes manifests turn it on (--metrics-port).
+    metrics_port: int | None = None
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # from the OTEL_* variables; off by default
     tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
     # Tokens the orchestrator's callers must send; empty: no authentication. Kept out of repr.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)

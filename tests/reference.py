@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from coolfusion.v1 import orchestrator_pb2
 
 BOUNDARY = re.compile(r"\S(?=\s)")
 
@@ -82,14 +85,22 @@ class ReferenceModel:
         return len(self.ids(rendered + answer, special)) - len(self.ids(rendered, special))
 
 
+# The rule this reference implements, for requests to the service (whose default differs).
+PAPER_STRATEGY = orchestrator_pb2.FusionStrategy(
+    aggregation=orchestrator_pb2.AGGREGATION_PPL_MEAN, repetition_guard=orchestrator_pb2.REPETITION_GUARD_OFF
+)
+
+
 def reference_fuse(
     models: list[ReferenceModel],
     prompt: str | list[dict],
     max_new_tokens: int = 64,
     stop_strings: tuple[str, ...] = (),
     segment_cap: int = 16,
+    aggregate: Callable[[list[float]], float] | None = None,
 ) -> tuple[str, str]:
-    """The fused answer and why it ended ("eos", "stop" or "length")."""
+    """The fused answer and why it ended ("eos", "stop" or "length"). `aggregate` turns the models'
+    perplexities of a candidate (in model order) into its fused score; default: their mean."""
     rendered = [m.render(prompt) for m in models]
     answer = ""
     while True:
@@ -98,8 +109,9 @@ def reference_fuse(
         if len(candidates) == 1:
             winner = candidates[0]
         else:
+            combine = aggregate or (lambda perplexities: sum(perplexities) / len(perplexities))
             fused = [
-                sum(m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)) / len(models)
+                combine([m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)])
                 for text, eos in candidates
             ]
             winner = candidates[min(range(len(candidates)), key=lambda i: (fused[i], i))]

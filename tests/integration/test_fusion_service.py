@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -16,7 +17,7 @@ from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from reference import ReferenceModel, reference_fuse
+from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
 from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 
 FAMILIES = ("bpe", "metaspace", "char")
@@ -52,8 +53,9 @@ def to_prompt(prompt) -> worker_pb2.Prompt:
     return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages))
 
 
-def parameters(prompt, **kwargs) -> opb.FusionParameters:
-    return opb.FusionParameters(prompt=to_prompt(prompt), **kwargs)
+def parameters(prompt, strategy=PAPER_STRATEGY, **kwargs) -> opb.FusionParameters:
+    """The paper's rule unless a test asks for another, since that is what the reference does."""
+    return opb.FusionParameters(prompt=to_prompt(prompt), strategy=strategy, **kwargs)
 
 
 def free_port() -> int:
@@ -119,6 +121,59 @@ def test_cool_r_returns_the_best_full_answer_by_mean_perplexity(orchestrator, re
     assert [r.fused_score for r in result.rerank] == sorted(r.fused_score for r in result.rerank)
 
 
+def test_nll_mean_with_weights_equals_the_reference_with_that_aggregation(orchestrator, references):
+    weights = {"bpe": 2.0, "metaspace": 1.0, "char": 0.5}
+    strategy = opb.FusionStrategy(aggregation=opb.AGGREGATION_NLL_MEAN, worker_weights=weights)
+    result = orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[1], max_new_tokens=24, strategy=strategy)))
+
+    def weighted_geometric_mean(perplexities: list[float]) -> float:
+        logs = [w * math.log(p) for w, p in zip(weights.values(), perplexities)]
+        return math.exp(sum(logs) / sum(weights.values()))
+
+    models = [references[f] for f in FAMILIES]
+    assert result.result.text == reference_fuse(models, PROMPTS[1], 24, aggregate=weighted_geometric_mean)[0]
+    assert result.result.strategy.aggregation == opb.AGGREGATION_NLL_MEAN
+    assert dict(result.result.strategy.worker_weights) == weights
+    paper = orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[1], max_new_tokens=24))).result
+    assert paper.text != result.result.text, "the prompt was chosen so that the aggregation changes the answer"
+
+
+def test_a_request_without_a_strategy_gets_the_orchestrators_default(orchestrator):
+    params = opb.FusionParameters(prompt=to_prompt(PROMPTS[0]), max_new_tokens=4)
+    strategy = orchestrator.Fuse(opb.FuseRequest(parameters=params)).result.strategy
+    assert (strategy.aggregation, strategy.repetition_guard) == (opb.AGGREGATION_NLL_MEAN, opb.REPETITION_GUARD_STOP)
+
+
+@pytest.mark.parametrize("guard", [opb.REPETITION_GUARD_STOP, opb.REPETITION_GUARD_STEER])
+def test_repetition_guard_ends_a_looping_answer(orchestrator, guard):
+    # This tiny model falls into " then a then a ..." after this prompt; alone, it has no other
+    # candidate to steer to, so STEER stops as STOP does.
+    prompt, workers = "a b a b a b a b a b a b", ["metaspace"]
+    loose = orchestrator.Fuse(opb.FuseRequest(parameters=parameters(prompt, workers=workers, max_new_tokens=100)))
+    strategy = opb.FusionStrategy(repetition_guard=guard)
+    params = parameters(prompt, workers=workers, max_new_tokens=100, strategy=strategy)
+    guarded = orchestrator.Fuse(opb.FuseRequest(parameters=params)).result
+    assert _ends_in_a_repeat(loose.result.text[:80])
+    assert guarded.finish_reason == worker_pb2.FINISH_REASON_REPETITION
+    assert loose.result.text.startswith(guarded.text) and guarded.text.endswith("p then a")  # one copy kept
+    assert not _ends_in_a_repeat(guarded.text), guarded.text
+
+
+def _ends_in_a_repeat(text: str, length: int = 32) -> bool:
+    """Whether some 32-character tail of a prefix of `text` occurs earlier in that prefix."""
+    return any(text[end - length : end] in text[: end - 1] for end in range(length + 1, len(text) + 1))
+
+
+def test_a_prompt_template_gives_that_worker_plain_text(orchestrator, references):
+    template = "Answer briefly.\n{prompt}\n"
+    strategy = opb.FusionStrategy(prompt_templates={"char": template})
+    params = parameters(PROMPTS[2], workers=["char"], max_new_tokens=16, strategy=strategy)
+    result = orchestrator.Fuse(opb.FuseRequest(parameters=params)).result
+    plain = template.replace("{prompt}", PROMPTS[2][0]["content"])
+    assert result.text == reference_fuse([references["char"]], plain, max_new_tokens=16)[0]
+    assert dict(result.strategy.prompt_templates) == {"char": template}
+
+
 def test_stream_sends_each_step_then_a_summary_equal_to_unary(orchestrator):
     params = parameters(PROMPTS[0], max_new_tokens=20)
     events = list(orchestrator.FuseStream(opb.FuseStreamRequest(parameters=params), timeout=120))
@@ -165,6 +220,10 @@ def test_a_passed_deadline_fails_the_request_and_closes_its_sessions(orchestrato
         (parameters("hi", segment_max_tokens=65), "segment_max_tokens is 65"),
         (parameters("hi", stop_strings=["x" * 65]), "stop string"),
         (parameters([{"role": "robot", "content": "hi"}]), "roles"),
+        (parameters("hi", strategy=opb.FusionStrategy(worker_weights={"bpe": 0.0})), "worker_weights['bpe'] is 0"),
+        (parameters("hi", strategy=opb.FusionStrategy(worker_weights={"nope": 1.0})), "unknown workers ['nope']"),
+        (parameters("hi", strategy=opb.FusionStrategy(prompt_templates={"bpe": "no slot"})), "must contain {prompt}"),
+        (parameters("hi", strategy=opb.FusionStrategy(aggregation=99)), "unknown Aggregation value 99"),
     ],
 )
 def test_invalid_requests_get_invalid_argument_saying_what_was_wrong(orchestrator, params, message):

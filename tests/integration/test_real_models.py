@@ -14,7 +14,7 @@ from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from coolfusion.worker import loading
 
-from reference import ReferenceModel, reference_fuse
+from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
 
 pytestmark = pytest.mark.real_model
 
@@ -80,7 +80,7 @@ def test_fused_gsm8k_answer_equals_the_reference(cluster, references, index):
     prompt = gsm8k_prompt(index)
     with grpc.insecure_channel(cluster.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        request = opb.FuseRequest(parameters=opb.FusionParameters(prompt=chat(prompt[0]["content"]), max_new_tokens=64))
+        request = opb.FuseRequest(parameters=opb.FusionParameters(prompt=chat(prompt[0]["content"]), max_new_tokens=64, strategy=PAPER_STRATEGY))
         result = stub.Fuse(request, timeout=900).result
     expected, _ = reference_fuse([references["smollm2"], references["gemma3"]], prompt, max_new_tokens=64)
     assert result.text == expected
@@ -91,7 +91,9 @@ def test_smollm2_alone_equals_plain_transformers_greedy_generate(cluster, refere
     prompt = [{"role": "user", "content": "Name three primary colours."}]
     with grpc.insecure_channel(cluster.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        parameters = opb.FusionParameters(prompt=chat(prompt[0]["content"]), workers=["smollm2"], max_new_tokens=40)
+        parameters = opb.FusionParameters(
+            prompt=chat(prompt[0]["content"]), workers=["smollm2"], max_new_tokens=40, strategy=PAPER_STRATEGY
+        )
         result = stub.Fuse(opb.FuseRequest(parameters=parameters), timeout=600).result
     model = references["smollm2"]
     rendered, special = model.render(prompt)

@@ -16,7 +16,7 @@ from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes,
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 
-from reference import ReferenceModel, reference_fuse
+from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
 from worker_probes import open_sessions, tiny_references, wait_for_no_sessions
 
 PROMPT = "Tom has 3 apples and buys 4 more."
@@ -69,7 +69,9 @@ def references(tiny_model_dirs) -> dict[str, ReferenceModel]:
 
 def parameters(max_new_tokens: int) -> opb.FusionParameters:
     prompt = worker_pb2.Prompt(text=PROMPT)
-    return opb.FusionParameters(prompt=prompt, workers=["bpe", "char"], max_new_tokens=max_new_tokens)
+    return opb.FusionParameters(
+        prompt=prompt, workers=["bpe", "char"], max_new_tokens=max_new_tokens, strategy=PAPER_STRATEGY
+    )
 
 
 def test_concurrent_requests_are_spread_over_the_replicas(cluster):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coolfusion.orchestrator.registry import RegistryError, load_registry, parse_registry
+from coolfusion.orchestrator.registry import RegistryError, load_registry, parse_registry, registry_strategy
 
 
 def test_file_and_environment_entries_are_combined_in_order(tmp_path):
@@ -28,6 +28,9 @@ def test_json_registry_is_read(tmp_path):
         ({"workers": [{"name": "Bad_Name", "address": "h:1"}]}, "lowercase"),
         ({"workers": [{"name": "a", "address": "h:1"}, {"name": "a", "address": "h:2"}]}, "duplicate worker names: a"),
         ({"workers": [{"name": "a", "address": "h:1", "tls": "yes"}]}, "tls must be a mapping"),
+        ({"workers": [{"name": "a", "address": "h:1", "weight": 0}]}, "weight is 0; it must be a positive number"),
+        ({"workers": [{"name": "a", "address": "h:1", "weight": "2"}]}, "weight is '2'"),
+        ({"workers": [{"name": "a", "address": "h:1", "prompt_template": "Q:"}]}, "containing {prompt}"),
     ],
 )
 def test_malformed_registries_say_what_is_wrong(document, message):
@@ -60,3 +63,12 @@ def test_missing_tls_or_token_files_fail_at_load_time(tmp_path):
     path.write_text("workers:\n  - name: b\n    address: h:2\n    token_file: /nonexistent/token\n")
     with pytest.raises(RegistryError, match="worker b: token_file /nonexistent/token"):
         load_registry(path)
+
+
+def test_weights_and_templates_become_fusion_defaults():
+    entries = parse_registry({"workers": [
+        {"name": "chat", "address": "h:1", "weight": 2, "prompt_template": "{prompt}\n\n"},
+        {"name": "base", "address": "h:2"},
+    ]})  # fmt: skip
+    defaults = registry_strategy(entries)
+    assert defaults.weights == {"chat": 2.0} and defaults.prompt_templates == {"chat": "{prompt}\n\n"}

@@ -25,47 +25,61 @@ _sym_db = _symbol_database.Default()
 from coolfusion.v1 import worker_pb2 as coolfusion_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n coolfusion/v1/orchestrator.proto\x12\rcoolfusion.v1\x1a\x1a\x63oolfusion/v1/worker.proto\"\xdb\x01\n\x10\x46usionParameters\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.coolfusion.v1.Prompt\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x14\n\x0cstop_strings\x18\x04 \x03(\t\x12\x1a\n\x12segment_max_tokens\x18\x05 \x01(\r\x12.\n\x0brerank_mode\x18\x06 \x01(\x0e\x32\x19.coolfusion.v1.RerankMode\x12\x15\n\rinclude_trace\x18\x07 \x01(\x08\"B\n\x0b\x46useRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.coolfusion.v1.FusionParameters\"H\n\x11\x46useStreamRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.coolfusion.v1.FusionParameters\"G\n\nModelScore\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x12\n\nperplexity\x18\x02 \x01(\x01\x12\x15\n\rscored_tokens\x18\x03 \x01(\r\"\x89\x01\n\rStepCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rends_with_eos\x18\x02 \x01(\x08\x12\x13\n\x0bproposed_by\x18\x03 \x03(\t\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.coolfusion.v1.ModelScore\x12\x13\n\x0b\x66used_score\x18\x05 \x01(\x01\"\x9f\x01\n\x08\x46useStep\x12\r\n\x05index\x18\x01 \x01(\r\x12\x30\n\ncandidates\x18\x02 \x03(\x0b\x32\x1c.coolfusion.v1.StepCandidate\x12\x14\n\x0cwinner_index\x18\x03 \x01(\r\x12\x15\n\rwinner_worker\x18\x04 \x01(\t\x12\x13\n\x0bgenerate_ms\x18\x05 \x01(\x01\x12\x10\n\x08score_ms\x18\x06 \x01(\x01\">\n\x0bWorkerShare\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\r\n\x05\x63hars\x18\x03 \x01(\r\"=\n\rDroppedWorker\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\r\"\x90\x01\n\x07Timings\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x0f\n\x07open_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x10\n\x08score_ms\x18\x04 \x01(\x01\x12\x11\n\trerank_ms\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x19\n\x11worker_compute_ms\x18\x07 \x01(\x01\"@\n\x0bRerankEntry\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x66used_score\x18\x03 \x01(\x01\"\xca\x02\n\nFuseResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.coolfusion.v1.FinishReason\x12*\n\x06shares\x18\x03 \x03(\x0b\x32\x1a.coolfusion.v1.WorkerShare\x12-\n\x07\x64ropped\x18\x04 \x03(\x0b\x32\x1c.coolfusion.v1.DroppedWorker\x12\'\n\x07timings\x18\x05 \x01(\x0b\x32\x16.coolfusion.v1.Timings\x12&\n\x05trace\x18\x06 \x03(\x0b\x32\x17.coolfusion.v1.FuseStep\x12\x0e\n\x06source\x18\x07 \x01(\t\x12*\n\x06rerank\x18\x08 \x03(\x0b\x32\x1a.coolfusion.v1.RerankEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\"9\n\x0c\x46useResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.coolfusion.v1.FuseResult\"t\n\x12\x46useStreamResponse\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.coolfusion.v1.FuseStepH\x00\x12,\n\x07summary\x18\x02 \x01(\x0b\x32\x19.coolfusion.v1.FuseResultH\x00\x42\x07\n\x05\x65vent\"\x14\n\x12ListWorkersRequest\"{\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12,\n\x04info\x18\x04 \x01(\x0b\x32\x1e.coolfusion.v1.GetInfoResponse\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"C\n\x13ListWorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.coolfusion.v1.WorkerStatus*\\\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_NONE\x10\x01\x12\x1b\n\x17RERANK_MODE_FULL_ANSWER\x10\x02\x32\x81\x02\n\x13OrchestratorService\x12?\n\x04\x46use\x12\x1a.coolfusion.v1.FuseRequest\x1a\x1b.coolfusion.v1.FuseResponse\x12S\n\nFuseStream\x12 .coolfusion.v1.FuseStreamRequest\x1a!.coolfusion.v1.FuseStreamResponse0\x01\x12T\n\x0bListWorkers\x12!.coolfusion.v1.ListWorkersRequest\x1a\".coolfusion.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n coolfusion/v1/orchestrator.proto\x12\rcoolfusion.v1\x1a\x1a\x63oolfusion/v1/worker.proto\"\x81\x03\n\x0e\x46usionStrategy\x12/\n\x0b\x61ggregation\x18\x01 \x01(\x0e\x32\x1a.coolfusion.v1.Aggregation\x12H\n\x0eworker_weights\x18\x02 \x03(\x0b\x32\x30.coolfusion.v1.FusionStrategy.WorkerWeightsEntry\x12\x38\n\x10repetition_guard\x18\x03 \x01(\x0e\x32\x1e.coolfusion.v1.RepetitionGuard\x12L\n\x10prompt_templates\x18\x04 \x03(\x0b\x32\x32.coolfusion.v1.FusionStrategy.PromptTemplatesEntry\x1a\x34\n\x12WorkerWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14PromptTemplatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x02\n\x10\x46usionParameters\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.coolfusion.v1.Prompt\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x14\n\x0cstop_strings\x18\x04 \x03(\t\x12\x1a\n\x12segment_max_tokens\x18\x05 \x01(\r\x12.\n\x0brerank_mode\x18\x06 \x01(\x0e\x32\x19.coolfusion.v1.RerankMode\x12\x15\n\rinclude_trace\x18\x07 \x01(\x08\x12/\n\x08strategy\x18\x08 \x01(\x0b\x32\x1d.coolfusion.v1.FusionStrategy\"B\n\x0b\x46useRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.coolfusion.v1.FusionParameters\"H\n\x11\x46useStreamRequest\x12\x33\n\nparameters\x18\x01 \x01(\x0b\x32\x1f.coolfusion.v1.FusionParameters\"G\n\nModelScore\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x12\n\nperplexity\x18\x02 \x01(\x01\x12\x15\n\rscored_tokens\x18\x03 \x01(\r\"\x89\x01\n\rStepCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rends_with_eos\x18\x02 \x01(\x08\x12\x13\n\x0bproposed_by\x18\x03 \x03(\t\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.coolfusion.v1.ModelScore\x12\x13\n\x0b\x66used_score\x18\x05 \x01(\x01\"\x9f\x01\n\x08\x46useStep\x12\r\n\x05index\x18\x01 \x01(\r\x12\x30\n\ncandidates\x18\x02 \x03(\x0b\x32\x1c.coolfusion.v1.StepCandidate\x12\x14\n\x0cwinner_index\x18\x03 \x01(\r\x12\x15\n\rwinner_worker\x18\x04 \x01(\t\x12\x13\n\x0bgenerate_ms\x18\x05 \x01(\x01\x12\x10\n\x08score_ms\x18\x06 \x01(\x01\">\n\x0bWorkerShare\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\r\n\x05\x63hars\x18\x03 \x01(\r\"=\n\rDroppedWorker\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\r\"\x90\x01\n\x07Timings\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x0f\n\x07open_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x10\n\x08score_ms\x18\x04 \x01(\x01\x12\x11\n\trerank_ms\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x19\n\x11worker_compute_ms\x18\x07 \x01(\x01\"@\n\x0bRerankEntry\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x66used_score\x18\x03 \x01(\x01\"\xfb\x02\n\nFuseResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.coolfusion.v1.FinishReason\x12*\n\x06shares\x18\x03 \x03(\x0b\x32\x1a.coolfusion.v1.WorkerShare\x12-\n\x07\x64ropped\x18\x04 \x03(\x0b\x32\x1c.coolfusion.v1.DroppedWorker\x12\'\n\x07timings\x18\x05 \x01(\x0b\x32\x16.coolfusion.v1.Timings\x12&\n\x05trace\x18\x06 \x03(\x0b\x32\x17.coolfusion.v1.FuseStep\x12\x0e\n\x06source\x18\x07 \x01(\t\x12*\n\x06rerank\x18\x08 \x03(\x0b\x32\x1a.coolfusion.v1.RerankEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x12/\n\x08strategy\x18\n \x01(\x0b\x32\x1d.coolfusion.v1.FusionStrategy\"9\n\x0c\x46useResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.coolfusion.v1.FuseResult\"t\n\x12\x46useStreamResponse\x12\'\n\x04step\x18\x01 \x01(\x0b\x32\x17.coolfusion.v1.FuseStepH\x00\x12,\n\x07summary\x18\x02 \x01(\x0b\x32\x19.coolfusion.v1.FuseResultH\x00\x42\x07\n\x05\x65vent\"\x14\n\x12ListWorkersRequest\"{\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\x08\x12,\n\x04info\x18\x04 \x01(\x0b\x32\x1e.coolfusion.v1.GetInfoResponse\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"C\n\x13ListWorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.coolfusion.v1.WorkerStatus*\\\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_NONE\x10\x01\x12\x1b\n\x17RERANK_MODE_FULL_ANSWER\x10\x02*v\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GGREGATION_PPL_MEAN\x10\x01\x12\x18\n\x14\x41GGREGATION_NLL_MEAN\x10\x02\x12\x16\n\x12\x41GGREGATION_ROBUST\x10\x03*\x84\x01\n\x0fRepetitionGuard\x12 \n\x1cREPETITION_GUARD_UNSPECIFIED\x10\x00\x12\x18\n\x14REPETITION_GUARD_OFF\x10\x01\x12\x19\n\x15REPETITION_GUARD_STOP\x10\x02\x12\x1a\n\x16REPETITION_GUARD_STEER\x10\x03\x32\x81\x02\n\x13OrchestratorService\x12?\n\x04\x46use\x12\x1a.coolfusion.v1.FuseRequest\x1a\x1b.coolfusion.v1.FuseResponse\x12S\n\nFuseStream\x12 .coolfusion.v1.FuseStreamRequest\x1a!.coolfusion.v1.FuseStreamResponse0\x01\x12T\n\x0bListWorkers\x12!.coolfusion.v1.ListWorkersRequest\x1a\".coolfusion.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coolfusion.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RERANKMODE']._serialized_start=1884
-  _globals['_RERANKMODE']._serialized_end=1976
-  _globals['_FUSIONPARAMETERS']._serialized_start=80
-  _globals['_FUSIONPARAMETERS']._serialized_end=299
-  _globals['_FUSEREQUEST']._serialized_start=301
-  _globals['_FUSEREQUEST']._serialized_end=367
-  _globals['_FUSESTREAMREQUEST']._serialized_start=369
-  _globals['_FUSESTREAMREQUEST']._serialized_end=441
-  _globals['_MODELSCORE']._serialized_start=443
-  _globals['_MODELSCORE']._serialized_end=514
-  _globals['_STEPCANDIDATE']._serialized_start=517
-  _globals['_STEPCANDIDATE']._serialized_end=654
-  _globals['_FUSESTEP']._serialized_start=657
-  _globals['_FUSESTEP']._serialized_end=816
-  _globals['_WORKERSHARE']._serialized_start=818
-  _globals['_WORKERSHARE']._serialized_end=880
-  _globals['_DROPPEDWORKER']._serialized_start=882
-  _globals['_DROPPEDWORKER']._serialized_end=943
-  _globals['_TIMINGS']._serialized_start=946
-  _globals['_TIMINGS']._serialized_end=1090
-  _globals['_RERANKENTRY']._serialized_start=1092
-  _globals['_RERANKENTRY']._serialized_end=1156
-  _globals['_FUSERESULT']._serialized_start=1159
-  _globals['_FUSERESULT']._serialized_end=1489
-  _globals['_FUSERESPONSE']._serialized_start=1491
-  _globals['_FUSERESPONSE']._serialized_end=1548
-  _globals['_FUSESTREAMRESPONSE']._serialized_start=1550
-  _globals['_FUSESTREAMRESPONSE']._serialized_end=1666
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1668
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1688
-  _globals['_WORKERSTATUS']._serialized_start=1690
-  _globals['_WORKERSTATUS']._serialized_end=1813
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1815
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1882
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1979
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=2236
+  _globals['_FUSIONSTRATEGY_WORKERWEIGHTSENTRY']._loaded_options = None
+  _globals['_FUSIONSTRATEGY_WORKERWEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_FUSIONSTRATEGY_PROMPTTEMPLATESENTRY']._loaded_options = None
+  _globals['_FUSIONSTRATEGY_PROMPTTEMPLATESENTRY']._serialized_options = b'8\001'
+  _globals['_RERANKMODE']._serialized_start=2370
+  _globals['_RERANKMODE']._serialized_end=2462
+  _globals['_AGGREGATION']._serialized_start=2464
+  _globals['_AGGREGATION']._serialized_end=2582
+  _globals['_REPETITIONGUARD']._serialized_start=2585
+  _globals['_REPETITIONGUARD']._serialized_end=2717
+  _globals['_FUSIONSTRATEGY']._serialized_start=80
+  _globals['_FUSIONSTRATEGY']._serialized_end=465
+  _globals['_FUSIONSTRATEGY_WORKERWEIGHTSENTRY']._serialized_start=357
+  _globals['_FUSIONSTRATEGY_WORKERWEIGHTSENTRY']._serialized_end=409
+  _globals['_FUSIONSTRATEGY_PROMPTTEMPLATESENTRY']._serialized_start=411
+  _globals['_FUSIONSTRATEGY_PROMPTTEMPLATESENTRY']._serialized_end=465
+  _globals['_FUSIONPARAMETERS']._serialized_start=468
+  _globals['_FUSIONPARAMETERS']._serialized_end=736
+  _globals['_FUSEREQUEST']._serialized_start=738
+  _globals['_FUSEREQUEST']._serialized_end=804
+  _globals['_FUSESTREAMREQUEST']._serialized_start=806
+  _globals['_FUSESTREAMREQUEST']._serialized_end=878
+  _globals['_MODELSCORE']._serialized_start=880
+  _globals['_MODELSCORE']._serialized_end=951
+  _globals['_STEPCANDIDATE']._serialized_start=954
+  _globals['_STEPCANDIDATE']._serialized_end=1091
+  _globals['_FUSESTEP']._serialized_start=1094
+  _globals['_FUSESTEP']._serialized_end=1253
+  _globals['_WORKERSHARE']._serialized_start=1255
+  _globals['_WORKERSHARE']._serialized_end=1317
+  _globals['_DROPPEDWORKER']._serialized_start=1319
+  _globals['_DROPPEDWORKER']._serialized_end=1380
+  _globals['_TIMINGS']._serialized_start=1383
+  _globals['_TIMINGS']._serialized_end=1527
+  _globals['_RERANKENTRY']._serialized_start=1529
+  _globals['_RERANKENTRY']._serialized_end=1593
+  _globals['_FUSERESULT']._serialized_start=1596
+  _globals['_FUSERESULT']._serialized_end=1975
+  _globals['_FUSERESPONSE']._serialized_start=1977
+  _globals['_FUSERESPONSE']._serialized_end=2034
+  _globals['_FUSESTREAMRESPONSE']._serialized_start=2036
+  _globals['_FUSESTREAMRESPONSE']._serialized_end=2152
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2154
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2174
+  _globals['_WORKERSTATUS']._serialized_start=2176
+  _globals['_WORKERSTATUS']._serialized_end=2299
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2301
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2368
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2720
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=2977
 # @@protoc_insertion_point(module_scope)

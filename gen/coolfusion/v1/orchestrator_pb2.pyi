@@ -13,12 +13,60 @@ class RerankMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK_MODE_UNSPECIFIED: _ClassVar[RerankMode]
     RERANK_MODE_NONE: _ClassVar[RerankMode]
     RERANK_MODE_FULL_ANSWER: _ClassVar[RerankMode]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    AGGREGATION_PPL_MEAN: _ClassVar[Aggregation]
+    AGGREGATION_NLL_MEAN: _ClassVar[Aggregation]
+    AGGREGATION_ROBUST: _ClassVar[Aggregation]
+
+class RepetitionGuard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPETITION_GUARD_UNSPECIFIED: _ClassVar[RepetitionGuard]
+    REPETITION_GUARD_OFF: _ClassVar[RepetitionGuard]
+    REPETITION_GUARD_STOP: _ClassVar[RepetitionGuard]
+    REPETITION_GUARD_STEER: _ClassVar[RepetitionGuard]
 RERANK_MODE_UNSPECIFIED: RerankMode
 RERANK_MODE_NONE: RerankMode
 RERANK_MODE_FULL_ANSWER: RerankMode
+AGGREGATION_UNSPECIFIED: Aggregation
+AGGREGATION_PPL_MEAN: Aggregation
+AGGREGATION_NLL_MEAN: Aggregation
+AGGREGATION_ROBUST: Aggregation
+REPETITION_GUARD_UNSPECIFIED: RepetitionGuard
+REPETITION_GUARD_OFF: RepetitionGuard
+REPETITION_GUARD_STOP: RepetitionGuard
+REPETITION_GUARD_STEER: RepetitionGuard
+
+class FusionStrategy(_message.Message):
+    __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates")
+    class WorkerWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PromptTemplatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_GUARD_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    aggregation: Aggregation
+    worker_weights: _containers.ScalarMap[str, float]
+    repetition_guard: RepetitionGuard
+    prompt_templates: _containers.ScalarMap[str, str]
+    def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
-    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace")
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +74,7 @@ class FusionParameters(_message.Message):
     SEGMENT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RERANK_MODE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TRACE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     prompt: _worker_pb2.Prompt
     workers: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
@@ -33,7 +82,8 @@ class FusionParameters(_message.Message):
     segment_max_tokens: int
     rerank_mode: RerankMode
     include_trace: bool
-    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ...) -> None: ...
+    strategy: FusionStrategy
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ...) -> None: ...
 
 class FuseRequest(_message.Message):
     __slots__ = ("parameters",)
@@ -136,7 +186,7 @@ class RerankEntry(_message.Message):
     def __init__(self, source: _Optional[str] = ..., text: _Optional[str] = ..., fused_score: _Optional[float] = ...) -> None: ...
 
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +196,7 @@ class FuseResult(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
     shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
@@ -155,7 +206,8 @@ class FuseResult(_message.Message):
     source: str
     rerank: _containers.RepeatedCompositeFieldContainer[RerankEntry]
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    strategy: FusionStrategy
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
     __slots__ = ("result",)
