@@ -20,8 +20,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from coolfusion.client import render
-from coolfusion.client.client import CoolfusionError, FusionClient, chat
+from coolfusion.client import problems, render
+from coolfusion.client.client import CoolfusionError, FusionClient, chat, fusion_strategy
 from coolfusion.client.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
 from coolfusion.v1 import orchestrator_pb2
 
@@ -100,7 +100,32 @@ def add_fuse(subparsers: Subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop before this string (repeatable)")
     parser.add_argument("--rerank", action="store_true", help="Cool+R: also rank the workers' solo answers")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the whole call, seconds")
+    add_strategy_flags(parser)
     parser.set_defaults(run=run_fuse)
+
+
+def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for FusionStrategy; each left out takes the orchestrator's default."""
+    group = parser.add_argument_group("fusion strategy (default: the orchestrator's)")
+    group.add_argument("--aggregation", default="", choices=["ppl_mean", "nll_mean", "robust"])
+    group.add_argument("--repetition-guard", default="", choices=["off", "stop", "steer"])
+    group.add_argument("--weight", action="append", default=[], metavar="WORKER=W", help="score weight (repeatable)")
+    group.add_argument(
+        "--prompt-template", action="append", default=[], metavar="WORKER=TEMPLATE",
+        help="plain-text template with {prompt} for one worker (repeatable)",
+    )  # fmt: skip
+
+
+def strategy_from_args(args: argparse.Namespace) -> orchestrator_pb2.FusionStrategy:
+    weights = {name: float(value) for name, value in _pairs(args.weight, "--weight")}
+    templates = dict(_pairs(args.prompt_template, "--prompt-template"))
+    return fusion_strategy(args.aggregation, args.repetition_guard, weights, templates)
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    if bad := [v for v in values if "=" not in v]:
+        raise SystemExit(f"coolfusion: {flag} takes WORKER=VALUE, got {bad[0]!r}")
+    return [tuple(v.split("=", 1)) for v in values]
 
 
 def run_fuse(args: argparse.Namespace) -> int:
@@ -112,6 +137,7 @@ def run_fuse(args: argparse.Namespace) -> int:
         "segment_max_tokens": args.segment_max_tokens,
         "rerank": args.rerank,
         "timeout_s": args.timeout_s,
+        "strategy": strategy_from_args(args),
     }
     with FusionClient(args.orchestrator) as client:
         if args.stream:
@@ -316,8 +342,47 @@ def add_eval(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_eval)
 
 
+# problems -----------------------------------------------------------------------------------------
+
+
+def add_problems(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("problems", help="write seeded arithmetic word problems, GSM8K JSONL, for eval")
+    parser.add_argument(
+        "--seed", type=int, default=problems.DEFAULT_SEED, help="same seed, same set (default: %(default)s)"
+    )
+    parser.add_argument("--count", type=int, default=200, help="how many; kinds take turns (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("problems.jsonl"), help="where to write (default: %(default)s)"
+    )
+    parser.set_defaults(run=run_problems)
+
+
+def run_problems(args: argparse.Namespace) -> int:
+    written = problems.generate(args.seed, args.count)
+    problems.write_jsonl(written, args.out)
+    print(f"{len(written)} problems (seed {args.seed}) in {args.out}; score them: coolfusion eval --gsm8k {args.out}")
+    return 0
+
+
+def add_bench(subparsers: Subparsers) -> None:
+    # Imported here: bench.py builds on this module (cluster spec, signal handling).
+    from coolfusion.client.bench import add_bench_arguments, run_bench
+
+    parser = subparsers.add_parser("bench", help="fused vs solo, caches vs re-prefilling, overhead, concurrency")
+    add_bench_arguments(parser)
+    parser.set_defaults(run=run_bench)
+
+
 # Adding a subcommand: write its add_X(subparsers) (which sets `run`), then list it here.
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_fuse, add_workers, add_up, add_demo, add_eval)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_fuse,
+    add_workers,
+    add_up,
+    add_demo,
+    add_eval,
+    add_problems,
+    add_bench,
+)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from coolfusion.client.cli import DEFAULT_LOG, DEFAULT_ORCHESTRATOR, PRESET_NAMES, _signals_interrupt, start_cluster
+from google.protobuf import json_format
+
+from coolfusion.client.cli import (
+    DEFAULT_LOG,
+    DEFAULT_ORCHESTRATOR,
+    PRESET_NAMES,
+    _signals_interrupt,
+    add_strategy_flags,
+    start_cluster,
+    strategy_from_args,
+)
 from coolfusion.client.client import DeadlineExceededError, FusionClient, PromptLike
 from coolfusion.client.cluster import DEFAULT_PRESETS
 from coolfusion.client.prompts import STOP_STRINGS, gsm8k_prompt
@@ -60,6 +70,7 @@ class Fuser(Protocol):
         stop: Iterable[str] = (),
         rerank: bool = False,
         timeout_s: float | None = None,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
     ) -> orchestrator_pb2.FuseResult: ...
 
 
@@ -146,19 +157,52 @@ def pending(items: list[Item], modes: list[Mode], done: Iterable[Mapping[str, An
     return [(item, mode) for item in items for mode in modes if (mode.name, item.index) not in finished]
 
 
-def answer(client: Fuser, item: Item, mode: Mode, max_new_tokens: int, timeout_s: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Request:
+    """What every question of a run is asked with."""
+
+    max_new_tokens: int
+    timeout_s: float
+    strategy: orchestrator_pb2.FusionStrategy | None = None  # None: the orchestrator's default
+
+    def describe(self) -> dict[str, Any]:
+        """What makes two runs' answers comparable, kept beside the results (see check_same_run)."""
+        strategy = json_format.MessageToDict(self.strategy) if self.strategy else {}
+        return {"max_new_tokens": self.max_new_tokens, "strategy": strategy, "stop": list(STOP_STRINGS)}
+
+
+def answer(client: Fuser, item: Item, mode: Mode, request: Request) -> dict[str, Any]:
     """Asks the orchestrator one question in one mode; returns the record to append."""
     started = time.monotonic()
     try:
         result = client.fuse(
-            gsm8k_prompt(item.question), workers=mode.workers, max_new_tokens=max_new_tokens,
-            stop=STOP_STRINGS, rerank=mode.rerank, timeout_s=timeout_s,
+            gsm8k_prompt(item.question), workers=mode.workers, max_new_tokens=request.max_new_tokens,
+            stop=STOP_STRINGS, rerank=mode.rerank, timeout_s=request.timeout_s, strategy=request.strategy,
         )  # fmt: skip
     except DeadlineExceededError as error:
         # A runaway item counts as wrong rather than stopping the run; other errors (a worker
         # down, a bad flag) stop it, and the next run resumes.
         return _record(item, mode, time.monotonic() - started, error=error.details)
     return _record(item, mode, time.monotonic() - started, result)
+
+
+def answers_inside(record: Mapping[str, Any], item: Item, modes: list[Mode]) -> list[dict[str, Any]]:
+    """The solo and Cool records a Cool+R record already holds: Cool+R computes the fused answer and
+    each worker's solo answer with the very loops those modes run, and returns them in its ranking.
+    Taking them from there spares asking for the same answers again (a third of the compute)."""
+    texts = {entry["source"]: entry["text"] for entry in record.get("ranking", [])}
+    derived = []
+    for mode in modes:
+        source = "fused" if len(mode.workers) > 1 else mode.workers[0]
+        if mode.rerank or source not in texts:
+            continue
+        prediction = extract_answer(texts[source])
+        derived.append({
+            "mode": mode.name, "index": item.index, "prediction": prediction, "reference": item.reference,
+            "correct": is_correct(prediction, item.reference), "text": texts[source], "seconds": None,
+            "source": source, "dropped": record["dropped"], "error": None, "taken_from": record["mode"],
+        })  # fmt: skip
+    return derived
 
 
 def _record(
@@ -172,15 +216,19 @@ def _record(
         # Which answer Cool+R returned ("fused" or a worker), and workers the orchestrator dropped.
         "source": result.source if result else "", "dropped": [d.worker for d in result.dropped] if result else [],
         "error": error,
+        "ranking": [{"source": e.source, "text": e.text, "score": e.fused_score} for e in result.rerank] if result else [],
     }  # fmt: skip
 
 
 def run(
-    client: Fuser, items: list[Item], modes: list[Mode], results_path: Path, max_new_tokens: int, timeout_s: float
+    client: Fuser, items: list[Item], modes: list[Mode], results_path: Path, request: Request
 ) -> list[dict[str, Any]]:
     """Answers every pair not yet in `results_path`, appending each record as it lands; returns all records."""
+    check_same_run(results_path.parent / "run.json", request.describe())
     records = read_results(results_path)
-    todo = pending(items, modes, records)
+    # Cool+R first: its record holds the solo and Cool answers of the same item (answers_inside).
+    todo = sorted(pending(items, modes, records), key=lambda pair: not pair[1].rerank)
+    todo.sort(key=lambda pair: pair[0].index)
     if not todo:
         print(f"eval: every answer is already in {results_path}", file=sys.stderr)
         return records
@@ -189,15 +237,34 @@ def run(
     progress = _progress(len(todo))
     try:
         with open(results_path, "a", encoding="utf-8") as out:
+            finished = {(record["mode"], record["index"]) for record in records}
             for item, mode in todo:
-                record = answer(client, item, mode, max_new_tokens, timeout_s)
-                out.write(json.dumps(record) + "\n")
-                out.flush()  # an interrupted run keeps every finished answer
-                records.append(record)
+                if (mode.name, item.index) not in finished:
+                    record = answer(client, item, mode, request)
+                    new = [record] + (answers_inside(record, item, modes) if mode.rerank else [])
+                    new = [r for r in new if (r["mode"], r["index"]) not in finished]
+                    out.writelines(json.dumps(r) + "\n" for r in new)
+                    out.flush()  # an interrupted run keeps every finished answer
+                    records.extend(new)
+                    finished.update((r["mode"], r["index"]) for r in new)
                 progress.update(1)
     finally:
         progress.close()
     return records
+
+
+def check_same_run(path: Path, settings: dict[str, Any]) -> None:
+    """Records the run's settings beside its results; refuses to resume results made differently."""
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != settings:
+            raise SystemExit(
+                f"coolfusion: {path.parent} holds results asked with {recorded}, not {settings}; "
+                "use another --out folder"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def _end_cut_line(path: Path) -> None:
@@ -270,7 +337,8 @@ def score(records: Iterable[Mapping[str, Any]], items: list[Item], modes: list[M
     scores = []
     for mode in modes:
         mine = [r for r in records if r["mode"] == mode.name and r["index"] in wanted]
-        seconds = sum(r["seconds"] for r in mine) / len(mine) if mine else 0.0
+        timed = [r["seconds"] for r in mine if r["seconds"] is not None]  # answers taken from Cool+R have none
+        seconds = sum(timed) / len(timed) if timed else float("nan")
         scores.append(Score(mode.name, sum(r["correct"] for r in mine), len(mine), seconds))
     return scores
 
@@ -285,9 +353,13 @@ def summary_table(scores: list[Score]) -> str:
         low, high = wilson_interval(s.correct, s.total)
         lines.append(
             f"| {s.mode} | {100 * s.accuracy:.1f}% | {s.correct} / {s.total} "
-            f"| {100 * low:.1f}–{100 * high:.1f}% | {s.mean_seconds:.1f} |"
+            f"| {100 * low:.1f}–{100 * high:.1f}% | {_seconds(s.mean_seconds)} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(mean: float) -> str:
+    return "in cool_r" if math.isnan(mean) else f"{mean:.1f}"
 
 
 def plot_accuracy(scores: list[Score], path: Path) -> None:
@@ -335,7 +407,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--local", action="store_true", help="start the default pair (smollm2, gemma3) here and stop it afterwards"
     )
-    parser.add_argument("--gsm8k", type=Path, default=DEFAULT_DATA, help=f"GSM8K JSONL (default: {DEFAULT_DATA})")
+    parser.add_argument(
+        "--data", "--gsm8k", type=Path, default=DEFAULT_DATA,
+        help=f"GSM8K-format JSONL, e.g. from `coolfusion problems` (default: {DEFAULT_DATA})",
+    )  # fmt: skip
     parser.add_argument("--offset", type=int, default=0, help="first question, line number from 0")
     parser.add_argument("--limit", type=int, default=None, help="number of questions (default: all)")
     parser.add_argument("--workers", default="", help="comma-separated worker names (default: all serving)")
@@ -344,17 +419,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("eval-results"), help="results folder (resumes what is there)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request, seconds")
     parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where a --local cluster's logs go")
+    add_strategy_flags(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    items = load_items(args.gsm8k, args.offset, args.limit)
+    items = load_items(args.data, args.offset, args.limit)
+    request = Request(args.max_new_tokens, args.timeout_s, strategy_from_args(args))
     kinds = parse_kinds(args.modes)
     with _orchestrator(args) as (address, default_workers), FusionClient(address) as client:
         workers = [name for name in args.workers.split(",") if name] or default_workers(client)
         if not workers:
             raise SystemExit(f"coolfusion: no serving workers at {address}")
         modes = build_modes(kinds, workers)
-        records = run(client, items, modes, args.out / "results.jsonl", args.max_new_tokens, args.timeout_s)
+        records = run(client, items, modes, args.out / "results.jsonl", request)
     print(write_summary(score(records, items, modes), args.out))
     print(f"\nresults: {args.out / 'results.jsonl'}; table: {args.out / 'summary.md'}")
     return 0

