@@ -58,7 +58,8 @@ class ReplicaSet:
 
     A session is placed on the pod with the fewest sessions in flight and stays there, since that
     pod holds its KV cache (DESIGN.md section 5). Pods are re-resolved every `refresh_s` seconds,
-    lazily, when sessions are placed or health is probed.
+    lazily, when sessions are placed or health is probed. A pod that failed is avoided while another
+    can take the session, and is dialled on a new channel for its next one (`_redial`).
     """
 
     def __init__(
@@ -80,7 +81,9 @@ class ReplicaSet:
         self._pods: dict[str, WorkerClient] = {}  # by address, as last resolved
         # Sessions in flight per client; a pod that left stays here until its last session is released.
         self._sessions: dict[WorkerClient, int] = {}
-        self._failed_at: dict[WorkerClient, float] = {}
+        self._failed_at: dict[str, float] = {}  # by address: a pod restarted in place keeps its address
+        # Pods whose current channel saw a failure; their next session gets a fresh channel (_redial).
+        self._broken: set[str] = set()
         self._resolved_at: float | None = None
         self._lock = asyncio.Lock()
 
@@ -99,12 +102,16 @@ class ReplicaSet:
 
     async def acquire(self, exclude: Collection[WorkerClient] = ()) -> WorkerClient | None:
         """The pod for a new session: not failed, fewest sessions in flight, ties to the first
-        address. None when every pod is in `exclude` (those a request already tried)."""
-        candidates = [c for c in await self.pods() if c not in exclude]
+        address. None when every pod is in `exclude` (those a request already tried); a pod is
+        excluded by address, so its fresh channel is not tried again by the same request."""
+        tried = {c.address for c in exclude}
+        candidates = [c for c in await self.pods() if c.address not in tried]
         if not candidates:
             return None
         # A failed pod still beats none: it may be back, and refusing would drop the worker for sure.
         client = min(candidates, key=lambda c: (self._is_failed(c), self._sessions[c]))
+        if client.address in self._broken:
+            client = await self._redial(client.address)
         self._sessions[client] += 1
         return client
 
@@ -114,9 +121,13 @@ class ReplicaSet:
             self._sessions[client] -= 1
 
     def mark_failed(self, client: WorkerClient) -> None:
-        """Keeps new sessions off a pod that could not be reached, until it leaves and comes back in
-        DNS or the cooldown passes."""
-        self._failed_at[client] = self._clock()
+        """Keeps new sessions off a pod that could not be reached while another pod can take them,
+        until it leaves and comes back in DNS or the cooldown passes; its next session dials it
+        afresh. A failure on a channel already replaced says nothing about the new one."""
+        if self._pods.get(client.address) is not client:
+            return
+        self._failed_at[client.address] = self._clock()
+        self._broken.add(client.address)
 
     async def refresh(self) -> None:
         """Re-resolves the pods: connects to new ones, closes the channels of those that left."""
@@ -137,6 +148,8 @@ class ReplicaSet:
         for address in sorted(self._pods.keys() - addresses):
             logger.info("worker %s: replica %s left", self.name, address)
             del self._pods[address]
+            self._failed_at.pop(address, None)
+            self._broken.discard(address)
         await self._close_idle_leavers()
 
     async def close(self) -> None:
@@ -150,15 +163,27 @@ class ReplicaSet:
         return self._resolved_at is None or self._clock() - self._resolved_at >= self._refresh_s
 
     def _is_failed(self, client: WorkerClient) -> bool:
-        failed_at = self._failed_at.get(client)
+        failed_at = self._failed_at.get(client.address)
         return failed_at is not None and self._clock() - failed_at < self._cooldown_s
 
+    async def _redial(self, address: str) -> WorkerClient:
+        """Replaces a failed pod's channel by a new one. gRPC holds a channel that failed to connect
+        in reconnect backoff (1 s growing to 2 min) and fails every call at once meanwhile, so a pod
+        restarted at the same address would stay unused for up to that long; a new channel dials at
+        its first call. The old channel closes once its sessions in flight are released."""
+        logger.info("worker %s: re-dialling replica %s, which failed", self.name, address)
+        self._broken.discard(address)
+        self._pods[address] = client = self._connect(address)
+        self._sessions.setdefault(client, 0)  # a set made by `of` gets its one client back, sessions and all
+        await self._close_idle_leavers()
+        return client
+
     async def _close_idle_leavers(self) -> None:
-        """Closes the channels of pods that left once no session is on them (closing earlier would
-        cancel their calls in flight, which may still finish while the pod drains)."""
+        """Closes the channels no longer current (their pod left, or was re-dialled) once no session
+        is on them (closing earlier would cancel their calls in flight, which may still finish while
+        the pod drains)."""
         current = set(self._pods.values())
         leavers = [c for c, sessions in self._sessions.items() if sessions == 0 and c not in current]
         for client in leavers:
             del self._sessions[client]
-            self._failed_at.pop(client, None)
         await asyncio.gather(*(c.disconnect() for c in leavers))

@@ -1,4 +1,4 @@
-"""Test helpers shared by the integration tests: tiny reference models and session counts."""
+"""Test helpers shared by the integration tests: tiny reference models, session counts, process memory."""
 
 from __future__ import annotations
 
@@ -41,3 +41,12 @@ def wait_for_no_sessions(workers: list[LocalProcess], timeout_s: float = 10.0) -
     while any(counts := open_sessions(workers)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return counts
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS from Linux's /proc), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError(f"process {pid} reports no VmRSS (a kernel thread, or not Linux)")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coolfusion.orchestrator.registry import RegistryError, WorkerPool, parse_registry
 from coolfusion.orchestrator.replicas import ReplicaSet, resolve_dns, split_host_port
+from coolfusion.orchestrator.worker_client import WorkerUnavailable
 
 
 class FakeClient:
@@ -95,6 +98,61 @@ def test_when_every_pod_failed_the_least_loaded_is_still_tried_but_never_one_alr
         assert first.address == "a:1"
         assert (await replicas.acquire(exclude=[first])).address == "b:1"
         assert await replicas.acquire(exclude=list(pods.clients.values())) is None
+
+    asyncio.run(run())
+
+
+def test_a_failed_pod_is_redialled_on_a_new_channel_for_its_next_session_once_per_failure():
+    # gRPC fails calls at once while a failed channel is in reconnect backoff (up to minutes): a
+    # worker restarted at the same address must get a new channel, or it stays unused that long.
+    async def run():
+        pods = Pods("a:1")
+        replicas = replica_set(pods)
+        old = await replicas.acquire()
+        replicas.mark_failed(old)
+        assert await replicas.acquire(exclude=[old]) is None, "the request that saw it fail tried it"
+        new = await replicas.acquire()
+        assert new is not old and new.address == "a:1", "the only replica must still be tried, afresh"
+        assert await replicas.acquire(exclude=[old]) is None, "a request tries each pod once, any channel"
+        assert not old.disconnected, "closing the channel would cancel the session's calls in flight"
+        replicas.mark_failed(old)  # a late failure on the replaced channel
+        assert await replicas.acquire() is new
+        replicas.release(old)
+        replicas.mark_failed(new)
+        newer = await replicas.acquire()
+        assert newer not in (old, new) and old.disconnected and not new.disconnected
+
+    asyncio.run(run())
+
+
+async def serving_health(port: int) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server that answers health checks only: a worker as the replica set sees it."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
+
+
+def test_a_worker_restarted_at_its_address_is_reached_at_once_not_after_grpc_reconnect_backoff():
+    async def run():
+        server, port = await serving_health(0)
+        pool = WorkerPool(parse_registry({"workers": [{"name": "bpe", "address": f"127.0.0.1:{port}"}]}))
+        (replicas,) = pool.select([])
+        try:
+            before = await replicas.acquire()
+            assert await before.is_serving(2)
+            await server.stop(0)
+            with pytest.raises(WorkerUnavailable):
+                await before.is_serving(2)  # its channel now waits out a backoff before dialling again
+            replicas.mark_failed(before)  # `before` keeps its session: its channel stays open meanwhile
+            server, _ = await serving_health(port)
+            assert await (await replicas.acquire()).is_serving(2)
+        finally:
+            await pool.close()
+            await server.stop(0)
 
     asyncio.run(run())
 
