@@ -80,7 +80,11 @@ def test_fused_gsm8k_answer_equals_the_reference(cluster, references, index):
     prompt = gsm8k_prompt(index)
     with grpc.insecure_channel(cluster.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        request = opb.FuseRequest(parameters=opb.FusionParameters(prompt=chat(prompt[0]["content"]), max_new_tokens=64, strategy=PAPER_STRATEGY))
+        request = opb.FuseRequest(
+            parameters=opb.FusionParameters(
+                prompt=chat(prompt[0]["content"]), max_new_tokens=64, strategy=PAPER_STRATEGY
+            )
+        )
         result = stub.Fuse(request, timeout=900).result
     expected, _ = reference_fuse([references["smollm2"], references["gemma3"]], prompt, max_new_tokens=64)
     assert result.text == expected
