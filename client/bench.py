@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from coolfusion.client.cli import DEFAULT_LOG, DEFAULT_ORCHESTRATOR, _signals_interrupt, cluster_spec
+from coolfusion.client.cli import DEFAULT_LOG, _signals_interrupt, add_target_flags, cluster_spec
 from coolfusion.client.client import FusionClient, PromptLike, chat, fusion_parameters
 from coolfusion.client.cluster import DEFAULT_PRESETS, LocalCluster
 from coolfusion.client.prompts import gsm8k_text
@@ -352,14 +352,7 @@ def _cell(value: Any, divisor: float) -> str:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `coolfusion bench` (its parser is registered in cli.py)."""
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument(
-        "--orchestrator", metavar="ADDR", help="the service to measure, host:port "
-        f"(default: $COOLFUSION_ORCHESTRATOR or {DEFAULT_ORCHESTRATOR})",
-    )  # fmt: skip
-    target.add_argument(
-        "--local", action="store_true", help="start a local cluster, then one with --no-cache workers, one at a time"
-    )
+    add_target_flags(parser, "start a local cluster, then one with --no-cache workers, one at a time")
     parser.add_argument(
         "--no-cache-orchestrator", metavar="ADDR", help="section 2: the same workers, started with --no-cache"
     )

@@ -69,6 +69,13 @@ def _add_orchestrator_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orchestrator", metavar="ADDR", help=f"host:port (default: {default})")
 
 
+def add_target_flags(parser: argparse.ArgumentParser, local_help: str) -> None:
+    """--orchestrator ADDR, or --local to start a cluster here (eval, bench)."""
+    target = parser.add_mutually_exclusive_group()
+    _add_orchestrator_flag(target)
+    target.add_argument("--local", action="store_true", help=local_help)
+
+
 def _use_colour(out: TextIO) -> bool:
     # https://no-color.org: an opt-out that terminal users expect to be honoured.
     return out.isatty() and not os.environ.get("NO_COLOR")

@@ -19,10 +19,10 @@ from google.protobuf import json_format
 
 from coolfusion.client.cli import (
     DEFAULT_LOG,
-    DEFAULT_ORCHESTRATOR,
     PRESET_NAMES,
     _signals_interrupt,
     add_strategy_flags,
+    add_target_flags,
     start_cluster,
     strategy_from_args,
 )
@@ -399,14 +399,7 @@ def write_summary(scores: list[Score], out_dir: Path) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `coolfusion eval` (its parser is registered in cli.py)."""
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument(
-        "--orchestrator", metavar="ADDR", help="a running orchestrator, host:port "
-        f"(default: $COOLFUSION_ORCHESTRATOR or {DEFAULT_ORCHESTRATOR})",
-    )  # fmt: skip
-    target.add_argument(
-        "--local", action="store_true", help="start the default pair (smollm2, gemma3) here and stop it afterwards"
-    )
+    add_target_flags(parser, "start the default pair (smollm2, gemma3) here and stop it afterwards")
     parser.add_argument(
         "--data", "--gsm8k", type=Path, default=DEFAULT_DATA,
         help=f"GSM8K-format JSONL, e.g. from `coolfusion problems` (default: {DEFAULT_DATA})",

@@ -31,10 +31,10 @@ def address(tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
         yield cluster.address
 
 
-def eval_cli(data: Path, out: Path, address: str) -> subprocess.CompletedProcess[str]:
+def eval_cli(data: Path, out: Path, address: str, *flags: str) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-m", "coolfusion.client.cli", "eval", "--gsm8k", str(data), "--out", str(out),
-        "--limit", "3", "--max-new-tokens", "8", "--orchestrator", address, "--workers", ",".join(WORKERS),
+        "--limit", "3", "--max-new-tokens", "8", "--orchestrator", address, "--workers", ",".join(WORKERS), *flags,
     ]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
@@ -49,7 +49,10 @@ def test_eval_answers_every_item_in_every_mode_then_resumes_without_requests(add
     records = [json.loads(line) for line in results.splitlines()]
     assert sorted((r["mode"], r["index"]) for r in records) == sorted((m, i) for m in MODES for i in range(3))
     assert [r["reference"] for r in records if r["mode"] == "cool"] == ["7", "30", "1150"]
-    assert all(isinstance(r["text"], str) and r["seconds"] > 0 and r["error"] is None for r in records)
+    assert all(isinstance(r["text"], str) and r["error"] is None for r in records)
+    # One Cool+R request per item; its ranking holds the other modes' answers.
+    assert all((r["seconds"] is not None and r["seconds"] > 0) == (r["mode"] == "cool_r") for r in records)
+    assert {r["taken_from"] for r in records if r["mode"] != "cool_r"} == {"cool_r"}
     summary = (out / "summary.md").read_text()
     assert summary.strip() in done.stdout
     rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()[2:]}
@@ -63,3 +66,17 @@ def test_eval_answers_every_item_in_every_mode_then_resumes_without_requests(add
     assert (out / "results.jsonl").read_text() == results
     assert (out / "summary.md").read_text() == summary
     assert time.monotonic() - started < 20
+
+
+def test_answers_taken_from_cool_r_equal_the_modes_asked_on_their_own(address: str, tmp_path: Path) -> None:
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    assert eval_cli(data, tmp_path / "derived", address).returncode == 0
+    assert eval_cli(data, tmp_path / "asked", address, "--modes", "solo,cool").returncode == 0
+
+    def texts(out: Path) -> dict[tuple[str, int], str]:
+        records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        return {(r["mode"], r["index"]): r["text"] for r in records if r["mode"] != "cool_r"}
+
+    asked = texts(tmp_path / "asked")
+    assert len(asked) == 9 and texts(tmp_path / "derived") == asked
