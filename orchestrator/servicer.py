@@ -152,6 +152,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._observer = observer  # metrics and spans of every request
         # The operator's flags, then each registry entry's weight and template; requests override.
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
+        self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
@@ -183,8 +184,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
         request_id = uuid.uuid4().hex
-        known = {entry.name for entry in self._pool.entries}
-        request = parse_request(parameters, self._settings.limits, request_id, self._default_strategy, known)
+        request = parse_request(
+            parameters, self._settings.limits, request_id, self._default_strategy, self._worker_names
+        )
         try:
             workers = self._pool.select(list(parameters.workers))
         except RegistryError as error:
