@@ -10,13 +10,13 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from coolfusion.orchestrator.fusion import NoWorkersLeft, RejectedByAllWorkers
+from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.orchestrator.telemetry import FusionTelemetry
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
-from coolfusion.serving.metrics import OrchestratorMetrics
 from coolfusion.serving.security import bind, security_interceptors
 from coolfusion.serving.telemetry import ServerTelemetry, start_telemetry
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc

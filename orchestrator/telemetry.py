@@ -13,6 +13,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from coolfusion.orchestrator.fusion import Step
+from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.observer import FusionObserver, Metadata
 from coolfusion.orchestrator.worker_client import (
     InvalidAnswer,
@@ -21,7 +22,6 @@ from coolfusion.orchestrator.worker_client import (
     WorkerUnavailable,
 )
 from coolfusion.serving.interceptors import split_method
-from coolfusion.serving.metrics import OrchestratorMetrics
 from coolfusion.serving.tracing import record_status, rpc_attributes, trace_headers
 
 # Failures that are not one of WorkerFailed's subclasses, by the status their message starts with.
@@ -29,7 +29,7 @@ _REASON_BY_CODE = {"DEADLINE_EXCEEDED": "deadline", "RESOURCE_EXHAUSTED": "overl
 
 
 def drop_reason(error: Exception) -> str:
-    """One of serving.metrics.DROP_REASONS: why a worker was dropped, as a bounded label value."""
+    """One of metrics.DROP_REASONS: why a worker was dropped, as a bounded label value."""
     if isinstance(error, WorkerUnavailable):
         return "unavailable"
     if isinstance(error, WorkerRejected):

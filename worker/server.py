@@ -14,11 +14,11 @@ from prometheus_client import CollectorRegistry
 
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
-from coolfusion.serving.metrics import WorkerMetrics
 from coolfusion.serving.security import bind, security_interceptors
 from coolfusion.serving.telemetry import ServerTelemetry, start_telemetry
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker import errors, loading
+from coolfusion.worker.metrics import WorkerMetrics
 from coolfusion.worker.model import LanguageModel, PromptSpec
 from coolfusion.worker.model_thread import ModelThread
 from coolfusion.worker.servicer import WorkerServicer

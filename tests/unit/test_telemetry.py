@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from coolfusion.orchestrator.__main__ import parse_settings as orchestrator_settings
+from coolfusion.orchestrator.metrics import DROP_REASONS
 from coolfusion.orchestrator.telemetry import drop_reason
 from coolfusion.orchestrator.worker_client import (
     InvalidAnswer,
@@ -20,7 +21,6 @@ from coolfusion.orchestrator.worker_client import (
     WorkerRejected,
     WorkerUnavailable,
 )
-from coolfusion.serving.metrics import DROP_REASONS
 from coolfusion.serving.tracing import TracingSettings, start_tracing, tracing_from_environment
 from coolfusion.worker.__main__ import parse_settings as worker_settings
 
