@@ -1,9 +1,10 @@
-"""Client library and the `coolfusion` command line."""
+"""The Python client library of OrchestratorService; the `coolfusion` command line lives in coolfusion.cli."""
 
 from coolfusion.client.client import (
     AsyncFusionClient,
     CoolfusionError,
     DeadlineExceededError,
+    FuseOptions,
     FusionClient,
     InvalidArgumentError,
     NotFoundError,
@@ -20,6 +21,7 @@ __all__ = [
     "AsyncFusionClient",
     "CoolfusionError",
     "DeadlineExceededError",
+    "FuseOptions",
     "FusionClient",
     "InvalidArgumentError",
     "NotFoundError",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -67,27 +68,36 @@ def chat(text: str, *, system: str | None = None) -> list[dict[str, str]]:
     return [*turns, {"role": "user", "content": text}]
 
 
-def fusion_parameters(
-    prompt: PromptLike,
-    *,
-    workers: Iterable[str] = (),
-    max_new_tokens: int = 0,
-    stop: Iterable[str] = (),
-    segment_max_tokens: int = 0,
-    rerank: bool = False,
-    trace: bool = False,
-    strategy: orchestrator_pb2.FusionStrategy | None = None,
-) -> orchestrator_pb2.FusionParameters:
-    """Builds the request parameters; zero numbers and an unset strategy mean the orchestrator's defaults."""
+@dataclass(frozen=True)
+class FuseOptions:
+    """How one fusion runs; zero numbers, empty tuples and an unset strategy mean the orchestrator's defaults."""
+
+    workers: tuple[str, ...] = ()  # worker names (default: all)
+    max_new_tokens: int = 0  # answer length, in the first worker's tokens
+    stop: tuple[str, ...] = ()  # the answer is cut before the first of these strings
+    segment_max_tokens: int = 0  # per-step cap, tokens
+    rerank: bool = False  # Cool+R: also rank the workers' solo answers
+    trace: bool = False  # return every step's candidates and winner
+    strategy: orchestrator_pb2.FusionStrategy | None = None  # see fusion_strategy
+
+    def __post_init__(self) -> None:
+        # Any iterable of names is accepted; stored as tuples so the options stay immutable.
+        object.__setattr__(self, "workers", tuple(self.workers))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def fusion_parameters(prompt: PromptLike, options: FuseOptions | None = None) -> orchestrator_pb2.FusionParameters:
+    """Builds the request parameters for `prompt`; no options means the orchestrator's defaults throughout."""
+    options = options or FuseOptions()
     return orchestrator_pb2.FusionParameters(
         prompt=_prompt(prompt),
-        workers=list(workers),
-        max_new_tokens=max_new_tokens,
-        stop_strings=list(stop),
-        segment_max_tokens=segment_max_tokens,
-        rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if rerank else orchestrator_pb2.RERANK_MODE_NONE,
-        include_trace=trace,
-        strategy=strategy,
+        workers=options.workers,
+        max_new_tokens=options.max_new_tokens,
+        stop_strings=options.stop,
+        segment_max_tokens=options.segment_max_tokens,
+        rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if options.rerank else orchestrator_pb2.RERANK_MODE_NONE,
+        include_trace=options.trace,
+        strategy=options.strategy,
     )
 
 
@@ -181,22 +191,12 @@ class FusionClient(_ClientBase):
     def fuse(
         self,
         prompt: PromptLike,
+        options: FuseOptions | None = None,
         *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        segment_max_tokens: int = 0,
-        rerank: bool = False,
-        trace: bool = False,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
-        parameters = fusion_parameters(
-            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
-        )  # fmt: skip
-        request = orchestrator_pb2.FuseRequest(parameters=parameters)
+        request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
             response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         except grpc.RpcError as error:
@@ -206,22 +206,12 @@ class FusionClient(_ClientBase):
     def fuse_stream(
         self,
         prompt: PromptLike,
+        options: FuseOptions | None = None,
         *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        segment_max_tokens: int = 0,
-        rerank: bool = False,
-        trace: bool = False,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[orchestrator_pb2.FuseStreamResponse]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
-        parameters = fusion_parameters(
-            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
-        )  # fmt: skip
-        request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
+        request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
         call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         try:
             yield from call
@@ -272,22 +262,12 @@ class AsyncFusionClient(_ClientBase):
     async def fuse(
         self,
         prompt: PromptLike,
+        options: FuseOptions | None = None,
         *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        segment_max_tokens: int = 0,
-        rerank: bool = False,
-        trace: bool = False,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
-        parameters = fusion_parameters(
-            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
-        )  # fmt: skip
-        request = orchestrator_pb2.FuseRequest(parameters=parameters)
+        request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
             response = await self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         except grpc.RpcError as error:
@@ -297,22 +277,12 @@ class AsyncFusionClient(_ClientBase):
     async def fuse_stream(
         self,
         prompt: PromptLike,
+        options: FuseOptions | None = None,
         *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        segment_max_tokens: int = 0,
-        rerank: bool = False,
-        trace: bool = False,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
         timeout_s: float | None = None,
     ) -> AsyncIterator[orchestrator_pb2.FuseStreamResponse]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
-        parameters = fusion_parameters(
-            prompt, workers=workers, max_new_tokens=max_new_tokens, stop=stop,
-            segment_max_tokens=segment_max_tokens, rerank=rerank, trace=trace, strategy=strategy,
-        )  # fmt: skip
-        request = orchestrator_pb2.FuseStreamRequest(parameters=parameters)
+        request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
         call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         try:
             async for event in call:

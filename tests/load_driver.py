@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coolfusion.client.cluster import LocalProcess
+from coolfusion.cli.cluster import LocalProcess
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 from reference import ReferenceModel

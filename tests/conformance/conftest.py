@@ -54,7 +54,7 @@ def worker_address(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     # Only the local mode needs the model stack; resolved lazily so that a team testing its own
     # worker needs just grpc and the generated stubs (see README.md).
-    from coolfusion.client.cluster import launch, stop_processes, wait_ready, worker_argv
+    from coolfusion.cli.cluster import launch, stop_processes, wait_ready, worker_argv
 
     family = _option(request.config, "--tiny-family", "bpe")
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
 
 WORKERS = ["bpe", "char"]
 LENGTHS, LEVELS, REQUESTS = [8, 16], [1, 2], 2
@@ -31,7 +31,7 @@ def addresses(tiny_model_dirs: dict[str, Path]) -> Iterator[tuple[str, str]]:
 
 
 def bench_cli(*flags: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "coolfusion.client.cli", "bench", *flags]
+    argv = [sys.executable, "-m", "coolfusion.cli.main", "bench", *flags]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from coolfusion.client import AsyncFusionClient, FusionClient, InvalidArgumentError
-from coolfusion.client.cli import cluster_spec, final_number
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
+from coolfusion.cli.common import cluster_spec
+from coolfusion.client import AsyncFusionClient, FuseOptions, FusionClient, InvalidArgumentError
 from coolfusion.v1 import orchestrator_pb2
 
 WORKERS = ["bpe", "char"]
@@ -28,7 +29,7 @@ PROMPT = "Tom has 3 apples and buys 4 more."
 # give both workers candidates to win.
 MAX_NEW_TOKENS, SEGMENT_TOKENS = 6, 4
 _LIMIT_FLAGS = ("--max-new-tokens", str(MAX_NEW_TOKENS), "--segment-max-tokens", str(SEGMENT_TOKENS))
-_LIMITS = {"max_new_tokens": MAX_NEW_TOKENS, "segment_max_tokens": SEGMENT_TOKENS}
+_LIMITS = FuseOptions(max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS)
 _LABEL = re.compile(r"\[(bpe|char)\]")
 
 
@@ -41,7 +42,7 @@ def address(tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
 
 def cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, NO_COLOR="")  # output is piped anyway: labels, not colours
-    argv = [sys.executable, "-m", "coolfusion.client.cli", *args]
+    argv = [sys.executable, "-m", "coolfusion.cli.main", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
 
 
@@ -100,26 +101,26 @@ def test_workers_lists_both_workers(address: str) -> None:
 
 def test_sync_client_fuse_stream_and_list_workers(address: str) -> None:
     with FusionClient(address, timeout_s=60) as client:
-        result = client.fuse(PROMPT, trace=True, **_LIMITS)
+        result = client.fuse(PROMPT, replace(_LIMITS, trace=True))
         assert result.text and result.text == "".join(s.candidates[s.winner_index].text for s in result.trace)
-        events = list(client.fuse_stream(PROMPT, **_LIMITS))
+        events = list(client.fuse_stream(PROMPT, _LIMITS))
         assert_stream_consistent(events)
         assert events[-1].summary.text == result.text
         assert [(w.name, w.serving) for w in client.list_workers()] == [("bpe", True), ("char", True)]
         with pytest.raises(InvalidArgumentError, match="nope"):
-            client.fuse(PROMPT, workers=["nope"])
+            client.fuse(PROMPT, FuseOptions(workers=("nope",)))
 
 
 def test_async_client_fuse_stream_and_list_workers(address: str) -> None:
     async def run() -> None:
         async with AsyncFusionClient(address, timeout_s=60) as client:
-            result = await client.fuse(PROMPT, workers=["char", "bpe"], **_LIMITS)
+            result = await client.fuse(PROMPT, replace(_LIMITS, workers=("char", "bpe")))
             assert [share.worker for share in result.shares] == ["char", "bpe"]
-            events = [event async for event in client.fuse_stream(PROMPT, **_LIMITS)]
+            events = [event async for event in client.fuse_stream(PROMPT, _LIMITS)]
             assert_stream_consistent(events)
             assert [w.name for w in await client.list_workers()] == WORKERS
             with pytest.raises(InvalidArgumentError):
-                await client.fuse(PROMPT, max_new_tokens=10**6)
+                await client.fuse(PROMPT, FuseOptions(max_new_tokens=10**6))
 
     asyncio.run(run())
 
@@ -134,7 +135,7 @@ def assert_stream_consistent(events: list[orchestrator_pb2.FuseStreamResponse]) 
 
 def test_up_serves_until_sigterm_and_leaves_nothing_running(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     models = [f"--model={name}={tiny_model_dirs[name]}" for name in WORKERS]
-    argv = [sys.executable, "-m", "coolfusion.client.cli", "up", "--presets=", *models, "--log", str(tmp_path / "log")]
+    argv = [sys.executable, "-m", "coolfusion.cli.main", "up", "--presets=", *models, "--log", str(tmp_path / "log")]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         lines = _read_lines(up)
@@ -143,7 +144,7 @@ def test_up_serves_until_sigterm_and_leaves_nothing_running(tiny_model_dirs: dic
         servers = _children(up.pid)
         assert len(servers) == 3  # two workers and the orchestrator
         with FusionClient(address, timeout_s=30) as client:
-            assert client.fuse(PROMPT, **_LIMITS).text
+            assert client.fuse(PROMPT, _LIMITS).text
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
         assert not _alive(servers)
@@ -190,9 +191,3 @@ def test_cluster_spec_maps_presets_to_short_names_and_models_override() -> None:
         "extra": ["--model", "/m/x"],
     }
     assert cluster_spec("", ["a=/m/a"]) == {"a": ["--model", "/m/a"]}
-
-
-def test_final_number_reads_the_gsm8k_answer_marker() -> None:
-    assert final_number("so 9 * 2 = 18\n#### 18") == "18"
-    assert final_number("#### $1,250.50 and later #### -3") == "-3"
-    assert final_number("no marker 42") is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
 
 WORKERS = ["bpe", "char"]
 MODES = ["solo:bpe", "solo:char", "cool", "cool_r"]
@@ -33,7 +33,7 @@ def address(tiny_model_dirs: dict[str, Path]) -> Iterator[str]:
 
 def eval_cli(data: Path, out: Path, address: str, *flags: str) -> subprocess.CompletedProcess[str]:
     argv = [
-        sys.executable, "-m", "coolfusion.client.cli", "eval", "--gsm8k", str(data), "--out", str(out),
+        sys.executable, "-m", "coolfusion.cli.main", "eval", "--gsm8k", str(data), "--out", str(out),
         "--limit", "3", "--max-new-tokens", "8", "--orchestrator", address, "--workers", ",".join(WORKERS), *flags,
     ]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)

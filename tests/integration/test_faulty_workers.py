@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from coolfusion.client.cluster import launch, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import launch, stop_processes, wait_ready, worker_argv
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc

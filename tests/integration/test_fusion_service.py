@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from coolfusion.client.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
 from coolfusion.v1 import orchestrator_pb2 as opb

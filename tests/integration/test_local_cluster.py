@@ -11,7 +11,7 @@ import pytest
 
 LAUNCH_AND_DIE = """
 import os, sys
-from coolfusion.client.cluster import launch, wait_ready, worker_argv
+from coolfusion.cli.cluster import launch, wait_ready, worker_argv
 worker = wait_ready(launch("w", worker_argv(["--model", sys.argv[1]])), 120)
 print(worker.process.pid, flush=True)
 os._exit(0)  # no cleanup at all, as if the launcher were killed

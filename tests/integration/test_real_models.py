@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from coolfusion.worker import loading

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import yaml
 
-from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 

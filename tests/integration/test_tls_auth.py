@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coolfusion.client.client import CoolfusionError, FusionClient, UnavailableError
-from coolfusion.client.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, UnavailableError
 
 WORKER_SERVICE_NAME = "bpe.workers.svc.cluster.local"  # as in a cluster: pods are dialled by IP
 CALLER_TOKEN = "caller-token-5f2d91"
@@ -138,14 +138,14 @@ def ca(secured) -> bytes:
 
 def test_fuse_over_tls_with_tokens_at_both_hops(secured):
     with client(secured, root_certificates=ca(secured), token=CALLER_TOKEN) as c:
-        result = c.fuse(PROMPT, workers=["bpe"], max_new_tokens=8)
+        result = c.fuse(PROMPT, FuseOptions(workers=("bpe",), max_new_tokens=8))
     assert result.text and not result.dropped
 
 
 def test_orchestrator_refuses_a_missing_or_wrong_token(secured):
     for token in (None, IMPOSTOR_TOKEN):
         with client(secured, root_certificates=ca(secured), token=token) as c, pytest.raises(CoolfusionError) as error:
-            c.fuse(PROMPT, workers=["bpe"], max_new_tokens=8)
+            c.fuse(PROMPT, FuseOptions(workers=("bpe",), max_new_tokens=8))
         assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert not any(secret in error.value.details for secret in SECRETS)
 
@@ -183,12 +183,12 @@ def test_worker_requires_a_client_certificate(secured):
 
 def test_a_worker_refusing_the_registry_token_is_dropped(secured):
     with client(secured, root_certificates=ca(secured), token=CALLER_TOKEN) as c:
-        result = c.fuse(PROMPT, workers=["bpe", "impostor"], max_new_tokens=8)
+        result = c.fuse(PROMPT, FuseOptions(workers=("bpe", "impostor"), max_new_tokens=8))
         assert result.text
         assert [d.worker for d in result.dropped] == ["impostor"]
         assert "UNAUTHENTICATED" in result.dropped[0].reason
         with pytest.raises(UnavailableError) as error:
-            c.fuse(PROMPT, workers=["impostor"], max_new_tokens=8)
+            c.fuse(PROMPT, FuseOptions(workers=("impostor",), max_new_tokens=8))
     assert "UNAUTHENTICATED" in error.value.details
     assert not any(secret in error.value.details for secret in SECRETS)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coolfusion.client.cluster import LocalProcess, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import LocalProcess, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 

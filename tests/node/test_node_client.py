@@ -10,7 +10,7 @@ import subprocess
 import grpc
 import pytest
 
-from coolfusion.client.cluster import LocalCluster
+from coolfusion.cli.cluster import LocalCluster
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from coolfusion.cli import render
 from coolfusion.client import (
     CoolfusionError,
     DeadlineExceededError,
+    FuseOptions,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -15,7 +17,6 @@ from coolfusion.client import (
     chat,
     error_from_rpc,
     fusion_parameters,
-    render,
 )
 from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
@@ -148,6 +149,6 @@ def test_a_bare_rpc_error_maps_to_unknown() -> None:
 
 def test_prompts_become_text_or_chat() -> None:
     assert fusion_parameters("Hello").prompt.text == "Hello"
-    parameters = fusion_parameters(chat("Hi", system="Be brief."), rerank=True, trace=True)
+    parameters = fusion_parameters(chat("Hi", system="Be brief."), FuseOptions(rerank=True, trace=True))
     assert [(m.role, m.content) for m in parameters.prompt.chat.messages] == [("system", "Be brief."), ("user", "Hi")]
     assert parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER and parameters.include_trace

@@ -1,39 +1,20 @@
-"""`coolfusion eval` without servers: answer extraction, Wilson intervals, resuming and the summary."""
+"""`coolfusion eval` without servers: scoring, Wilson intervals, resuming and the summary."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from coolfusion.client import eval as evaluation
-from coolfusion.client.eval import Item, Mode, Score
-from coolfusion.client.prompts import EXAMPLES, STOP_STRINGS, gsm8k_prompt
+from coolfusion.cli import eval as evaluation
+from coolfusion.cli.eval import Mode, Score
+from coolfusion.cli.gsm8k import Item
+from coolfusion.cli.prompts import EXAMPLES, STOP_STRINGS, gsm8k_prompt
+from coolfusion.client import FuseOptions
 from coolfusion.v1 import orchestrator_pb2
 
 GSM8K = Path(__file__).resolve().parents[2] / "../shared/data/gsm8k/test.jsonl"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("She has 1,000 now.\n#### 1,234", "1234"),
-        ("The ticket costs $5.", "5"),
-        ("It drops to -7 degrees.\n#### -7", "-7"),
-        ("Each costs 2.5, so 3 cost 7.5", "7.5"),
-        ("#### $1,234.50", "1234.50"),
-        ("I cannot tell.", None),
-        ("#### 12\nQuestion: what is 3 + 99?", "12"),  # the first marker wins over later numbers
-        ("#### 12 then #### 13", "12"),
-        ("7 - 3 = 4 and 5-3=2", "2"),  # subtraction, not a negative number
-        ("The answer is #### (none)", None),
-        ("So 4 apples.\n####", "4"),  # a marker without a number falls back to the last number
-    ],
-)
-def test_extract_answer(text: str, expected: str | None) -> None:
-    assert evaluation.extract_answer(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -89,18 +70,10 @@ class FakeClient:
         self.calls: list[tuple[tuple[str, ...], bool]] = []
 
     def fuse(
-        self,
-        prompt: object,
-        *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        rerank: bool = False,
-        timeout_s: float | None = None,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
+        self, prompt: object, options: FuseOptions | None = None, *, timeout_s: float | None = None
     ) -> orchestrator_pb2.FuseResult:
-        assert tuple(stop) == STOP_STRINGS
-        self.calls.append((tuple(workers), rerank))
+        assert options is not None and options.stop == STOP_STRINGS
+        self.calls.append((options.workers, options.rerank))
         return orchestrator_pb2.FuseResult(text="2 + 2 = 4\n#### 4", source="fused")
 
 
@@ -147,14 +120,6 @@ def test_score_counts_only_this_runs_items(tmp_path: Path) -> None:
     assert (cool.correct, cool.total, cool.mean_seconds) == (1, 1, 2.0)
 
 
-def test_load_items_takes_offset_and_limit(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    rows = [{"question": f"q{i}", "answer": f"{i} + 1 = {i + 1}\n#### {(i + 1) * 1000:,}"} for i in range(5)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    items = evaluation.load_items(path, offset=1, limit=2)
-    assert items == [Item(1, "q1", "2000"), Item(2, "q2", "3000")]
-
-
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     # 0/3 and 3/3 put the accuracy on an interval bound, where rounding once made an error bar negative.
@@ -182,9 +147,9 @@ def test_prompt_examples_are_not_test_items() -> None:
 class RankingClient(FakeClient):
     """Cool+R answers carry every answer in their ranking; other modes answer "#### 0"."""
 
-    def fuse(self, prompt: object, *, workers: Iterable[str] = (), rerank: bool = False, **_: object):
-        self.calls.append((tuple(workers), rerank))
-        if not rerank:
+    def fuse(self, prompt: object, options: FuseOptions, **_: object) -> orchestrator_pb2.FuseResult:
+        self.calls.append((options.workers, options.rerank))
+        if not options.rerank:
             return orchestrator_pb2.FuseResult(text="#### 0", source="fused")
         ranking = [
             orchestrator_pb2.RerankEntry(source="b", text="#### 4", fused_score=1.5),

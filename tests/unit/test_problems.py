@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from coolfusion.client import cli, problems
-from coolfusion.client.eval import extract_answer, load_items
-from coolfusion.client.problems import KINDS, Problem, generate, repeats_example, write_jsonl
-from coolfusion.client.prompts import EXAMPLES
+from coolfusion.cli import main as cli
+from coolfusion.cli import problems
+from coolfusion.cli.gsm8k import extract_answer, load_items
+from coolfusion.cli.problems import KINDS, Problem, generate, repeats_example, write_jsonl
+from coolfusion.cli.prompts import EXAMPLES
 
 
 def _exact_division(left: int, right: int) -> int:

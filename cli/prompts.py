@@ -31,7 +31,7 @@ prompt; both end with `#### N`, the marker the answer extraction looks for first
 
 from __future__ import annotations
 
-from coolfusion.client.client import chat
+from coolfusion.client import chat
 
 INSTRUCTION = (
     "Solve the last question. Reason step by step, then give the final answer on its own line as: #### <number>"

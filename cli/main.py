@@ -1,34 +1,40 @@
-"""The `coolfusion` command line: fuse, list workers, run a local cluster, and the GSM8K demo."""
+"""The `coolfusion` command line: argument parsing and dispatch; fuse, workers, up, demo and problems run here."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from coolfusion.client import problems, render
-from coolfusion.client.client import CoolfusionError, FusionClient, chat, fusion_strategy
-from coolfusion.client.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
+from coolfusion.cli import problems, render
+from coolfusion.cli.bench import add_bench_arguments, run_bench
+from coolfusion.cli.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
+from coolfusion.cli.common import (
+    DEFAULT_LOG,
+    DEFAULT_ORCHESTRATOR,
+    add_orchestrator_flag,
+    add_strategy_flags,
+    cluster_spec,
+    default_spec,
+    signals_interrupt,
+    start_cluster,
+    strategy_from_args,
+)
+from coolfusion.cli.eval import add_eval_arguments, run_eval
+from coolfusion.cli.gsm8k import Item, extract_answer, load_items
+from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, chat
 from coolfusion.v1 import orchestrator_pb2
 
-DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
-# Short worker names for the presets, so segment labels stay readable.
-PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3"}
-DEFAULT_LOG = Path(tempfile.gettempdir()) / "coolfusion-cluster.log"
 DEMO_INSTRUCTION = "Reason step by step, then give the final answer on its own line as: #### <number>"
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
@@ -64,18 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_orchestrator_flag(parser: argparse.ArgumentParser) -> None:
-    default = f"$COOLFUSION_ORCHESTRATOR or {DEFAULT_ORCHESTRATOR}"
-    parser.add_argument("--orchestrator", metavar="ADDR", help=f"host:port (default: {default})")
-
-
-def add_target_flags(parser: argparse.ArgumentParser, local_help: str) -> None:
-    """--orchestrator ADDR, or --local to start a cluster here (eval, bench)."""
-    target = parser.add_mutually_exclusive_group()
-    _add_orchestrator_flag(target)
-    target.add_argument("--local", action="store_true", help=local_help)
-
-
 def _use_colour(out: TextIO) -> bool:
     # https://no-color.org: an opt-out that terminal users expect to be honoured.
     return out.isatty() and not os.environ.get("NO_COLOR")
@@ -97,7 +91,7 @@ def _to_json(message: Message, indent: int | None = 2) -> str:
 def add_fuse(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("fuse", help="fuse one answer and show which worker won each segment")
     parser.add_argument("prompt", metavar="PROMPT")
-    _add_orchestrator_flag(parser)
+    add_orchestrator_flag(parser)
     parser.add_argument("--workers", default="", help="comma-separated worker names (default: all)")
     parser.add_argument("--stream", action="store_true", help="print segments as they are chosen")
     parser.add_argument("--json", action="store_true", help="print the FuseResult as JSON (JSON lines with --stream)")
@@ -111,44 +105,19 @@ def add_fuse(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_fuse)
 
 
-def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for FusionStrategy; each left out takes the orchestrator's default."""
-    group = parser.add_argument_group("fusion strategy (default: the orchestrator's)")
-    group.add_argument("--aggregation", default="", choices=["ppl_mean", "nll_mean", "robust"])
-    group.add_argument("--repetition-guard", default="", choices=["off", "stop", "steer"])
-    group.add_argument("--weight", action="append", default=[], metavar="WORKER=W", help="score weight (repeatable)")
-    group.add_argument(
-        "--prompt-template", action="append", default=[], metavar="WORKER=TEMPLATE",
-        help="plain-text template with {prompt} for one worker (repeatable)",
-    )  # fmt: skip
-
-
-def strategy_from_args(args: argparse.Namespace) -> orchestrator_pb2.FusionStrategy:
-    weights = {name: float(value) for name, value in _pairs(args.weight, "--weight")}
-    templates = dict(_pairs(args.prompt_template, "--prompt-template"))
-    return fusion_strategy(args.aggregation, args.repetition_guard, weights, templates)
-
-
-def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
-    if bad := [v for v in values if "=" not in v]:
-        raise SystemExit(f"coolfusion: {flag} takes WORKER=VALUE, got {bad[0]!r}")
-    return [tuple(v.split("=", 1)) for v in values]
-
-
 def run_fuse(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.plain else chat(args.prompt)
-    options: dict[str, Any] = {
-        "workers": [name for name in args.workers.split(",") if name],
-        "max_new_tokens": args.max_new_tokens,
-        "stop": args.stop,
-        "segment_max_tokens": args.segment_max_tokens,
-        "rerank": args.rerank,
-        "timeout_s": args.timeout_s,
-        "strategy": strategy_from_args(args),
-    }
+    options = FuseOptions(
+        workers=tuple(name for name in args.workers.split(",") if name),
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop),
+        segment_max_tokens=args.segment_max_tokens,
+        rerank=args.rerank,
+        strategy=strategy_from_args(args),
+    )
     with FusionClient(args.orchestrator) as client:
         if args.stream:
-            events = client.fuse_stream(prompt, **options)
+            events = client.fuse_stream(prompt, options, timeout_s=args.timeout_s)
             if args.json:
                 for event in events:
                     print(_to_json(event, indent=None), flush=True)
@@ -156,7 +125,7 @@ def run_fuse(args: argparse.Namespace) -> int:
                 print_stream(events, sys.stdout)
             return 0
         # The trace carries each step's winner, which the attribution needs.
-        result = client.fuse(prompt, trace=True, **options)
+        result = client.fuse(prompt, replace(options, trace=True), timeout_s=args.timeout_s)
     print(_to_json(result) if args.json else render.render_result(result, _palette(sys.stdout)))
     return 0
 
@@ -178,7 +147,7 @@ def print_stream(
 
 def add_workers(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("workers", help="list the orchestrator's workers and their health")
-    _add_orchestrator_flag(parser)
+    add_orchestrator_flag(parser)
     parser.add_argument("--json", action="store_true", help="print the statuses as a JSON list")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="deadline, seconds")
     parser.set_defaults(run=run_workers)
@@ -222,22 +191,9 @@ def add_up(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_up)
 
 
-def cluster_spec(presets: str, models: list[str]) -> dict[str, list[str]]:
-    """Worker name -> worker model arguments; `NAME=PATH` entries add workers or replace same-named ones."""
-    spec = {PRESET_NAMES.get(p, p): ["--preset", p] for p in presets.split(",") if p.strip()}
-    for entry in models:
-        name, sep, path = entry.partition("=")
-        if not (sep and name and path):
-            raise SystemExit(f"coolfusion: --model wants NAME=PATH, got {entry!r}")
-        spec[name] = ["--model", path]
-    if not spec:
-        raise SystemExit("coolfusion: no workers: give --presets or --model")
-    return spec
-
-
 def run_up(args: argparse.Namespace) -> int:
     spec = cluster_spec(args.presets, args.model)
-    with _signals_interrupt():
+    with signals_interrupt():
         cluster = start_cluster(spec, args.log, sys.stdout)
         try:
             print(f"orchestrator: {cluster.address}")
@@ -250,16 +206,6 @@ def run_up(args: argparse.Namespace) -> int:
             cluster.stop()
 
 
-def start_cluster(spec: dict[str, list[str]], log: Path, out: TextIO) -> LocalCluster:
-    described = ", ".join(f"{name} ({' '.join(model_args)})" for name, model_args in spec.items())
-    print(f"starting workers: {described}", file=out)
-    print(f"server logs: {log}", file=out, flush=True)
-    started = time.monotonic()
-    cluster = LocalCluster(spec, log_path=log).start()  # stops whatever it started if this fails
-    print(f"cluster up in {time.monotonic() - started:.0f} s", file=out, flush=True)
-    return cluster
-
-
 def _wait_while_running(cluster: LocalCluster) -> int:
     processes = [*cluster.workers.values(), cluster.orchestrator]
     while True:
@@ -268,29 +214,6 @@ def _wait_while_running(cluster: LocalCluster) -> int:
             if p is not None and p.process.poll() is not None:
                 print(f"coolfusion: {p.name} exited with code {p.process.returncode}", file=sys.stderr)
                 return 1
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """Turns the first SIGTERM or SIGINT into KeyboardInterrupt, and ignores later ones.
-
-    SIGTERM must unwind like Ctrl-C so the cluster's processes (in their own sessions, so they see
-    neither signal) are always stopped; a second signal must not cut that cleanup short.
-    """
-    fired = False
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def add_demo(subparsers: Subparsers) -> None:
@@ -303,53 +226,39 @@ def add_demo(subparsers: Subparsers) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    question, reference = read_gsm8k(args.gsm8k, args.index)
-    spec = {PRESET_NAMES[p]: ["--preset", p] for p in DEFAULT_PRESETS}
+    item = _demo_item(args.gsm8k, args.index)
+    spec = default_spec()
     print("the first start prepares (and converts) the models inside the workers: this can take minutes")
-    with _signals_interrupt():
+    with signals_interrupt():
         cluster = start_cluster(spec, args.log, sys.stdout)
         try:
-            print(f"\nquestion {args.index}: {question}\n", flush=True)
+            print(f"\nquestion {args.index}: {item.question}\n", flush=True)
             with FusionClient(cluster.address) as client:
-                prompt = chat(f"{question}\n\n{DEMO_INSTRUCTION}")
-                events = client.fuse_stream(prompt, max_new_tokens=args.max_new_tokens)
+                prompt = chat(f"{item.question}\n\n{DEMO_INSTRUCTION}")
+                events = client.fuse_stream(prompt, FuseOptions(max_new_tokens=args.max_new_tokens))
                 result = print_stream(events, sys.stdout, list(spec))
-            fused = final_number(result.text) if result else None
-            print(f"\nfused answer: {fused or '(none)'}   reference: {reference}")
+            fused = extract_answer(result.text) if result else None
+            print(f"\nfused answer: {fused or '(none)'}   reference: {item.reference}")
             return 0
         finally:
             print("stopping the cluster...", flush=True)
             cluster.stop()
 
 
-def read_gsm8k(path: Path, index: int) -> tuple[str, str]:
-    """Question `index` of a GSM8K JSONL file and the final number of its reference answer."""
-    if not path.is_file():
-        raise SystemExit(f"coolfusion: no GSM8K file at {path}; run from the repository root or pass --gsm8k")
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines):
-            if number == index:
-                record = json.loads(line)
-                return record["question"], final_number(record["answer"]) or record["answer"]
-    raise SystemExit(f"coolfusion: {path} has no question {index}")
+def _demo_item(path: Path, index: int) -> Item:
+    """Question `index` of a GSM8K JSONL file, read before the cluster spends minutes starting."""
+    if not (items := load_items(path, offset=index, limit=1)):
+        raise SystemExit(f"coolfusion: {path} has no question {index}")
+    return items[0]
 
 
-def final_number(text: str) -> str | None:
-    """The number after the last `####` (GSM8K's answer marker), commas removed."""
-    found = re.findall(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
-    return found[-1].replace(",", "") if found else None
+# eval, problems and bench -------------------------------------------------------------------------
 
 
 def add_eval(subparsers: Subparsers) -> None:
-    # Imported here: eval.py builds on this module (cluster start-up, preset names).
-    from coolfusion.client.eval import add_eval_arguments, run_eval
-
     parser = subparsers.add_parser("eval", help="GSM8K accuracy of each worker solo, Cool and Cool+R")
     add_eval_arguments(parser)
     parser.set_defaults(run=run_eval)
-
-
-# problems -----------------------------------------------------------------------------------------
 
 
 def add_problems(subparsers: Subparsers) -> None:
@@ -372,9 +281,6 @@ def run_problems(args: argparse.Namespace) -> int:
 
 
 def add_bench(subparsers: Subparsers) -> None:
-    # Imported here: bench.py builds on this module (cluster spec, signal handling).
-    from coolfusion.client.bench import add_bench_arguments, run_bench
-
     parser = subparsers.add_parser("bench", help="fused vs solo, caches vs re-prefilling, overhead, concurrency")
     add_bench_arguments(parser)
     parser.set_defaults(run=run_bench)

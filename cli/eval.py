@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,36 +16,23 @@ from typing import Any, Protocol
 
 from google.protobuf import json_format
 
-from coolfusion.client.cli import (
+from coolfusion.cli.common import (
     DEFAULT_LOG,
-    PRESET_NAMES,
-    _signals_interrupt,
     add_strategy_flags,
     add_target_flags,
+    default_spec,
+    signals_interrupt,
     start_cluster,
     strategy_from_args,
 )
-from coolfusion.client.client import DeadlineExceededError, FusionClient, PromptLike
-from coolfusion.client.cluster import DEFAULT_PRESETS
-from coolfusion.client.prompts import STOP_STRINGS, gsm8k_prompt
+from coolfusion.cli.gsm8k import Item, extract_answer, load_items
+from coolfusion.cli.prompts import STOP_STRINGS, gsm8k_prompt
+from coolfusion.client import DeadlineExceededError, FuseOptions, FusionClient, PromptLike
 from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_DATA = Path("../shared/data/gsm8k/test.jsonl")
 MODE_KINDS = ("solo", "cool", "cool_r")
-# A number as GSM8K writes it: optional minus and dollar sign, thousands commas, decimals. A minus
-# right after a word or digit is a hyphen or a subtraction ("5-3", "3-year"), not a sign.
-_NUMBER = re.compile(r"(?:(?<!\w)-)?\$?\d[\d,]*(?:\.\d+)?")
-_MARKER = "####"
 _Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
-
-
-@dataclass(frozen=True)
-class Item:
-    """One GSM8K question; `index` is its line number in the file, from 0."""
-
-    index: int
-    question: str
-    reference: str
 
 
 @dataclass(frozen=True)
@@ -62,32 +48,11 @@ class Fuser(Protocol):
     """What the evaluation needs of a client (FusionClient; a fake in tests)."""
 
     def fuse(
-        self,
-        prompt: PromptLike,
-        *,
-        workers: Iterable[str] = (),
-        max_new_tokens: int = 0,
-        stop: Iterable[str] = (),
-        rerank: bool = False,
-        timeout_s: float | None = None,
-        strategy: orchestrator_pb2.FusionStrategy | None = None,
+        self, prompt: PromptLike, options: FuseOptions | None = None, *, timeout_s: float | None = None
     ) -> orchestrator_pb2.FuseResult: ...
 
 
 # answers ------------------------------------------------------------------------------------------
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the first `####`, else the last number in the text; commas and `$` removed."""
-    _, marker, after = text.partition(_MARKER)
-    if marker and (found := _NUMBER.search(after)):
-        return _clean(found.group())
-    numbers = _NUMBER.findall(text)
-    return _clean(numbers[-1]) if numbers else None
-
-
-def _clean(number: str) -> str:
-    return number.replace(",", "").replace("$", "")
 
 
 def is_correct(prediction: str | None, reference: str) -> bool:
@@ -95,26 +60,7 @@ def is_correct(prediction: str | None, reference: str) -> bool:
     return prediction is not None and abs(float(prediction) - float(reference)) <= 1e-6
 
 
-# data ---------------------------------------------------------------------------------------------
-
-
-def load_items(path: Path, offset: int = 0, limit: int | None = None) -> list[Item]:
-    """Lines [offset, offset + limit) of a GSM8K JSONL file; the reference is its answer's `#### N`."""
-    if not path.is_file():
-        raise SystemExit(f"coolfusion: no GSM8K file at {path}; run from the repository root or pass --gsm8k")
-    items = []
-    with open(path, encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if index < offset:
-                continue
-            if limit is not None and len(items) >= limit:
-                break
-            record = json.loads(line)
-            reference = extract_answer(record["answer"])
-            if reference is None:
-                raise SystemExit(f"coolfusion: {path}:{index + 1} has no `#### N` answer")
-            items.append(Item(index, record["question"], reference))
-    return items
+# modes --------------------------------------------------------------------------------------------
 
 
 def parse_kinds(text: str) -> set[str]:
@@ -170,15 +116,19 @@ class Request:
         strategy = json_format.MessageToDict(self.strategy) if self.strategy else {}
         return {"max_new_tokens": self.max_new_tokens, "strategy": strategy, "stop": list(STOP_STRINGS)}
 
+    def options(self, mode: Mode) -> FuseOptions:
+        """What one question is asked with in `mode`."""
+        return FuseOptions(
+            workers=mode.workers, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS, rerank=mode.rerank,
+            strategy=self.strategy,
+        )  # fmt: skip
+
 
 def answer(client: Fuser, item: Item, mode: Mode, request: Request) -> dict[str, Any]:
     """Asks the orchestrator one question in one mode; returns the record to append."""
     started = time.monotonic()
     try:
-        result = client.fuse(
-            gsm8k_prompt(item.question), workers=mode.workers, max_new_tokens=request.max_new_tokens,
-            stop=STOP_STRINGS, rerank=mode.rerank, timeout_s=request.timeout_s, strategy=request.strategy,
-        )  # fmt: skip
+        result = client.fuse(gsm8k_prompt(item.question), request.options(mode), timeout_s=request.timeout_s)
     except DeadlineExceededError as error:
         # A runaway item counts as wrong rather than stopping the run; other errors (a worker
         # down, a bad flag) stop it, and the next run resumes.
@@ -398,7 +348,7 @@ def write_summary(scores: list[Score], out_dir: Path) -> str:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `coolfusion eval` (its parser is registered in cli.py)."""
+    """The flags of `coolfusion eval` (its parser is registered in main.py)."""
     add_target_flags(parser, "start the default pair (smollm2, gemma3) here and stop it afterwards")
     parser.add_argument(
         "--data", "--gsm8k", type=Path, default=DEFAULT_DATA,
@@ -441,8 +391,8 @@ def _orchestrator(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[Fus
         # Asked only when --workers is not given, so a finished run needs no orchestrator.
         yield args.orchestrator, _serving_workers
         return
-    spec = {PRESET_NAMES[p]: ["--preset", p] for p in DEFAULT_PRESETS}
-    with _signals_interrupt():  # SIGTERM must unwind through the cluster's stop()
+    spec = default_spec()
+    with signals_interrupt():  # SIGTERM must unwind through the cluster's stop()
         cluster = start_cluster(spec, args.log, sys.stderr)
         try:
             yield cluster.address, lambda client: list(spec)

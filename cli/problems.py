@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coolfusion.client.prompts import EXAMPLES
+from coolfusion.cli.prompts import EXAMPLES
 
 # The seed `coolfusion problems` uses unless told otherwise, so that sets quoted without a seed match.
 DEFAULT_SEED = 7

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from coolfusion.client.cli import DEFAULT_LOG, _signals_interrupt, add_target_flags, cluster_spec
-from coolfusion.client.client import FusionClient, PromptLike, chat, fusion_parameters
-from coolfusion.client.cluster import DEFAULT_PRESETS, LocalCluster
-from coolfusion.client.prompts import gsm8k_text
+from coolfusion.cli.cluster import DEFAULT_PRESETS, LocalCluster
+from coolfusion.cli.common import DEFAULT_LOG, add_target_flags, cluster_spec, signals_interrupt
+from coolfusion.cli.prompts import gsm8k_text
+from coolfusion.client import FuseOptions, FusionClient, PromptLike, chat, fusion_parameters
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 # Written for this project in GSM8K's style (not a test item), sent in `coolfusion eval`'s prompt.
@@ -63,7 +63,8 @@ class Run:
 def timed_fuse(client: FusionClient, plan: Plan, workers: tuple[str, ...], max_new_tokens: int) -> Run:
     """One Fuse call. No stop strings: the answer runs to its cap unless a model ends it (EOS)."""
     started = time.perf_counter()
-    result = client.fuse(plan.prompt, workers=workers, max_new_tokens=max_new_tokens, timeout_s=plan.timeout_s)
+    options = FuseOptions(workers=workers, max_new_tokens=max_new_tokens)
+    result = client.fuse(plan.prompt, options, timeout_s=plan.timeout_s)
     wall_ms = (time.perf_counter() - started) * 1000
     if result.dropped:
         dropped = ", ".join(f"{d.worker} ({d.reason})" for d in result.dropped)
@@ -165,7 +166,7 @@ def measure_no_cache(address: str, plan: Plan) -> list[Run]:
 
 def _warm_up(client: FusionClient, plan: Plan) -> None:
     # The first request pays for connecting and lazy set-up; no figure should include that.
-    client.fuse(plan.prompt, workers=plan.workers, max_new_tokens=4, timeout_s=plan.timeout_s)
+    client.fuse(plan.prompt, FuseOptions(workers=plan.workers, max_new_tokens=4), timeout_s=plan.timeout_s)
 
 
 def _progress(message: str) -> None:
@@ -180,7 +181,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def fused_vs_solo(fused: Run, solos: list[Run]) -> list[dict[str, Any]]:
-    """Issue item 1: per worker, fused over solo wall time, whole and per token of that worker."""
+    """Per worker, fused over solo wall time, whole and per token of that worker."""
     rows = []
     for solo in solos:
         (name,) = solo.workers
@@ -198,7 +199,7 @@ def fused_vs_solo(fused: Run, solos: list[Run]) -> list[dict[str, Any]]:
 
 
 def cache_vs_no_cache(cached: list[Run], uncached: list[Run], lead: str) -> list[dict[str, Any]]:
-    """Issue item 2: re-prefilling over cached wall time at each cap; tokens are the lead worker's."""
+    """Re-prefilling over cached wall time at each cap; tokens are the lead worker's."""
     return [
         {
             "max_new_tokens": c.max_new_tokens,
@@ -215,7 +216,7 @@ def cache_vs_no_cache(cached: list[Run], uncached: list[Run], lead: str) -> list
 
 
 def orchestrator_overhead(runs: list[Run]) -> list[dict[str, Any]]:
-    """Issue item 3: the steps' time (after opening sessions) minus the workers' compute, per step."""
+    """The steps' time (after opening sessions) minus the workers' compute, per step."""
     rows = []
     for run in runs:
         t = run.timings
@@ -229,7 +230,7 @@ def orchestrator_overhead(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def step_split(runs: list[Run]) -> list[dict[str, Any]]:
-    """Issue item 4: a step's wall time as generate fan-out + score fan-out + the rest ("other")."""
+    """A step's wall time as generate fan-out + score fan-out + the rest ("other")."""
     rows = []
     for run in runs:
         t, steps = run.timings, run.timings["steps"]
@@ -351,7 +352,7 @@ def _cell(value: Any, divisor: float) -> str:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `coolfusion bench` (its parser is registered in cli.py)."""
+    """The flags of `coolfusion bench` (its parser is registered in main.py)."""
     add_target_flags(parser, "start a local cluster, then one with --no-cache workers, one at a time")
     parser.add_argument(
         "--no-cache-orchestrator", metavar="ADDR", help="section 2: the same workers, started with --no-cache"
@@ -438,5 +439,5 @@ def _service(args: argparse.Namespace, spec: dict[str, list[str]], no_cache: boo
     # One cluster at a time: two would share the cores and slow each other down.
     flags = ("--no-cache",) if no_cache else ()
     _progress(f"starting workers {', '.join(spec)}{' with --no-cache' if no_cache else ''} (logs: {args.log})")
-    with _signals_interrupt(), LocalCluster(spec, log_path=args.log, worker_flags=flags) as cluster:
+    with signals_interrupt(), LocalCluster(spec, log_path=args.log, worker_flags=flags) as cluster:
         yield cluster.address

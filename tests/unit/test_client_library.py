@@ -1,0 +1,58 @@
+"""The client library on its own: what importing it loads, and how FuseOptions become request parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from coolfusion.client import FuseOptions, fusion_parameters, fusion_strategy
+from coolfusion.v1 import orchestrator_pb2
+
+# Packages an application that only calls the orchestrator must not pay for.
+_HEAVY = ("torch", "transformers", "matplotlib", "tqdm", "yaml")
+_LIBRARY = ("coolfusion.client", "coolfusion.v1")
+
+
+def test_importing_the_library_loads_only_grpc_protobuf_and_the_stubs() -> None:
+    # A fresh interpreter: this test process has already imported the tooling and the servers.
+    code = "import coolfusion.client, json, sys; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    modules = json.loads(done.stdout)
+    ours = [m for m in modules if m.startswith("coolfusion.")]
+    assert "coolfusion.client.client" in ours
+    assert [m for m in ours if not m.startswith(_LIBRARY)] == []
+    for forbidden in ("coolfusion.cli", "coolfusion.serving", "coolfusion.orchestrator", "coolfusion.worker"):
+        assert not [m for m in modules if m == forbidden or m.startswith(f"{forbidden}.")]
+    assert not [m for m in modules if m.split(".")[0] in _HEAVY]
+
+
+def test_no_options_leave_everything_to_the_orchestrator() -> None:
+    parameters = fusion_parameters("Hi")
+    assert list(parameters.workers) == list(parameters.stop_strings) == []
+    assert (parameters.max_new_tokens, parameters.segment_max_tokens, parameters.include_trace) == (0, 0, False)
+    assert parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_NONE and not parameters.HasField("strategy")
+
+
+def test_every_option_reaches_the_request() -> None:
+    strategy = fusion_strategy("nll_mean", "stop")
+    options = FuseOptions(
+        workers=["a", "b"], max_new_tokens=64, stop=iter(["\nQ:"]), segment_max_tokens=8, rerank=True, trace=True,
+        strategy=strategy,
+    )  # fmt: skip
+    assert (options.workers, options.stop) == (("a", "b"), ("\nQ:",))  # stored as tuples, whatever was given
+    parameters = fusion_parameters("Hi", options)
+    assert (list(parameters.workers), list(parameters.stop_strings)) == (["a", "b"], ["\nQ:"])
+    assert (parameters.max_new_tokens, parameters.segment_max_tokens) == (64, 8)
+    assert parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER and parameters.include_trace
+    assert parameters.strategy == strategy
+
+
+def test_options_are_frozen() -> None:
+    options = FuseOptions(max_new_tokens=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.max_new_tokens = 9  # type: ignore[misc]
+    assert dataclasses.replace(options, trace=True) == FuseOptions(max_new_tokens=8, trace=True)
