@@ -1,32 +1,28 @@
-"""The Cool-Fusion loop of DESIGN.md section 2 over remote workers, and the Cool+R rerank."""
+"""The Cool-Fusion loop (docs/design.md section 2) over remote workers, and the Cool+R rerank."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from coolfusion.orchestrator.observer import FusionObserver, current_observer
-from coolfusion.orchestrator.replicas import ReplicaSet
-from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
-from coolfusion.orchestrator.worker_client import (
+from coolfusion.orchestrator.domain import (
+    Answer,
     CandidateScore,
+    Dropped,
+    Finish,
     GeneratedSegment,
     Prompt,
-    SessionLost,
-    WorkerClient,
-    WorkerFailed,
-    WorkerRejected,
-    WorkerUnavailable,
+    RankedAnswer,
+    Step,
+    StepCandidate,
 )
-
-logger = logging.getLogger(__name__)
-
-FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_REPETITION = "eos", "length", "stop", "repetition"
-# Closing sessions must not hang a finished request on a dead worker.
-_CLOSE_TIMEOUT_S = 2.0
+from coolfusion.orchestrator.observer import FusionObserver, current_observer
+from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession
+from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
+from coolfusion.orchestrator.worker_client import WorkerClient
 
 
 @dataclass(frozen=True)
@@ -42,62 +38,14 @@ class FusionRequest:
     strategy: Strategy = PAPER
 
 
-@dataclass
-class StepCandidate:
-    """A distinct candidate of a step, with who proposed it and how each worker scored it."""
-
-    text: str
-    ends_with_eos: bool
-    proposed_by: list[str]
-    scores: dict[str, CandidateScore] = field(default_factory=dict)
-    fused_score: float = 0.0
-
-
-@dataclass(frozen=True)
-class Step:
-    index: int
-    candidates: list[StepCandidate]
-    winner_index: int
-    generate_ms: float
-    score_ms: float
-    worker_compute_ms: float  # slowest worker's compute, generation plus scoring
-
-    @property
-    def winner(self) -> StepCandidate:
-        return self.candidates[self.winner_index]
-
-
-@dataclass(frozen=True)
-class Dropped:
-    worker: str
-    reason: str
-    step: int
-
-
-@dataclass
-class Answer:
-    """What one loop produced: the text, why it ended, and how it got there."""
-
-    text: str = ""
-    finish: str = FINISH_LENGTH
-    steps: list[Step] = field(default_factory=list)
-    dropped: list[Dropped] = field(default_factory=list)
-    open_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class RankedAnswer:
-    source: str  # "fused" or a worker name
-    text: str
-    fused_score: float
-
-
 @dataclass(frozen=True)
 class FusionResult:
+    """A finished request: the answer returned (fused, or the best of Cool+R's ranking) and how."""
+
     request_id: str
     workers: list[str]
     text: str
-    finish: str
+    finish: Finish
     source: str
     fused: Answer
     ranking: list[RankedAnswer]
@@ -107,83 +55,65 @@ class FusionResult:
     strategy: Strategy
 
 
-class NoWorkersLeft(Exception):
-    """Every worker of the request failed; the message names each failure."""
-
-
-class RejectedByAllWorkers(NoWorkersLeft):
-    """Every worker refused the request as invalid: the request is bad, not the service."""
-
-
-@dataclass
-class _Member:
-    """A worker taking part in one loop, and what the loop knows of its session."""
-
-    replicas: ReplicaSet
-    session_id: str
-    client: WorkerClient | None = None  # the replica holding the session, from its placement to its close
-    prompt_tokens: int = 0
-    context_tokens: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.replicas.name
-
-
 OnStep = Callable[[Step], Awaitable[None]]
 
 
 class FusionLoop:
-    """Runs DESIGN.md section 2 over `workers` for one request; holds that request's state only."""
+    """Runs the algorithm of docs/design.md section 2 for one request over its workers' sessions;
+    holds that request's state only. Where sessions live and how failures are survived is
+    sessions.py's business."""
 
     def __init__(
         self,
         workers: list[ReplicaSet],
         request: FusionRequest,
         purpose: str,
-        deadline: float,
-        call_timeout_s: float,
+        deadline: Deadline,
         on_step: OnStep | None = None,
         observer: FusionObserver | None = None,
     ):
-        self._members = [_Member(w, f"{request.request_id}.{purpose}.{w.name}") for w in workers]
-        self._purpose = purpose
+        sessions = [
+            WorkerSession(
+                w, f"{request.request_id}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
+                request.request_id,
+            )
+            for w in workers
+        ]  # fmt: skip
         # Metrics and spans; by default those of the request being served (see observer.py).
         self._observer = observer or current_observer()
-        self._dropped_members: list[_Member] = []
+        self._sessions = SessionGroup(sessions, purpose, request.request_id, self._observer)
+        self._purpose = purpose
         self._request = request
         self._deadline = deadline
-        self._call_timeout_s = call_timeout_s
         self._on_step = on_step
-        self._answer = Answer()
+        self._answer = Answer(dropped=self._sessions.dropped)
         self._to_append = ""  # the previous winner, appended by the next GenerateSegment
         self._step_index = 0
-        self._rejections = 0  # drops that were the worker refusing the request as invalid
 
     async def run(self) -> Answer:
         """Runs to a stop condition; every session it opened is closed, whatever happens."""
         try:
             started = time.perf_counter()
-            await self._fan_out(self._place)
+            await self._sessions.fan_out(lambda s: s.place("", self._deadline), self._step_index)
             self._answer.open_ms = (time.perf_counter() - started) * 1000
             while not await self._step():
                 self._step_index += 1
             return self._answer
         finally:
-            await asyncio.shield(self._close_all())
+            await asyncio.shield(self._sessions.close_all())
 
     async def score_full_answers(self, answers: list[tuple[str, bool]]) -> dict[str, list[CandidateScore]]:
-        """Scores whole answers after the bare prompt on every member (the Cool+R rerank)."""
+        """Scores whole answers after the bare prompt on every worker (the Cool+R rerank)."""
         try:
-            await self._fan_out(self._place)
-            scored = await self._fan_out(lambda m: self._score(m, answers))
+            await self._sessions.fan_out(lambda s: s.place("", self._deadline), 0)
+            scored = await self._sessions.fan_out(lambda s: s.score(answers, "", self._deadline), 0)
             return {name: scores for name, (scores, _) in scored.items()}
         finally:
-            await asyncio.shield(self._close_all())
+            await asyncio.shield(self._sessions.close_all())
 
     @property
     def dropped(self) -> list[Dropped]:
-        return self._answer.dropped
+        return self._sessions.dropped
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -195,12 +125,12 @@ class FusionLoop:
     async def _run_step(self) -> bool:
         """Runs one step; True when the answer is finished."""
         started = step_started = time.perf_counter()
-        segments = await self._fan_out(self._generate)
+        segments = await self._sessions.fan_out(self._generate, self._step_index)
         self._to_append = ""
         generate_ms = (time.perf_counter() - started) * 1000
         compute_ms = max(s.compute_ms for s in segments.values())
-        if self._answer_tokens(self._members[0].context_tokens) >= self._request.max_new_tokens:
-            return self._finish(FINISH_LENGTH)
+        if self._length_reached(self._sessions.lead.context_tokens):
+            return self._finish(Finish.LENGTH)
         candidates = _distinct_candidates(segments)
         score_ms = 0.0
         if len(candidates) > 1:
@@ -214,14 +144,24 @@ class FusionLoop:
             await self._on_step(step)
         return self._append(step.winner)
 
-    def _answer_tokens(self, context_tokens: int) -> int:
-        """Answer length in tokens of the first remaining worker (DESIGN.md: the stop rule's unit)."""
-        return context_tokens - self._members[0].prompt_tokens
+    def _generate(self, session: WorkerSession) -> Awaitable[GeneratedSegment]:
+        request = self._request
+        return session.generate(
+            self._answer.text, self._to_append, request.segment_max_tokens, request.stop_strings, self._deadline
+        )
+
+    def _length_reached(self, lead_context_tokens: int) -> bool:
+        """The length stop: the answer holds max_new_tokens tokens of the first remaining worker
+        (docs/design.md section 2), given that worker's context length (prompt + answer)."""
+        answer_tokens = lead_context_tokens - self._sessions.lead.prompt_tokens
+        return answer_tokens >= self._request.max_new_tokens
 
     async def _score_all(self, candidates: list[StepCandidate]) -> float:
         """Fills in every worker's scores and the fused score; returns the slowest compute time (ms)."""
         pairs = [(c.text, c.ends_with_eos) for c in candidates]
-        answers = await self._fan_out(lambda m: self._score(m, pairs))
+        answers = await self._sessions.fan_out(
+            lambda s: s.score(pairs, self._answer.text, self._deadline), self._step_index
+        )
         for name, (per_candidate, _) in answers.items():
             for candidate, score in zip(candidates, per_candidate):
                 candidate.scores[name] = score
@@ -231,21 +171,23 @@ class FusionLoop:
         return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:
+        """Appends the winner; True when a stop rule ends the answer."""
         previous = len(self._answer.text)
         self._answer.text += winner.text
         self._to_append = winner.text
         if winner.ends_with_eos:
-            return self._finish(FINISH_EOS)
+            return self._finish(Finish.EOS)
         if self._cut_at_stop_string(previous):
-            return self._finish(FINISH_STOP)
+            return self._finish(Finish.STOP)
         if self._request.strategy.repetition_guard != RepetitionGuard.OFF and self._cut_repetition():
-            return self._finish(FINISH_REPETITION)
-        lead = winner.scores.get(self._members[0].name)
-        if lead and self._answer_tokens(lead.context_tokens_with_text) >= self._request.max_new_tokens:
-            return self._finish(FINISH_LENGTH)
+            return self._finish(Finish.REPETITION)
+        # The lead's score tells its context length with the winner, which saves a round trip.
+        lead = winner.scores.get(self._sessions.lead.name)
+        if lead and self._length_reached(lead.context_tokens_with_text):
+            return self._finish(Finish.LENGTH)
         if not winner.text:
             # An empty segment makes no progress; stopping beats looping until the deadline.
-            return self._finish(FINISH_LENGTH)
+            return self._finish(Finish.LENGTH)
         return False
 
     def _cut_at_stop_string(self, previous_length: int) -> bool:
@@ -272,139 +214,9 @@ class FusionLoop:
                 return min(fresh, key=lambda i: (candidates[i].fused_score, i))
         return _lowest_score(candidates)
 
-    def _finish(self, reason: str) -> bool:
+    def _finish(self, reason: Finish) -> bool:
         self._answer.finish = reason
         return True
-
-    # ---- calls to workers -----------------------------------------------------------------
-
-    def _timeout(self) -> float:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise WorkerFailed("DEADLINE_EXCEEDED: the request's deadline passed")
-        return min(remaining, self._call_timeout_s)
-
-    async def _open(self, member: _Member) -> None:
-        prompt = self._request.strategy.prompt_for(member.name, self._request.prompt)
-        opened = await member.client.open(member.session_id, prompt, self._answer.text, self._timeout())
-        member.prompt_tokens, member.context_tokens = opened.prompt_tokens, opened.context_tokens
-
-    async def _place(
-        self, member: _Member, tried: tuple[WorkerClient, ...] = (), failure: WorkerFailed | None = None
-    ) -> None:
-        """Opens the member's session on its least-loaded replica, moving on to the next replica
-        while the chosen one is unreachable; `failure` is the reason given when none is left."""
-        tried = list(tried)
-        while (client := await member.replicas.acquire(exclude=tried)) is not None:
-            member.client = client
-            tried.append(client)
-            try:
-                return await self._open(member)
-            except WorkerUnavailable as gone:
-                member.replicas.mark_failed(client)
-                self._release(member)
-                failure = gone
-        if failure is None:
-            raise WorkerUnavailable(f"UNAVAILABLE: {member.replicas.problem or f'no replica of {member.name}'}")
-        if len(tried) > 1:
-            raise WorkerUnavailable(f"{failure} (all {len(tried)} replicas tried)") from failure
-        raise failure
-
-    async def _reopen(self, member: _Member) -> None:
-        """Re-creates a lost or desynchronised session from the full text (DESIGN.md section 3)."""
-        await self._close(member)
-        await self._open(member)
-
-    async def _fail_over(self, member: _Member, gone: WorkerUnavailable) -> None:
-        """The session's pod is gone: re-open the session on another replica, with the full text."""
-        failed = member.client
-        logger.warning(
-            "moving %s's session off replica %s: %s", member.name, failed.address, gone,
-            extra={"request_id": self._request.request_id},
-        )  # fmt: skip
-        member.replicas.mark_failed(failed)
-        self._release(member)
-        await self._place(member, (failed,), gone)
-
-    async def _generate(self, member: _Member) -> GeneratedSegment:
-        request = self._request
-
-        def call(reopened: bool) -> Awaitable[GeneratedSegment]:
-            append = "" if reopened else self._to_append  # a re-opened context already holds it
-            return member.client.generate(
-                member.session_id, member.context_tokens, len(self._answer.text) - len(append), append,
-                request.segment_max_tokens, request.stop_strings, self._timeout(),
-            )  # fmt: skip
-
-        segment = await self._on_session(member, call)
-        member.context_tokens = segment.context_tokens
-        return segment
-
-    async def _score(self, member: _Member, pairs: list[tuple[str, bool]]) -> tuple[list[CandidateScore], float]:
-        return await self._on_session(
-            member, lambda _: member.client.score(member.session_id, member.context_tokens, pairs, self._timeout())
-        )
-
-    async def _on_session(self, member: _Member, call: Callable[[bool], Awaitable]):
-        """`call(reopened=False)`; when the session was lost, or its pod is gone, re-opens it (on
-        another replica if the pod is gone) and tries once more with `call(reopened=True)`."""
-        try:
-            return await call(False)
-        except SessionLost as lost:
-            logger.info("re-opening %s after %s", member.name, lost, extra={"request_id": self._request.request_id})
-            await self._reopen(member)
-        except WorkerUnavailable as gone:
-            await self._fail_over(member, gone)
-        try:
-            return await call(True)
-        except SessionLost as lost:
-            raise WorkerFailed(f"session lost twice: {lost}") from lost
-
-    async def _fan_out(self, call: Callable[[_Member], Awaitable]) -> dict[str, object]:
-        """Calls every member concurrently; drops those that fail; returns answers by name."""
-        members = list(self._members)
-        results = await asyncio.gather(*(call(m) for m in members), return_exceptions=True)
-        answers = {}
-        for member, result in zip(members, results):
-            if isinstance(result, WorkerFailed):
-                self._drop(member, result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                answers[member.name] = result
-        return answers
-
-    def _drop(self, member: _Member, error: WorkerFailed) -> None:
-        reason = str(error)
-        logger.warning("dropping worker %s: %s", member.name, reason, extra={"request_id": self._request.request_id})
-        self._observer.on_drop(self._purpose, member.name, error)
-        self._members.remove(member)
-        self._dropped_members.append(member)  # its session is still closed at the end, if reachable
-        self._answer.dropped.append(Dropped(member.name, reason, self._step_index))
-        self._rejections += isinstance(error, WorkerRejected)
-        if not self._members:
-            failures = "; ".join(f"{d.worker}: {d.reason}" for d in self._answer.dropped)
-            if self._rejections == len(self._answer.dropped):
-                raise RejectedByAllWorkers(f"every worker refused the request: {failures}")
-            raise NoWorkersLeft(f"no workers left: {failures}")
-
-    async def _close(self, member: _Member) -> None:
-        try:
-            await member.client.close(member.session_id, _CLOSE_TIMEOUT_S)
-        except (WorkerFailed, SessionLost):
-            pass  # a worker that cannot be reached will evict the session by its idle TTL
-
-    @staticmethod
-    def _release(member: _Member) -> None:
-        if member.client is not None:
-            member.replicas.release(member.client)
-            member.client = None
-
-    async def _close_all(self) -> None:
-        placed = [m for m in self._members + self._dropped_members if m.client is not None]
-        await asyncio.gather(*(self._close(m) for m in placed))
-        for member in placed:
-            self._release(member)
 
 
 async def fuse(
@@ -416,11 +228,12 @@ async def fuse(
 ) -> FusionResult:
     """Fuses `workers` for one request; with rerank, also returns the best of fused and solo answers.
 
-    A bare WorkerClient stands for a worker with one replica."""
+    `deadline` is a time.monotonic() instant; a bare WorkerClient stands for a worker with one replica."""
     started = time.perf_counter()
+    limits = Deadline(deadline, call_timeout_s)
     replica_sets = [w if isinstance(w, ReplicaSet) else ReplicaSet.of(w) for w in workers]
     names = [c.name for c in replica_sets]
-    fused_loop = FusionLoop(replica_sets, request, "fused", deadline, call_timeout_s, on_step)
+    fused_loop = FusionLoop(replica_sets, request, "fused", limits, on_step)
     if not request.rerank:
         fused = await fused_loop.run()
         total_ms = (time.perf_counter() - started) * 1000
@@ -428,7 +241,7 @@ async def fuse(
             request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms,
             request.strategy,
         )  # fmt: skip
-    solo_loops = [FusionLoop([c], request, "solo", deadline, call_timeout_s) for c in replica_sets]
+    solo_loops = [FusionLoop([c], request, "solo", limits) for c in replica_sets]
     fused_done = 0.0
 
     async def run_fused() -> Answer:
@@ -444,7 +257,7 @@ async def fuse(
     dropped = fused.dropped + [
         Dropped(c.name, f"solo answer failed: {s}", 0) for c, s in zip(replica_sets, solos) if not isinstance(s, Answer)
     ]
-    ranking, rerank_dropped = await _rank(entries, replica_sets, fused, request, deadline, call_timeout_s)
+    ranking, rerank_dropped = await _rank(entries, replica_sets, fused, request, limits)
     best = ranking[0]
     total_ms = (time.perf_counter() - started) * 1000
     rerank_ms = (time.perf_counter() - fused_done) * 1000
@@ -460,16 +273,15 @@ async def _rank(
     replica_sets: list[ReplicaSet],
     fused: Answer,
     request: FusionRequest,
-    deadline: float,
-    call_timeout_s: float,
+    deadline: Deadline,
 ) -> tuple[list[RankedAnswer], list[Dropped]]:
     """Fused score (the strategy's aggregation; the paper's is mean perplexity) of each full answer
     across the workers still standing; best first, ties to the earlier entry (fused first, then
     workers in order)."""
     failed = {d.worker for d in fused.dropped}
     scorers = [c for c in replica_sets if c.name not in failed]
-    loop = FusionLoop(scorers, request, "rerank", deadline, call_timeout_s)
-    scores = await loop.score_full_answers([(a.text, a.finish == FINISH_EOS) for _, a in entries])
+    loop = FusionLoop(scorers, request, "rerank", deadline)
+    scores = await loop.score_full_answers([(a.text, a.finish == Finish.EOS) for _, a in entries])
     ranked = []
     for i, (source, answer) in enumerate(entries):
         perplexities = {name: per_answer[i].perplexity for name, per_answer in scores.items()}

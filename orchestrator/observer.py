@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from coolfusion.orchestrator.fusion import Step
+    from coolfusion.orchestrator.domain import Step
 
 Metadata = tuple[tuple[str, str], ...]
 _NOTHING = nullcontext()

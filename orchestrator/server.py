@@ -9,10 +9,10 @@ import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
-from coolfusion.orchestrator.fusion import NoWorkersLeft, RejectedByAllWorkers
 from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
+from coolfusion.orchestrator.sessions import NoWorkersLeft, RejectedByAllWorkers
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.orchestrator.telemetry import FusionTelemetry
 from coolfusion.serving.interceptors import ErrorMappingInterceptor

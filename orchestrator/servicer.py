@@ -8,27 +8,21 @@ import uuid
 
 import grpc
 
-from coolfusion.orchestrator.fusion import (
-    FINISH_EOS,
-    FINISH_REPETITION,
-    FINISH_STOP,
-    FusionRequest,
-    FusionResult,
-    NoWorkersLeft,
-    Step,
-    fuse,
-)
+from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step
+from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
+from coolfusion.orchestrator.sessions import NoWorkersLeft
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
-from coolfusion.orchestrator.worker_client import ChatTurn, Prompt, SessionLost, WorkerClient, WorkerFailed
+from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
 _FINISH = {
-    FINISH_EOS: worker_pb2.FINISH_REASON_EOS,
-    FINISH_STOP: worker_pb2.FINISH_REASON_STOP,
-    FINISH_REPETITION: worker_pb2.FINISH_REASON_REPETITION,
+    Finish.EOS: worker_pb2.FINISH_REASON_EOS,
+    Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH,
+    Finish.STOP: worker_pb2.FINISH_REASON_STOP,
+    Finish.REPETITION: worker_pb2.FINISH_REASON_REPETITION,
 }
 # A weight outside this range is a typo or an attempt to silence every other worker.
 _MAX_WEIGHT = 1e6
@@ -269,7 +263,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         position += len(step.winner.text)
     return orchestrator_pb2.FuseResult(
         text=result.text,
-        finish_reason=_FINISH.get(result.finish, worker_pb2.FINISH_REASON_LENGTH),
+        finish_reason=_FINISH[result.finish],
         shares=list(shares.values()),
         dropped=[orchestrator_pb2.DroppedWorker(worker=d.worker, reason=d.reason, step=d.step) for d in result.dropped],
         timings=orchestrator_pb2.Timings(

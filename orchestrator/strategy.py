@@ -1,5 +1,5 @@
 """How a fusion chooses segments: score aggregation, worker weights, the repetition guard and
-per-worker prompt templates. `PAPER` is DESIGN.md section 2 exactly."""
+per-worker prompt templates. `PAPER` is docs/design.md section 2 exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from coolfusion.orchestrator.worker_client import Prompt
+from coolfusion.orchestrator.domain import Prompt
 
 
 class Aggregation(enum.StrEnum):

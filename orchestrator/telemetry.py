@@ -12,7 +12,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
-from coolfusion.orchestrator.fusion import Step
+from coolfusion.orchestrator.domain import Step
 from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.observer import FusionObserver, Metadata
 from coolfusion.orchestrator.worker_client import (

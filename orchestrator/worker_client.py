@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coolfusion.orchestrator.domain import CandidateScore, GeneratedSegment, OpenedSession, Prompt
 from coolfusion.orchestrator.observer import current_observer
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -21,54 +21,12 @@ _WORKER_SERVICE = "/coolfusion.v1.WorkerService/"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Plain text, or chat turns that each worker renders with its own template."""
-
-    text: str | None = None
-    chat: tuple[ChatTurn, ...] = ()
-
-    def to_proto(self) -> worker_pb2.Prompt:
-        if self.text is not None:
-            return worker_pb2.Prompt(text=self.text)
-        messages = [worker_pb2.ChatMessage(role=t.role, content=t.content) for t in self.chat]
-        return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages))
-
-
-@dataclass(frozen=True)
-class OpenedSession:
-    prompt_tokens: int
-    context_tokens: int
-
-
-@dataclass(frozen=True)
-class GeneratedSegment:
-    text: str
-    ends_with_eos: bool
-    finish_reason: int  # worker_pb2.FinishReason
-    generated_tokens: int
-    context_tokens: int
-    compute_ms: float
-
-
-@dataclass(frozen=True)
-class CandidateScore:
-    scored_tokens: int
-    log_prob_sum: float
-    context_tokens_with_text: int
-
-    @property
-    def perplexity(self) -> float:
-        """exp(mean NLL); a candidate with no tokens cannot be judged, so it is never preferred."""
-        if self.scored_tokens == 0:
-            return math.inf
-        return math.exp(min(-self.log_prob_sum / self.scored_tokens, 700.0))  # exp(700) ~ float max
+def _prompt_proto(prompt: Prompt) -> worker_pb2.Prompt:
+    """The protocol's form of a prompt."""
+    if prompt.text is not None:
+        return worker_pb2.Prompt(text=prompt.text)
+    messages = [worker_pb2.ChatMessage(role=t.role, content=t.content) for t in prompt.chat]
+    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages))
 
 
 class WorkerFailed(Exception):
@@ -118,7 +76,7 @@ class WorkerClient:
 
     async def open(self, session_id: str, prompt: Prompt, answer_text: str, timeout: float) -> OpenedSession:
         request = worker_pb2.OpenSessionRequest(
-            session_id=session_id, prompt=prompt.to_proto(), answer_text=answer_text
+            session_id=session_id, prompt=_prompt_proto(prompt), answer_text=answer_text
         )
         response = await self._call(_WORKER_SERVICE + "OpenSession", self._stub.OpenSession, request, timeout)
         if not 0 < response.prompt_tokens <= response.context_tokens:

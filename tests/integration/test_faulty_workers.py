@@ -13,8 +13,9 @@ import grpc
 import pytest
 
 from coolfusion.cli.cluster import launch, stop_processes, wait_ready, worker_argv
+from coolfusion.orchestrator.domain import Prompt
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
-from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
+from coolfusion.orchestrator.worker_client import WorkerClient
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 from worker_probes import open_sessions

@@ -12,8 +12,9 @@ import grpc
 import pytest
 
 from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.orchestrator.domain import Prompt
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
-from coolfusion.orchestrator.worker_client import Prompt, WorkerClient
+from coolfusion.orchestrator.worker_client import WorkerClient
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from coolfusion.orchestrator.fusion import FusionLoop, FusionRequest, StepCandidate
+from coolfusion.orchestrator.domain import ChatTurn, Prompt, StepCandidate
+from coolfusion.orchestrator.fusion import FusionLoop, FusionRequest
+from coolfusion.orchestrator.sessions import Deadline
 from coolfusion.orchestrator.strategy import (
     PAPER,
     Aggregation,
@@ -16,7 +18,6 @@ from coolfusion.orchestrator.strategy import (
     repeated_tail,
     without_outlier,
 )
-from coolfusion.orchestrator.worker_client import ChatTurn, Prompt
 
 
 def test_paper_is_the_mean_of_perplexities() -> None:
@@ -75,7 +76,7 @@ def test_prompt_template_turns_a_chat_into_plain_text_for_that_worker_only() -> 
 
 def _loop(guard: RepetitionGuard, answer: str) -> FusionLoop:
     request = FusionRequest(Prompt(text="p"), 64, (), 16, False, "r", Strategy(repetition_guard=guard))
-    loop = FusionLoop([], request, "fused", deadline=0.0, call_timeout_s=1.0)
+    loop = FusionLoop([], request, "fused", Deadline(at=0.0, call_timeout_s=1.0))
     loop._answer.text = answer
     return loop
 

@@ -1,0 +1,124 @@
+"""The orchestrator's vocabulary: prompts, segments, scores, steps and answers (no gRPC, no I/O)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class Finish(enum.StrEnum):
+    """Why a fused (or solo) answer ended (docs/design.md section 2, "Stop")."""
+
+    EOS = "eos"  # the winning segment ended with EOS
+    LENGTH = "length"  # max_new_tokens reached (counted in the first worker's tokens), or no progress
+    STOP = "stop"  # a stop string appeared; the answer is cut before it
+    REPETITION = "repetition"  # the repetition guard cut a loop
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Plain text, or chat turns that each worker renders with its own template."""
+
+    text: str | None = None
+    chat: tuple[ChatTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    """A worker's token counts for a freshly opened session."""
+
+    prompt_tokens: int
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class GeneratedSegment:
+    """One worker's proposal for the next segment."""
+
+    text: str
+    ends_with_eos: bool
+    finish_reason: int  # coolfusion.v1.FinishReason
+    generated_tokens: int
+    context_tokens: int  # the context (prompt + answer, after the append) the segment followed
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """How one worker scored one candidate."""
+
+    scored_tokens: int
+    log_prob_sum: float  # nats
+    context_tokens_with_text: int
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL); a candidate with no tokens cannot be judged, so it is never preferred."""
+        if self.scored_tokens == 0:
+            return math.inf
+        return math.exp(min(-self.log_prob_sum / self.scored_tokens, 700.0))  # exp(700) ~ float max
+
+
+@dataclass
+class StepCandidate:
+    """A distinct candidate of a step, with who proposed it and how each worker scored it."""
+
+    text: str
+    ends_with_eos: bool
+    proposed_by: list[str]
+    scores: dict[str, CandidateScore] = field(default_factory=dict)
+    fused_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a loop: its candidates, the winner and what the step cost."""
+
+    index: int
+    candidates: list[StepCandidate]
+    winner_index: int
+    generate_ms: float
+    score_ms: float
+    worker_compute_ms: float  # slowest worker's compute, generation plus scoring
+
+    @property
+    def winner(self) -> StepCandidate:
+        return self.candidates[self.winner_index]
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A worker left out of the rest of a request, and why."""
+
+    worker: str
+    reason: str
+    step: int
+
+
+@dataclass
+class Answer:
+    """What one loop produced: the text, why it ended, and how it got there."""
+
+    text: str = ""
+    finish: Finish = Finish.LENGTH
+    steps: list[Step] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    open_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankedAnswer:
+    """A full answer in the Cool+R rerank, with its fused score across the workers."""
+
+    source: str  # "fused" or a worker name
+    text: str
+    fused_score: float
