@@ -57,7 +57,7 @@ class ReplicaSet:
     """The pods serving one worker: a client (one channel) per pod and the sessions in flight on each.
 
     A session is placed on the pod with the fewest sessions in flight and stays there, since that
-    pod holds its KV cache (DESIGN.md section 5). Pods are re-resolved every `refresh_s` seconds,
+    pod holds its KV cache (docs/design.md section 5.3). Pods are re-resolved every `refresh_s` seconds,
     lazily, when sessions are placed or health is probed. A pod that failed is avoided while another
     can take the session, and is dialled on a new channel for its next one (`_redial`).
     """

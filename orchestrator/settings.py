@@ -18,7 +18,7 @@ class RequestLimits:
     default_max_new_tokens: int = 256
     # Bounded so that one request cannot hold workers for hours.
     max_new_tokens: int = 4096
-    # DESIGN.md section 2's step cap.
+    # The paper's step cap (docs/design.md section 2.2).
     default_segment_tokens: int = 16
     # Workers accept at most 64 (their own limit); asking for more would only be refused there.
     max_segment_tokens: int = 64

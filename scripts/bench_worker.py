@@ -1,4 +1,4 @@
-"""Worker micro-benchmarks, measured side by side in one run (issue 2's figures).
+"""Worker micro-benchmarks, measured side by side in one run (README "Performance").
 
 1. ScoreText of 3 candidates x ~16 tokens after a ~500-token cached context, against scoring the
    same candidates by recomputing the whole context (one batched forward, no cache).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the Python stubs in gen/ from protos/ (the one command CONVENTIONS.md names).
+# Regenerates the Python stubs in gen/ from protos/ (one command for every stub; CI fails when its output differs from gen/).
 # With --check, regenerates into a temporary folder and fails if gen/ differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

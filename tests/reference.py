@@ -1,4 +1,4 @@
-"""A cache-free, in-process reference of DESIGN.md section 2, with plain transformers forward passes.
+"""A cache-free, in-process reference of docs/design.md section 2 (the paper strategy), with plain transformers forward passes.
 
 It shares no code with the service: every step re-reads the whole context from scratch.
 """

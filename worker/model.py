@@ -189,7 +189,7 @@ class LanguageModel:
         max_tokens: int,
         stop_strings: tuple[str, ...] = (),
     ) -> Segment:
-        """Greedily generates one segment after `context_ids` (DESIGN.md section 2).
+        """Greedily generates one segment after `context_ids` (docs/design.md section 2.2).
 
         The cache keeps the context plus the segment's own tokens, so that if this segment wins,
         appending it costs nothing; tokens past the cut are never kept.

@@ -25,7 +25,7 @@ class SessionLimits:
     max_text_chars: int = 65_536
     # The design's default cap is 16; 64 leaves room for callers that want longer segments.
     max_segment_tokens: int = 64
-    # DESIGN.md section 2: a step generates at most 16 tokens unless the caller says otherwise.
+    # docs/design.md section 2.2: a step generates at most 16 tokens unless the caller says otherwise.
     default_segment_tokens: int = 16
     # Model calls run one at a time; beyond this many waiting, new calls are refused rather than
     # letting latency grow without bound.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from coolfusion.v1 import worker_pb2
 
-# Every call carries a deadline (CONVENTIONS.md); generous, since a real model on CPU is slow.
+# Every call carries a deadline, as every gRPC client should; generous, since a real model on CPU is slow.
 RPC_TIMEOUT_S = 60.0
 
 # open_session(text) / open_session(chat=[(role, content), ...]), optionally answer_text=...,

@@ -1,7 +1,7 @@
 """The promises of coolfusion.v1.WorkerService, checked over gRPC against any worker address.
 
 Only the generated stubs, grpc.health.v1 and server reflection are used: nothing here knows how
-the worker is implemented. Each test names the promise (from worker.proto or DESIGN.md section 2)
+the worker is implemented. Each test names the promise (from worker.proto or docs/design.md sections 2 and 4)
 it checks.
 """
 
