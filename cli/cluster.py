@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self, TextIO
@@ -66,6 +67,7 @@ def wait_ready(started: LocalProcess, timeout_s: float) -> LocalProcess:
 
 
 def _drain(started: LocalProcess, log: TextIO | None) -> None:
+    assert started.process.stderr is not None  # launch() pipes it
     for line in started.process.stderr:
         started.log_lines.append(line)
         del started.log_lines[:-200]  # keep the tail for error messages only
@@ -92,11 +94,11 @@ def stop_processes(processes: list[LocalProcess], grace_s: float = 10.0) -> None
             p.process.wait()
 
 
-def worker_argv(model_args: list[str], extra: list[str] = ()) -> list[str]:
+def worker_argv(model_args: list[str], extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "coolfusion.worker", *model_args, "--host", "127.0.0.1", "--port", "0", *extra]
 
 
-def orchestrator_argv(extra: list[str] = ()) -> list[str]:
+def orchestrator_argv(extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "coolfusion.orchestrator", "--host", "127.0.0.1", "--port", "0", *extra]
 
 
@@ -117,7 +119,7 @@ class LocalCluster:
         self.workers: dict[str, LocalProcess] = {}
         self.orchestrator: LocalProcess | None = None
 
-    def start(self) -> LocalCluster:
+    def start(self) -> Self:
         try:
             # Workers load their models in parallel; the orchestrator starts once they all serve.
             threads = ["--threads", str(max(1, (os.cpu_count() or 1) // len(self._workers_spec)))]

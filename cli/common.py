@@ -59,7 +59,7 @@ def strategy_from_args(args: argparse.Namespace) -> orchestrator_pb2.FusionStrat
 def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
     if bad := [v for v in values if "=" not in v]:
         raise SystemExit(f"coolfusion: {flag} takes WORKER=VALUE, got {bad[0]!r}")
-    return [tuple(v.split("=", 1)) for v in values]
+    return [(name, value) for name, _, value in (v.partition("=") for v in values)]
 
 
 # a local cluster ----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def load_items(path: Path, offset: int = 0, limit: int | None = None) -> list[It
     """Lines [offset, offset + limit) of a GSM8K JSONL file; the reference is read by `extract_answer`."""
     if not path.is_file():
         raise SystemExit(f"coolfusion: no GSM8K file at {path}; run from the repository root or pass --gsm8k")
-    items = []
+    items: list[Item] = []
     with open(path, encoding="utf-8") as lines:
         for index, line in enumerate(lines):
             if index < offset:

@@ -111,12 +111,8 @@ def fusion_strategy(
     field to the orchestrator's default."""
     try:
         return orchestrator_pb2.FusionStrategy(
-            aggregation=orchestrator_pb2.Aggregation.Value(f"AGGREGATION_{aggregation.upper()}") if aggregation else 0,
-            repetition_guard=(
-                orchestrator_pb2.RepetitionGuard.Value(f"REPETITION_GUARD_{repetition_guard.upper()}")
-                if repetition_guard
-                else 0
-            ),
+            aggregation=f"AGGREGATION_{aggregation.upper()}" if aggregation else None,
+            repetition_guard=f"REPETITION_GUARD_{repetition_guard.upper()}" if repetition_guard else None,
             worker_weights=weights or {},
             prompt_templates=prompt_templates or {},
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from coolfusion.orchestrator.domain import (
@@ -220,7 +220,7 @@ class FusionLoop:
 
 
 async def fuse(
-    workers: list[ReplicaSet | WorkerClient],
+    workers: Sequence[ReplicaSet | WorkerClient],
     request: FusionRequest,
     deadline: float,
     call_timeout_s: float,
@@ -250,9 +250,12 @@ async def fuse(
         fused_done = time.perf_counter()
         return answer
 
-    fused, *solos = await asyncio.gather(run_fused(), *(loop.run() for loop in solo_loops), return_exceptions=True)
-    if isinstance(fused, BaseException):
-        raise fused
+    fused_or_error, *solos = await asyncio.gather(
+        run_fused(), *(loop.run() for loop in solo_loops), return_exceptions=True
+    )
+    if isinstance(fused_or_error, BaseException):
+        raise fused_or_error
+    fused = fused_or_error
     entries = [("fused", fused)] + [(c.name, s) for c, s in zip(replica_sets, solos) if isinstance(s, Answer)]
     dropped = fused.dropped + [
         Dropped(c.name, f"solo answer failed: {s}", 0) for c, s in zip(replica_sets, solos) if not isinstance(s, Answer)

@@ -188,7 +188,7 @@ def _check_files_readable(entries: list[WorkerEntry]) -> None:
 
 def open_channel(entry: WorkerEntry, target: str) -> grpc.aio.Channel:
     """A channel to one target of the worker, with TLS (and client certificate) when configured."""
-    options = [
+    options: list[tuple[str, str | int]] = [
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         # Notice dead workers within seconds even when no call is in flight.

@@ -37,7 +37,7 @@ async def resolve_dns(address: str) -> list[str]:
     host, port = split_host_port(address)
     lookup = asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     records = await asyncio.wait_for(lookup, _RESOLVE_TIMEOUT_S)
-    return sorted({_join(record[4][0], port) for record in records})
+    return sorted({_join(str(record[4][0]), port) for record in records})
 
 
 def _join(ip: str, port: int) -> str:

@@ -106,9 +106,9 @@ def _enum_value(python_enum, proto_enum, prefix: str, number: int):
 
 def strategy_proto(strategy: Strategy) -> orchestrator_pb2.FusionStrategy:
     return orchestrator_pb2.FusionStrategy(
-        aggregation=orchestrator_pb2.Aggregation.Value(f"AGGREGATION_{strategy.aggregation.name}"),
+        aggregation=f"AGGREGATION_{strategy.aggregation.name}",
         worker_weights=dict(strategy.weights),
-        repetition_guard=orchestrator_pb2.RepetitionGuard.Value(f"REPETITION_GUARD_{strategy.repetition_guard.name}"),
+        repetition_guard=f"REPETITION_GUARD_{strategy.repetition_guard.name}",
         prompt_templates=dict(strategy.prompt_templates),
     )
 
@@ -213,7 +213,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         elif not pods:
             status.error = replicas.problem or "no replica"
         elif len(pods) == 1:
-            status.error = probes[0]
+            status.error = str(probes[0])
         else:
             status.error = f"0 of {len(pods)} replicas serving; {pods[0].address}: {probes[0]}"
         return status

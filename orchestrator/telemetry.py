@@ -62,7 +62,7 @@ class FusionTelemetry(FusionObserver):
     def step(self, loop: str, index: int) -> AbstractContextManager[object]:
         if self._tracer is None:
             return nullcontext()
-        attributes = {"coolfusion.loop": loop, "coolfusion.step": index}
+        attributes: dict[str, str | int] = {"coolfusion.loop": loop, "coolfusion.step": index}
         return self._tracer.start_as_current_span("fusion.step", attributes=attributes)
 
     def on_step(self, loop: str, step: Step, step_ms: float) -> None:

@@ -113,7 +113,7 @@ def resolve_model_folder(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if preset is not None:
         return _resolve_preset(_get_preset(preset), cache)
-    path = Path(model).expanduser()
+    path = Path(str(model)).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a folder without config.json")
@@ -146,7 +146,7 @@ def load_model(
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to in a decorator mypy misreads
     logger.info("loaded %s (%s, %s) in %.1fs", folder, device, dtype, time.monotonic() - start)
     return model, tokenizer
 
@@ -432,8 +432,9 @@ def _rebuild_fp32(gguf_model: PreTrainedModel) -> PreTrainedModel:
 def _eos_id(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> int:
     """EOS id; for presets, the pinned eos token must exist (and becomes the tokenizer's eos)."""
     if eos_token is None:
-        return tokenizer.eos_token_id
+        return int(tokenizer.eos_token_id)
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    assert isinstance(eos_id, int) or eos_id is None  # one token in, one id out
     if eos_id is None or eos_id == tokenizer.unk_token_id:
         raise RuntimeError(f"eos token {eos_token!r} is not in the GGUF vocabulary")
     tokenizer.eos_token = eos_token

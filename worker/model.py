@@ -134,7 +134,7 @@ class LanguageModel:
         if self.tokenizer.chat_template:
             rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             # The template already spells out its special tokens.
-            return rendered, False
+            return str(rendered), False
         # A base model has no template: the turns become plain paragraphs.
         return "\n\n".join(t.content for t in prompt.chat) + "\n\n", True
 
@@ -142,7 +142,7 @@ class LanguageModel:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        return str(self.tokenizer.decode(ids, clean_up_tokenization_spaces=False))
 
     def _decode_continuation(self, context_ids: list[int], new_ids: list[int]) -> str:
         tail = context_ids[-_DECODE_TAIL:]
@@ -151,12 +151,13 @@ class LanguageModel:
     # ---- cache ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, kv: KVState, new_ids: list[int]) -> None:
+    def _forward(self, kv: KVState, new_ids: list[int]) -> torch.Tensor:
         """Feeds `new_ids` after `kv.ids`, keeping only the last position's logits."""
         input_ids = torch.tensor([new_ids], device=self.device)  # (1, new)
         out = self.model(input_ids=input_ids, cache=kv.cache, use_cache=True, logits_to_keep=1)
         kv.ids.extend(new_ids)
         kv.next_logits = out.logits[0, -1].float()  # (vocab,)
+        return kv.next_logits
 
     def _crop(self, kv: KVState, length: int) -> None:
         if length < len(kv.ids):
@@ -177,8 +178,7 @@ class LanguageModel:
         if keep == 0:
             kv.cache, kv.ids, kv.next_logits = DynamicCache(), [], None
         self._crop(kv, keep)
-        self._forward(kv, target_ids[keep:])
-        return kv.next_logits
+        return self._forward(kv, target_ids[keep:])
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -209,8 +209,7 @@ class LanguageModel:
             if len(generated) == max_tokens:
                 # The last token was never fed, so the cache holds one token fewer than the text.
                 return Segment(text, Finish.LENGTH, len(generated))
-            self._forward(kv, [token])
-            logits = kv.next_logits
+            logits = self._forward(kv, [token])
 
     def _finish_cut(
         self,
@@ -281,8 +280,8 @@ class LanguageModel:
             return DynamicCache()
         layers = [
             (
-                layer.keys[:, :, :prefix].expand(batch, -1, -1, -1),
-                layer.values[:, :, :prefix].expand(batch, -1, -1, -1),
+                layer.keys[:, :, :prefix].expand(batch, -1, -1, -1),  # type: ignore[union-attr,index]
+                layer.values[:, :, :prefix].expand(batch, -1, -1, -1),  # type: ignore[union-attr,index]
             )
             for layer in kv.cache.layers
         ]

@@ -28,7 +28,7 @@ from coolfusion.worker.settings import SessionLimits, WorkerSettings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAMES = [worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name]
-STATUS_CODES = {
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SessionConflict: grpc.StatusCode.ALREADY_EXISTS,

@@ -129,7 +129,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             tokenizer=worker_pb2.TokenizerInfo(
                 family=type(tokenizer).__name__,
                 vocab_size=len(tokenizer),
-                eos_text=tokenizer.convert_ids_to_tokens(self._model.eos_id),
+                eos_text=str(tokenizer.convert_ids_to_tokens(self._model.eos_id)),
                 bos_text=tokenizer.bos_token or "",
                 has_chat_template=bool(tokenizer.chat_template),
             ),
