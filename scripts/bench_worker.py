@@ -6,23 +6,31 @@
    fusion step does), against plain transformers `generate` with its own KV cache.
 3. The cost of re-tokenizing a whole ~2k-token context, which every append pays.
 
+The backend and the baselines use two copies of the model: the backend's attends through its
+ragged batches, the baselines' through transformers' own attention.
+
 Usage: python scripts/bench_worker.py [--presets smollm2-135m-instruct,gemma3-270m] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
-from coolfusion.worker import loading
-from coolfusion.worker.model import CandidateText, LanguageModel, PromptSpec
+from coolfusion.worker.backend import CandidateText, PromptSpec
+from coolfusion.worker.hf import loading
+from coolfusion.worker.hf.backend import TransformersBackend
+from coolfusion.worker.hf.model import HFModel
 from coolfusion.worker.sessions import Expectation, SessionStore
-from coolfusion.worker.settings import SessionLimits
+from coolfusion.worker.settings import BatchLimits, SessionLimits
 
 GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 CANDIDATES = [
@@ -32,7 +40,7 @@ CANDIDATES = [
 ]
 
 
-def long_context(lm: LanguageModel, tokens: int) -> str:
+def long_context(lm: HFModel, tokens: int) -> str:
     """GSM8K questions and worked answers, concatenated until the context has ~`tokens` tokens."""
     text = ""
     with GSM8K.open() as lines:
@@ -44,37 +52,40 @@ def long_context(lm: LanguageModel, tokens: int) -> str:
     return text
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` in ms, after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
+async def timed(fn: Callable[[], Awaitable[object] | object], repeats: int) -> float:
+    """Median wall time of `fn()` (awaited when it returns an awaitable) in ms, after one warm-up call."""
+
+    async def once() -> float:
         started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+        result = fn()
+        if isinstance(result, Awaitable):
+            await result
+        return (time.perf_counter() - started) * 1000
+
+    await once()
+    return statistics.median([await once() for _ in range(repeats)])
 
 
-def bench_scoring(lm: LanguageModel, repeats: int) -> dict:
-    store = SessionStore(lm, SessionLimits())
+async def bench_scoring(backend: TransformersBackend, lm: HFModel, plain: PreTrainedModel, repeats: int) -> dict:
+    store = SessionStore(backend, SessionLimits())
     context = long_context(lm, 500)
-    opened = store.open("bench", PromptSpec(text=context), "")
+    opened = await store.open("bench", PromptSpec(text=context), "")
     candidates = [CandidateText(c) for c in CANDIDATES]
-    cached_ms = timed(lambda: store.score("bench", Expectation(opened.context_tokens), candidates), repeats)
+    cached_ms = await timed(lambda: store.score("bench", Expectation(opened.context_tokens), candidates), repeats)
 
-    rows = lm.candidate_rows(context, True, candidates)
+    rows = [lm.tokenize(context + c.text, True) for c in candidates]
     longest = max(len(r) for r in rows)
     batch = torch.tensor([r + [lm.eos_id] * (longest - len(r)) for r in rows])  # (3, context + candidate)
     keep = longest - opened.context_tokens + 1  # only the candidates' positions are projected
 
     def recompute() -> None:
         with torch.inference_mode():
-            lm.model(input_ids=batch, logits_to_keep=keep)
+            plain(input_ids=batch, logits_to_keep=keep)
 
-    uncached_ms = timed(recompute, repeats)
+    uncached_ms = await timed(recompute, repeats)
     # Appends re-tokenize the whole context (exact ids, no tail heuristics); this is what it costs.
     long_text = long_context(lm, 2000)
-    retokenize_ms = timed(lambda: lm.tokenize(long_text, True), repeats)
+    retokenize_ms = await timed(lambda: lm.tokenize(long_text, True), repeats)
     return {
         "retokenize_2k_context_ms": round(retokenize_ms, 2),
         "context_tokens": opened.context_tokens,
@@ -85,24 +96,26 @@ def bench_scoring(lm: LanguageModel, repeats: int) -> dict:
     }
 
 
-def bench_generation(lm: LanguageModel, answer_tokens: int) -> dict:
+async def bench_generation(
+    backend: TransformersBackend, lm: HFModel, plain: PreTrainedModel, answer_tokens: int
+) -> dict:
     prompt = PromptSpec(text=long_context(lm, 120))
-    store = SessionStore(lm, SessionLimits())
-    opened = store.open("gen", prompt, "")
+    store = SessionStore(backend, SessionLimits())
+    opened = await store.open("gen", prompt, "")
     context_tokens, append, spent = opened.context_tokens, "", 0.0
     while context_tokens - opened.prompt_tokens < answer_tokens:
         started = time.perf_counter()
-        segment, context_tokens = store.generate("gen", Expectation(context_tokens), append, 16, ())
+        generated = await store.generate("gen", Expectation(context_tokens), append, 16, ())
         spent += time.perf_counter() - started
-        append = segment.text
+        append, context_tokens = generated.segment.text, generated.context_tokens
     produced = context_tokens - opened.prompt_tokens
     segment_ms_per_token = spent * 1000 / produced
 
-    ids = torch.tensor([lm.tokenize(prompt.text, True)])
+    ids = torch.tensor([lm.tokenize(str(prompt.text), True)])
 
     def generate(n: int) -> float:
         started = time.perf_counter()
-        lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.eos_id)
+        plain.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.eos_id)
         return time.perf_counter() - started
 
     generate(2)  # warm-up
@@ -123,10 +136,20 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for preset in args.presets.split(","):
-        model, tokenizer = loading.load_model(loading.resolve_model_folder(preset=preset))
-        lm = LanguageModel(model, tokenizer, preset)
-        result = {"model": preset, **bench_scoring(lm, args.repeats), **bench_generation(lm, args.answer_tokens)}
-        print(json.dumps(result))
+        print(json.dumps(asyncio.run(bench_preset(preset, args.repeats, args.answer_tokens))))
+
+
+async def bench_preset(preset: str, repeats: int, answer_tokens: int) -> dict:
+    folder = loading.resolve_model_folder(preset=preset)
+    lm = HFModel(*loading.load_model(folder), preset)
+    plain, _ = loading.load_model(folder)
+    backend = TransformersBackend(lm, "float32", BatchLimits())
+    try:
+        scoring = await bench_scoring(backend, lm, plain, repeats)
+        generation = await bench_generation(backend, lm, plain, answer_tokens)
+    finally:
+        backend.shutdown()
+    return {"model": preset, **scoring, **generation}
 
 
 if __name__ == "__main__":

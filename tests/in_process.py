@@ -3,6 +3,8 @@ and a scrape of their Prometheus endpoints."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import socket
 import urllib.request
 from pathlib import Path
@@ -13,25 +15,48 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from coolfusion.orchestrator.registry import WorkerEntry
 from coolfusion.orchestrator.server import RunningOrchestrator, start_orchestrator
 from coolfusion.orchestrator.settings import OrchestratorSettings
-from coolfusion.worker.model import LanguageModel
+from coolfusion.worker.hf.backend import TransformersBackend
+from coolfusion.worker.hf.model import HFModel
 from coolfusion.worker.server import RunningWorker, start_worker
-from coolfusion.worker.settings import WorkerSettings
+from coolfusion.worker.sessions import SessionStore
+from coolfusion.worker.settings import BatchLimits, WorkerSettings
 
 LOOPBACK = "127.0.0.1"
 # Loopback only: an opener that ignores any proxy configured in the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def tiny_language_model(folder: Path, name: str) -> LanguageModel:
-    return LanguageModel(
-        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), name
-    )
+def tiny_model(folder: Path, name: str) -> HFModel:
+    return HFModel(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), name)
+
+
+def tiny_backend(folder: Path, name: str, batch: BatchLimits | None = None) -> TransformersBackend:
+    """The transformers backend over the tiny model in `folder`; shut it down after use."""
+    return TransformersBackend(tiny_model(folder, name), "float32", batch or BatchLimits())
+
+
+class StoreDriver:
+    """A SessionStore driven from synchronous tests: its coroutines run on an event loop of its own."""
+
+    def __init__(self, store: SessionStore):
+        self.store = store
+        self._loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.store, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+        return lambda *args: self._loop.run_until_complete(attribute(*args))
+
+    def close_loop(self) -> None:
+        self._loop.close()
 
 
 async def start_tiny_worker(folder: Path, name: str, **settings) -> RunningWorker:
     """A SERVING worker on loopback (gRPC and metrics on free ports) with the tiny model in `folder`."""
     defaults = {"host": LOOPBACK, "port": 0, "metrics_port": 0, "grace_s": 0.0}
-    return await start_worker(WorkerSettings(**(defaults | settings)), tiny_language_model(folder, name))
+    worker_settings = WorkerSettings(**(defaults | settings))
+    return await start_worker(worker_settings, tiny_backend(folder, name, worker_settings.batch))
 
 
 async def start_local_orchestrator(workers: dict[str, str], **settings) -> RunningOrchestrator:

@@ -11,11 +11,12 @@ from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
 from coolfusion.serving.security import add_security_flags, security_from_args
 from coolfusion.serving.tracing import tracing_from_environment
-from coolfusion.worker.settings import SessionLimits, WorkerSettings
+from coolfusion.worker.backend import ENGINES
+from coolfusion.worker.settings import BatchLimits, SessionLimits, WorkerSettings
 
 
 def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
-    defaults, limits = WorkerSettings(), SessionLimits()
+    defaults, limits, batch = WorkerSettings(), SessionLimits(), BatchLimits()
     parser = argparse.ArgumentParser(prog="coolfusion-worker", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face model folder (safetensors) or a .gguf file")
@@ -26,6 +27,16 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--cache-dir", type=Path, help="where GGUF conversions are kept")
+    parser.add_argument("--engine", default=defaults.engine, choices=ENGINES, help="the model backend")
+    parser.add_argument(
+        "--max-batch-sessions", type=int, default=batch.max_sessions, help="sessions advanced by one forward pass"
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=batch.max_tokens, help="tokens in one forward pass (decode + prefill)"
+    )
+    parser.add_argument(
+        "--max-queued-calls", type=int, default=batch.max_queued, help="model calls waiting or running before refusal"
+    )
     parser.add_argument("--token-budget", type=int, default=limits.token_budget, help="cached tokens, all sessions")
     parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
     parser.add_argument("--idle-ttl-s", type=float, default=limits.idle_ttl_s)
@@ -55,6 +66,8 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         log_json=args.log_json,
         metrics_port=args.metrics_port,
         tracing=tracing,
+        engine=args.engine,
+        batch=_batch_limits(parser, args),
         limits=SessionLimits(
             token_budget=args.token_budget,
             max_sessions=args.max_sessions,
@@ -64,6 +77,14 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         tls=tls,
         auth_tokens=auth_tokens,
     )
+
+
+def _batch_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BatchLimits:
+    limits = BatchLimits(args.max_batch_sessions, args.max_batch_tokens, args.max_queued_calls)
+    for flag, value in vars(args).items():
+        if flag.startswith(("max_batch_", "max_queued_")) and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    return limits
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,22 +1,25 @@
-"""The worker's Prometheus metrics: its RPCs, its session cache and its model thread's queue."""
+"""The worker's Prometheus metrics: its RPCs, its session cache and its model calls in flight."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coolfusion.serving.metrics import RpcMetrics
+from coolfusion.serving.metrics import LATENCY_BUCKETS_S, RpcMetrics
+from coolfusion.worker.backend import PassStats
 from coolfusion.worker.sessions import Load
+
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class SessionLoadCollector(Collector):
-    """The worker's session-cache figures, as sampled on the model thread after its last call.
+    """The worker's session-cache figures, as sampled on the event loop after the last change.
 
     The session store is not thread-safe, so a scrape (on the HTTP server's thread) never reads
-    it: `sample` runs on the model thread (ModelThread's `after_each`) and `collect` reads the copy.
+    it: `sample` runs on the event loop (the store's `on_change`) and `collect` reads the copy.
     """
 
     def __init__(self) -> None:
@@ -52,7 +55,7 @@ class SessionLoadCollector(Collector):
 
 
 class WorkerMetrics:
-    """Everything a worker exports: its RPCs, its session cache and its model thread's queue."""
+    """Everything a worker exports: its RPCs, its session cache and its model calls in flight."""
 
     def __init__(self, registry: CollectorRegistry, token_budget: int):
         self.registry = registry
@@ -61,11 +64,35 @@ class WorkerMetrics:
         registry.register(self.sessions)
         self._queue_depth = Gauge(
             "coolfusion_worker_model_queue_depth",
-            "Model calls waiting for the model thread or running on it.",
+            "Model calls waiting for a forward pass or running in one.",
             registry=registry,
         )
         budget = Gauge("coolfusion_worker_token_budget", "Cached tokens allowed over all sessions.", registry=registry)
         budget.set(token_budget)
+        self._pass_sessions = Histogram(
+            "coolfusion_worker_batch_sessions",
+            "Sessions advanced by one forward pass (continuous batching).",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self._pass_tokens = Histogram(
+            "coolfusion_worker_batch_tokens",
+            "Tokens computed by one forward pass: decode tokens, prefill chunks and candidates to score.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+            registry=registry,
+        )
+        self._pass_seconds = Histogram(
+            "coolfusion_worker_pass_seconds",
+            "Wall time of one forward pass.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+
+    def observe_pass(self, stats: PassStats) -> None:
+        """Called from the model thread after every pass (prometheus_client is thread-safe)."""
+        self._pass_sessions.observe(stats.sessions)
+        self._pass_tokens.observe(stats.tokens)
+        self._pass_seconds.observe(stats.seconds)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Reads the queue depth at each scrape (a plain integer read, safe from any thread)."""

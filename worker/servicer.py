@@ -7,9 +7,8 @@ import re
 import grpc
 
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec
 from coolfusion.worker.errors import InvalidRequest, NotReady
-from coolfusion.worker.model import CandidateText, ChatTurn, Finish, LanguageModel, PromptSpec
-from coolfusion.worker.model_thread import ModelThread
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
 
@@ -88,28 +87,26 @@ class RequestValidator:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Serves one model; every model or session call runs on the model thread.
+    """Serves one model through its backend and session store.
 
     The server starts before the model is loaded (so health checks answer NOT_SERVING during a
     long load); calls made before `attach` get UNAVAILABLE.
     """
 
-    def __init__(self, thread: ModelThread, limits: SessionLimits, dtype: str):
-        self._thread = thread
+    def __init__(self, limits: SessionLimits):
         self._limits = limits
-        self._dtype = dtype
         self._validate = RequestValidator(limits)
-        self._lm: LanguageModel | None = None
+        self._backend: ModelBackend | None = None
         self._sessions: SessionStore | None = None
 
-    def attach(self, lm: LanguageModel, store: SessionStore) -> None:
-        self._lm, self._sessions = lm, store
+    def attach(self, backend: ModelBackend, store: SessionStore) -> None:
+        self._backend, self._sessions = backend, store
 
     @property
-    def _model(self) -> LanguageModel:
-        if self._lm is None:
+    def _model(self) -> ModelBackend:
+        if self._backend is None:
             raise NotReady("the model is still loading; retry when health reports SERVING")
-        return self._lm
+        return self._backend
 
     @property
     def _store(self) -> SessionStore:
@@ -121,21 +118,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetInfoResponse:
         """Describes the model, the tokenizer, the limits and the current cache load."""
-        tokenizer = self._model.tokenizer
+        model = self._model.description
         load = self._store.load()
         limits = self._limits
         return worker_pb2.GetInfoResponse(
-            model_id=self._model.model_id,
+            model_id=model.model_id,
             tokenizer=worker_pb2.TokenizerInfo(
-                family=type(tokenizer).__name__,
-                vocab_size=len(tokenizer),
-                eos_text=str(tokenizer.convert_ids_to_tokens(self._model.eos_id)),
-                bos_text=tokenizer.bos_token or "",
-                has_chat_template=bool(tokenizer.chat_template),
+                family=model.tokenizer_family,
+                vocab_size=model.vocab_size,
+                eos_text=model.eos_text,
+                bos_text=model.bos_text,
+                has_chat_template=model.has_chat_template,
             ),
             protocol_version=PROTOCOL_VERSION,
             limits=worker_pb2.WorkerLimits(
-                max_context_tokens=self._model.max_context_tokens,
+                max_context_tokens=model.max_context_tokens,
                 session_token_budget=limits.token_budget,
                 max_sessions=limits.max_sessions,
                 idle_ttl_seconds=limits.idle_ttl_s,
@@ -148,31 +145,31 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 cached_tokens=load.cached_tokens,
                 evicted_sessions=load.evicted_sessions,
             ),
-            device=str(self._model.device),
-            dtype=self._dtype,
+            device=model.device,
+            dtype=model.dtype,
         )
 
     async def OpenSession(
         self, request: worker_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.OpenSessionResponse:
         """Renders and prefills the prompt (plus any answer so far) into a new session."""
-        session_id = self._validate.session_id(request.session_id, allow_empty=True)
-        prompt = self._validate.prompt(request.prompt)
-        answer = self._validate.text(request.answer_text, "answer_text")
-        opened, compute_ms = await self._thread.run_timed(self._store.open, session_id, prompt, answer)
+        opened = await self._store.open(
+            self._validate.session_id(request.session_id, allow_empty=True),
+            self._validate.prompt(request.prompt),
+            self._validate.text(request.answer_text, "answer_text"),
+        )
         return worker_pb2.OpenSessionResponse(
             session_id=opened.session_id,
             prompt_tokens=opened.prompt_tokens,
             context_tokens=opened.context_tokens,
-            compute_ms=compute_ms,
+            compute_ms=opened.compute_ms,
         )
 
     async def GenerateSegment(
         self, request: worker_pb2.GenerateSegmentRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GenerateSegmentResponse:
         """Appends the previous winner, then generates one segment."""
-        (segment, context_tokens), compute_ms = await self._thread.run_timed(
-            self._store.generate,
+        generated = await self._store.generate(
             self._validate.session_id(request.session_id),
             Expectation(
                 self._validate.expected_tokens(request.expected_context_tokens),
@@ -182,20 +179,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._validate.max_tokens(request.max_tokens),
             self._validate.stop_strings(request.stop_strings),
         )
+        segment = generated.segment
         return worker_pb2.GenerateSegmentResponse(
             text=segment.text,
             finish_reason=_FINISH[segment.finish],
             generated_tokens=segment.generated_tokens,
-            context_tokens=context_tokens,
-            compute_ms=compute_ms,
+            context_tokens=generated.context_tokens,
+            compute_ms=generated.compute_ms,
         )
 
     async def ScoreText(
         self, request: worker_pb2.ScoreTextRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ScoreTextResponse:
-        """Scores candidates against the session's context in one batched forward pass."""
-        (scores, context_tokens), compute_ms = await self._thread.run_timed(
-            self._store.score,
+        """Scores candidates against the session's context in batched forward passes."""
+        scored = await self._store.score(
             self._validate.session_id(request.session_id),
             Expectation(self._validate.expected_tokens(request.expected_context_tokens)),
             self._validate.candidates(request.candidates),
@@ -207,15 +204,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     log_prob_sum=s.log_prob_sum,
                     context_tokens_with_text=s.context_tokens_with_text,
                 )
-                for s in scores
+                for s in scored.scores
             ],
-            context_tokens=context_tokens,
-            compute_ms=compute_ms,
+            context_tokens=scored.context_tokens,
+            compute_ms=scored.compute_ms,
         )
 
     async def CloseSession(
         self, request: worker_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.CloseSessionResponse:
-        """Frees a session; closing an unknown one answers closed=false."""
-        closed = await self._thread.run(self._store.close, self._validate.session_id(request.session_id))
-        return worker_pb2.CloseSessionResponse(closed=closed)
+        """Frees a session at once (never behind model work); closing an unknown one answers closed=false."""
+        return worker_pb2.CloseSessionResponse(closed=self._store.close(self._validate.session_id(request.session_id)))

@@ -27,9 +27,6 @@ class SessionLimits:
     max_segment_tokens: int = 64
     # docs/design.md section 2.2: a step generates at most 16 tokens unless the caller says otherwise.
     default_segment_tokens: int = 16
-    # Model calls run one at a time; beyond this many waiting, new calls are refused rather than
-    # letting latency grow without bound.
-    max_queued_calls: int = 64
     # Stop strings per call and their length bound tokenizer-independent scanning work.
     max_stop_strings: int = 8
     max_stop_chars: int = 64
@@ -40,11 +37,28 @@ class SessionLimits:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """How much one forward pass of the continuous-batching scheduler may hold, and how many model
+    calls may wait (README "Performance" has the measurements behind the defaults)."""
+
+    # Sessions (calls) advanced by one pass. Beyond ~16 a CPU pass costs about as much per
+    # session as running them apart; a GPU takes far more (raise it there).
+    max_sessions: int = 16
+    # Tokens in one pass: decode tokens, prefill chunks and candidate tokens together. It bounds
+    # how long decoding sessions wait while a long prompt is prefilled beside them, and the
+    # logits a scoring pass holds at once.
+    max_tokens: int = 256
+    # Calls waiting or running; beyond it new calls are refused (RESOURCE_EXHAUSTED) at once
+    # instead of letting latency grow without bound.
+    max_queued: int = 64
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Everything the worker process needs, resolved from the command line."""
 
     model: str | None = None  # a model folder or .gguf file
-    preset: str | None = None  # or one of loading.PRESETS
+    preset: str | None = None  # or one of hf.loading.PRESETS
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "cpu"
@@ -52,11 +66,13 @@ class WorkerSettings:
     # 0 keeps torch's default (all cores); co-located workers should split the cores instead,
     # because oversubscribed OpenMP threads spin and slow every process down many times over.
     threads: int = 0
-    cache_dir: Path | None = None  # where GGUF conversions are kept; None = loading.default_cache_dir()
+    cache_dir: Path | None = None  # where GGUF conversions are kept; None = hf.loading.default_cache_dir()
     # Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds (30 by default): drain in less.
     grace_s: float = 20.0
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
     limits: SessionLimits = SessionLimits()
+    batch: BatchLimits = BatchLimits()
+    engine: str = "transformers"  # the model backend (worker/backend.py's load_backend)
     # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
     # servers share one host in local clusters and tests, where a fixed port would collide;
     # the Kubernetes manifests turn it on (--metrics-port).

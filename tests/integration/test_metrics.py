@@ -16,7 +16,9 @@ import pytest
 
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from coolfusion.worker.model import PromptSpec
+from coolfusion.worker.backend import PromptSpec
+from coolfusion.worker.hf.jobs import Job
+from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.settings import SessionLimits
 
 from in_process import (
@@ -25,7 +27,7 @@ from in_process import (
     scrape,
     start_local_orchestrator,
     start_tiny_worker,
-    tiny_language_model,
+    tiny_model,
     unused_address,
 )
 
@@ -97,8 +99,8 @@ def test_worker_counts_rpcs_by_method_and_code_and_shows_its_sessions(tiny_model
 
 
 def test_worker_counts_evictions_by_cause(tiny_model_dirs):
-    lm = tiny_language_model(tiny_model_dirs["bpe"], "bpe")
-    text, add_special = lm.render(PromptSpec(text=PROMPT))
+    lm = tiny_model(tiny_model_dirs["bpe"], "bpe")
+    text, add_special = (rendered := lm.render(PromptSpec(text=PROMPT))).text, rendered.add_special_tokens
     prompt_tokens = len(lm.tokenize(text, add_special))
     answer = " Then he eats 2."
     # Room for three bare prompts, or one bare prompt and one with the answer, never more.
@@ -137,12 +139,30 @@ def test_worker_counts_evictions_by_cause(tiny_model_dirs):
     assert sample(expiring, evictions, cause="max_sessions") == 0
 
 
+class _HoldTheModelThread(Job):
+    """A model call that keeps the model thread until released."""
+
+    def __init__(self, release: threading.Event):
+        super().__init__(SessionKV())
+        self._release = release
+
+    def start(self) -> None:
+        self._release.wait(30)
+        self._finish(None)
+
+    def next_feeds(self, budget, alone):
+        return []
+
+    def absorb(self, feeds, logits) -> None:
+        pass
+
+
 def test_queue_depth_counts_calls_waiting_for_the_model_thread(tiny_model_dirs):
     async def scenario():
         worker = await start_tiny_worker(tiny_model_dirs["char"], "char")
         release = threading.Event()
         try:
-            blocker = asyncio.create_task(worker.thread.run(release.wait, 30))  # holds the model thread
+            blocker = asyncio.create_task(worker.backend._scheduler.run(_HoldTheModelThread(release)))
             async with grpc.aio.insecure_channel(address(worker)) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
                 waiting = asyncio.create_task(open_session(stub, "queued"))

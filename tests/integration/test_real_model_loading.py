@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub, even by accident
 
-from coolfusion.worker import loading
+from coolfusion.worker.hf import loading
 
 torch = pytest.importorskip("torch")
 

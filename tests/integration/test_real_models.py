@@ -12,7 +12,7 @@ import torch
 from coolfusion.cli.cluster import LocalCluster
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from coolfusion.worker import loading
+from coolfusion.worker.hf import loading
 
 from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coolfusion.worker import loading
+from coolfusion.worker.hf import loading
 
 
 def _fake_convert(calls: list[Path]):

@@ -1,0 +1,200 @@
+"""Continuous batching: concurrent calls of different sessions share forward passes, and answer as
+they would alone; cancelled calls leave; closing and eviction never wait behind model work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from coolfusion.worker.backend import CandidateText, PromptSpec
+from coolfusion.worker.errors import OverCapacity, SessionNotFound
+from coolfusion.worker.hf.backend import TransformersBackend
+from coolfusion.worker.hf.kv import SessionKV
+from coolfusion.worker.hf.model import Feed
+from coolfusion.worker.sessions import Expectation, SessionStore
+from coolfusion.worker.settings import BatchLimits, SessionLimits
+from in_process import tiny_backend
+
+PROMPTS = [
+    "Tom has 3 apples and buys 4 more.",
+    "The weather today is",
+    "Question: what is 19 and 23?\nAnswer:",
+    "A train travels 60 miles per hour for 2 hours. How far does it go? It",
+    "Every morning the baker makes 48 loaves",
+    "x",
+]
+
+
+@pytest.fixture(params=["bpe", "metaspace", "char"])
+def family(request) -> str:
+    return request.param
+
+
+def backend_for(tiny_model_dirs, family: str, **limits) -> TransformersBackend:
+    return tiny_backend(tiny_model_dirs[family], family, BatchLimits(**limits))
+
+
+async def segments_of(store: SessionStore, session_id: str, prompt: str, steps: int) -> list[str]:
+    """A chain of segments, each appended before the next, as a fusion of one worker would."""
+    opened = await store.open(session_id, PromptSpec(text=prompt), "")
+    context_tokens, append, texts = opened.context_tokens, "", []
+    for _ in range(steps):
+        generated = await store.generate(session_id, Expectation(context_tokens), append, 16, ())
+        context_tokens, append = generated.context_tokens, generated.segment.text
+        texts.append(f"{generated.segment.text}|{generated.segment.finish.value}")
+    return texts
+
+
+def run_alone_and_together(backend: TransformersBackend, steps: int = 5) -> tuple[list, list, int, int]:
+    async def alone() -> list[list[str]]:
+        store = SessionStore(backend, SessionLimits())
+        return [await segments_of(store, f"a{i}", p, steps) for i, p in enumerate(PROMPTS)]
+
+    async def together() -> list[list[str]]:
+        store = SessionStore(backend, SessionLimits())
+        return list(await asyncio.gather(*(segments_of(store, f"t{i}", p, steps) for i, p in enumerate(PROMPTS))))
+
+    before = backend.passes
+    expected = asyncio.run(alone())
+    alone_passes = backend.passes - before
+    got = asyncio.run(together())
+    return expected, got, alone_passes, backend.passes - before - alone_passes
+
+
+def test_concurrent_sessions_share_passes_and_answer_as_alone(tiny_model_dirs, family):
+    backend = backend_for(tiny_model_dirs, family)
+    try:
+        expected, got, alone_passes, together_passes = run_alone_and_together(backend)
+    finally:
+        backend.shutdown()
+    assert got == expected
+    # Six sessions decoding side by side need far fewer passes than one after another.
+    assert together_passes < alone_passes / 2
+
+
+def test_chunked_prefill_answers_as_one_pass(tiny_model_dirs, family):
+    long_prompt = " ".join(PROMPTS * 3)
+    answers = []
+    for limits in ({"max_tokens": 4096}, {"max_tokens": 7}):
+        backend = backend_for(tiny_model_dirs, family, **limits)
+        try:
+            store = SessionStore(backend, SessionLimits())
+            answers.append(asyncio.run(segments_of(store, "s", long_prompt, 4)))
+        finally:
+            backend.shutdown()
+    assert answers[0] == answers[1]
+
+
+def test_scores_of_different_sessions_batched_together_equal_alone(tiny_model_dirs, family):
+    backend = backend_for(tiny_model_dirs, family)
+    candidates = [CandidateText(" apples"), CandidateText(" 7 more", ends_with_eos=True), CandidateText("")]
+
+    async def scores(together: bool) -> list[list[tuple[int, float]]]:
+        store = SessionStore(backend, SessionLimits())
+        opened = [await store.open(f"s{i}", PromptSpec(text=p), "") for i, p in enumerate(PROMPTS)]
+        calls = [store.score(o.session_id, Expectation(o.context_tokens), candidates) for o in opened]
+        results = await asyncio.gather(*calls) if together else [await call for call in calls]
+        return [[(s.scored_tokens, s.log_prob_sum) for s in r.scores] for r in results]
+
+    try:
+        alone, together = asyncio.run(scores(False)), asyncio.run(scores(True))
+    finally:
+        backend.shutdown()
+    for alone_scores, batched_scores in zip(alone, together):
+        assert [n for n, _ in batched_scores] == [n for n, _ in alone_scores]
+        assert [lp for _, lp in batched_scores] == pytest.approx([lp for _, lp in alone_scores], abs=1e-4)
+
+
+def test_batched_logits_differ_from_alone_only_by_float_rounding(tiny_model_dirs, family):
+    """The batched-vs-alone logit error, measured: the margin a near-tie must fall within."""
+    backend = backend_for(tiny_model_dirs, family)
+    model = backend._model
+    contexts = [model.tokenize(p, True) for p in PROMPTS]
+    try:
+        alone = [model.forward([Feed(SessionKV(), 0, ids, (len(ids) - 1,))])[0] for ids in contexts]
+        together = model.forward([Feed(SessionKV(), 0, ids, (len(ids) - 1,)) for ids in contexts])
+    finally:
+        backend.shutdown()
+    error = max(float((a - b).abs().max()) for a, b in zip(alone, together))
+    assert error < 1e-3, f"batched logits of {family} differ from alone by {error}"
+
+
+def test_a_cancelled_call_leaves_the_batch_and_the_session_stays_usable(tiny_model_dirs):
+    backend = backend_for(tiny_model_dirs, "char")
+
+    async def scenario() -> tuple[str, str]:
+        store = SessionStore(backend, SessionLimits())
+        opened = await store.open("s", PromptSpec(text=PROMPTS[0]), "")
+        call = asyncio.create_task(store.generate("s", Expectation(opened.context_tokens), " and", 64, ()))
+        await asyncio.sleep(0)  # submitted
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The append happened before the cancel; the caller knows the new length from its own text.
+        session = store._sessions["s"]
+        again = await store.generate("s", Expectation(len(session.context_ids)), "", 16, ())
+        fresh = SessionStore(backend, SessionLimits())
+        reopened = await fresh.open("f", PromptSpec(text=PROMPTS[0]), " and")
+        expected = await fresh.generate("f", Expectation(reopened.context_tokens), "", 16, ())
+        return again.segment.text, expected.segment.text
+
+    try:
+        got, expected = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert got == expected
+    assert backend.queue_depth == 0
+
+
+def test_calls_beyond_the_queue_bound_are_refused_at_once(tiny_model_dirs):
+    backend = backend_for(tiny_model_dirs, "char", max_queued=2, max_sessions=1)
+
+    async def scenario() -> list[object]:
+        store = SessionStore(backend, SessionLimits())
+        opened = [await store.open(f"s{i}", PromptSpec(text=p), "") for i, p in enumerate(PROMPTS[:4])]
+        calls = [store.generate(o.session_id, Expectation(o.context_tokens), "", 64, ()) for o in opened]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    refused = [r for r in results if isinstance(r, OverCapacity)]
+    assert len(refused) == 2 and "limit is 2" in str(refused[0])
+
+
+def test_close_does_not_wait_for_a_call_in_flight_and_eviction_spares_busy_sessions(tiny_model_dirs):
+    backend = backend_for(tiny_model_dirs, "char")
+
+    async def scenario() -> None:
+        store = SessionStore(backend, SessionLimits(max_sessions=1))
+        opened = await store.open("busy", PromptSpec(text=PROMPTS[0]), "")
+        call = asyncio.create_task(store.generate("busy", Expectation(opened.context_tokens), "", 64, ()))
+        await asyncio.sleep(0)
+        with pytest.raises(OverCapacity, match="busy sessions"):
+            await store.open("other", PromptSpec(text=PROMPTS[1]), "")  # would need to evict "busy"
+        assert store.close("busy") is True  # at once, while the call runs
+        assert store.load().open_sessions == 0
+        await call  # the call in flight still ends normally
+        with pytest.raises(SessionNotFound):
+            await store.generate("busy", Expectation(opened.context_tokens), "", 4, ())
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+
+
+def test_ragged_views_do_not_copy_session_caches():
+    kv = SessionKV()
+    keys = torch.randn(2, 5, 4)
+    kv.write(0, 0, keys, keys)
+    view, _ = kv.view(0, 0, 5)
+    assert view.data_ptr() == kv.view(0, 0, 1)[0].data_ptr()  # a view of the buffer, not a copy
+    assert torch.equal(view, keys)
+    kv.ids = [1, 2, 3, 4, 5]
+    kv.crop(2)
+    assert kv.cached_tokens == 2

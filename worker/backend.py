@@ -1,0 +1,187 @@
+"""The seam between the worker and a model engine: the backend interface and the types it speaks.
+
+The servicer and the session store use only what is here. The transformers backend (worker/hf/)
+is one implementation; another engine (SGLang, vLLM) can be another behind the same RPCs.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from coolfusion.worker.settings import WorkerSettings
+
+T = TypeVar("T")
+ENGINES = ("transformers",)
+
+
+class Finish(enum.Enum):
+    """Why a segment ended (docs/design.md section 2.2)."""
+
+    BOUNDARY = "boundary"
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt: plain text, or chat turns rendered with the model's chat template."""
+
+    text: str | None = None
+    chat: tuple[ChatTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as this model reads it, and whether tokenizing it adds the model's special tokens."""
+
+    text: str
+    add_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A generated segment; `generated_tokens` counts the tokens that produced it, EOS included."""
+
+    text: str
+    finish: Finish
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class CandidateText:
+    """A continuation to score; `ends_with_eos` appends the scorer's own EOS token."""
+
+    text: str
+    ends_with_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """Summed log-probability (nats) of a candidate's tokens under this model."""
+
+    scored_tokens: int
+    log_prob_sum: float
+    context_tokens_with_text: int
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    """A backend call's result and the compute time it took (ms, from its first model pass to its
+    last; waiting in the queue before it is excluded)."""
+
+    value: T
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What GetInfo tells callers about the model and where it runs."""
+
+    model_id: str
+    tokenizer_family: str
+    vocab_size: int
+    eos_text: str
+    bos_text: str
+    has_chat_template: bool
+    max_context_tokens: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """One forward pass of a batching engine."""
+
+    sessions: int  # calls it advanced
+    tokens: int  # tokens it computed (decode tokens, prefill chunks, candidate tokens)
+    seconds: float
+
+
+PassObserver = Callable[[PassStats], None]
+
+
+class SessionCache(ABC):
+    """A session's state inside the engine (its KV cache), opaque to the session store."""
+
+    @property
+    @abstractmethod
+    def cached_tokens(self) -> int:
+        """Tokens the cache holds: what the session costs in the worker's token budget."""
+
+
+def load_backend(settings: WorkerSettings) -> ModelBackend:
+    """The backend `settings.engine` names, with its model loaded (slow: minutes for a large model)."""
+    if settings.engine == "transformers":
+        from coolfusion.worker.hf.backend import load_backend as load_transformers  # heavy: torch, transformers
+
+        return load_transformers(settings)
+    raise ValueError(f"unknown engine {settings.engine!r}; known: {', '.join(ENGINES)}")
+
+
+class ModelBackend(ABC):
+    """One model behind WorkerService. Text and token work is synchronous and cheap; model work is
+    asynchronous, so that an engine may batch the calls of many sessions into shared passes.
+
+    A session's calls never overlap (the session store serialises them); calls of different
+    sessions may run concurrently.
+    """
+
+    @property
+    @abstractmethod
+    def description(self) -> ModelDescription: ...
+
+    @property
+    @abstractmethod
+    def queue_depth(self) -> int:
+        """Model calls waiting or running."""
+
+    @abstractmethod
+    def render(self, prompt: PromptSpec) -> RenderedPrompt: ...
+
+    @abstractmethod
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    @abstractmethod
+    def new_cache(self) -> SessionCache: ...
+
+    @abstractmethod
+    async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
+        """Makes `cache` hold exactly `context_ids` (prefill), recomputing only past the first
+        token that differs from what it holds."""
+
+    @abstractmethod
+    async def generate(
+        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
+    ) -> Timed[Segment]:
+        """Greedily generates one segment after `context_ids` (docs/design.md section 2.2). The
+        cache then holds the context plus the segment's own tokens (never tokens past the cut),
+        so that appending this segment if it wins costs nothing."""
+
+    @abstractmethod
+    async def score(
+        self, cache: SessionCache, context_ids: list[int], rows: list[list[int]], candidates: list[CandidateText]
+    ) -> Timed[list[TextScore]]:
+        """Scores each candidate after the context; `rows[i]` is tokenize(context + candidate i).
+        A candidate's tokens are those of its row from the first position that differs from
+        `context_ids`; the cache's context is unchanged."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stops the engine; calls still pending fail."""
+
+    def observe_passes(self, observer: PassObserver) -> None:
+        """Has `observer` called after every forward pass (an engine without passes ignores it)."""

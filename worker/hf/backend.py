@@ -1,0 +1,92 @@
+"""The transformers implementation of ModelBackend: a Hugging Face model behind the batching scheduler."""
+
+from __future__ import annotations
+
+import torch
+
+from coolfusion.worker.backend import (
+    CandidateText,
+    ModelBackend,
+    ModelDescription,
+    PassObserver,
+    PromptSpec,
+    RenderedPrompt,
+    Segment,
+    SessionCache,
+    TextScore,
+    Timed,
+)
+from coolfusion.worker.hf import loading
+from coolfusion.worker.hf.jobs import GenerateJob, ScoreJob, SyncJob
+from coolfusion.worker.hf.kv import SessionKV
+from coolfusion.worker.hf.model import HFModel
+from coolfusion.worker.hf.scheduler import Scheduler
+from coolfusion.worker.settings import BatchLimits, WorkerSettings
+
+
+def load_backend(settings: WorkerSettings) -> TransformersBackend:
+    """Resolves the preset or path (converting GGUF once), loads the model and starts its scheduler."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    folder = loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
+    model, tokenizer = loading.load_model(folder, device=settings.device, dtype=settings.dtype)
+    return TransformersBackend(
+        HFModel(model, tokenizer, settings.preset or folder.name), settings.dtype, settings.batch
+    )
+
+
+class TransformersBackend(ModelBackend):
+    """Text work runs on the caller's thread (the event loop: tokenizing a context takes about a
+    millisecond); model work runs on the scheduler's model thread, batched across sessions."""
+
+    def __init__(self, model: HFModel, dtype: str, limits: BatchLimits):
+        self._model = model
+        self._description = model.describe(dtype)
+        self._scheduler = Scheduler(model, limits)
+
+    @property
+    def description(self) -> ModelDescription:
+        return self._description
+
+    @property
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth
+
+    @property
+    def passes(self) -> int:
+        """Forward passes run so far; a batched call shares its passes with others."""
+        return self._scheduler.passes
+
+    def render(self, prompt: PromptSpec) -> RenderedPrompt:
+        return self._model.render(prompt)
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._model.tokenize(text, add_special_tokens)
+
+    def new_cache(self) -> SessionCache:
+        return SessionKV()
+
+    async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
+        return await self._scheduler.run(SyncJob(_kv(cache), context_ids))
+
+    async def generate(
+        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
+    ) -> Timed[Segment]:
+        return await self._scheduler.run(GenerateJob(self._model, _kv(cache), context_ids, max_tokens, stop_strings))
+
+    async def score(
+        self, cache: SessionCache, context_ids: list[int], rows: list[list[int]], candidates: list[CandidateText]
+    ) -> Timed[list[TextScore]]:
+        return await self._scheduler.run(ScoreJob(self._model, _kv(cache), context_ids, rows, candidates))
+
+    def shutdown(self) -> None:
+        self._scheduler.stop()
+
+    def observe_passes(self, observer: PassObserver) -> None:
+        self._scheduler.observer = observer
+
+
+def _kv(cache: SessionCache) -> SessionKV:
+    if not isinstance(cache, SessionKV):
+        raise TypeError(f"a {type(cache).__name__} is not this backend's session cache")
+    return cache

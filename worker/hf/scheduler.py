@@ -1,0 +1,167 @@
+"""Continuous batching: one model thread that, each pass, advances every pending call of every
+session in one packed forward pass (docs/design.md section 4.6).
+
+A call joins at the next pass after it arrives and leaves as soon as its result is known, so no
+session waits for another's whole segment. Decoding sessions are served first (one token each),
+then prefill chunks and candidates to score fill the pass up to its token limit, in arrival order:
+a long prefill is chunked beside the decoding sessions instead of stalling them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, TypeVar
+
+import torch
+
+from coolfusion.worker.backend import PassObserver, PassStats, Timed
+from coolfusion.worker.errors import OverCapacity
+from coolfusion.worker.hf.jobs import Job
+from coolfusion.worker.hf.model import Feed, HFModel
+from coolfusion.worker.settings import BatchLimits
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Scheduler:
+    """Owns the model thread. Calls are submitted from the event loop as jobs; their futures are
+    resolved from the model thread; a cancelled future drops its job at the next pass."""
+
+    def __init__(self, model: HFModel, limits: BatchLimits):
+        self._model = model
+        self._limits = limits
+        self._incoming: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.passes = 0  # forward passes run so far
+        self.observer: PassObserver | None = None  # told of every pass (the worker's metrics)
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Calls waiting or running (a plain read, safe from any thread)."""
+        return len(self._incoming) + len(self._active)
+
+    async def run(self, job: Job) -> Timed[Any]:
+        """Runs `job` to its end; cancelling the caller drops the job at the next pass."""
+        with self._wake:
+            if self._stopping:
+                raise OverCapacity("the worker is shutting down")
+            if self.queue_depth >= self._limits.max_queued:
+                raise OverCapacity(
+                    f"{self.queue_depth} model calls already queued; the limit is {self._limits.max_queued}"
+                )
+            self._incoming.append(job)
+            self._wake.notify()
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            # At once, not through the event loop's callbacks: the session's next call may be
+            # submitted as soon as this one unwinds, and must not meet this job still running.
+            job.future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Ends the model thread after its current pass; pending calls fail."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # ---- the model thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._admit():
+            self._active = [job for job in self._active if not job.future.cancelled()]
+            plan = self._plan()
+            if plan:
+                self._pass(plan)
+            self._retire()
+        for job in [*self._active, *self._incoming]:
+            job.fail(OverCapacity("the worker is shutting down"))
+
+    def _admit(self) -> bool:
+        """Waits for work; starts the calls that arrived. False once the scheduler stops."""
+        with self._wake:
+            while not self._incoming and not self._active and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            arrived = list(self._incoming)
+            self._incoming.clear()
+        for job in arrived:
+            if job.future.cancelled():
+                continue
+            # A session has one call at a time; an older job on its cache belongs to a caller
+            # that gave up, and must not touch the cache any more.
+            for other in [other for other in self._active if other.kv is job.kv]:
+                other.fail(RuntimeError("superseded by a newer call on the same session"))
+                self._active.remove(other)
+            self._active.append(job)
+            try:
+                job.start()
+            except Exception as error:  # noqa: BLE001 - a job that cannot start fails alone
+                job.fail(error)
+                job.finished = True
+        return True
+
+    def _plan(self) -> list[tuple[Job, list[Feed]]]:
+        """This pass's feeds: decoding jobs first, then the others in arrival order."""
+        limits = self._limits
+        budget = limits.max_tokens
+        plan: list[tuple[Job, list[Feed]]] = []
+        ordered = sorted((j for j in self._active if not j.finished), key=lambda job: not job.decoding)
+        for job in ordered[: limits.max_sessions]:
+            feeds = job.next_feeds(budget, alone=not plan)
+            if feeds:
+                plan.append((job, feeds))
+                budget -= sum(len(feed.tokens) for feed in feeds)
+        return plan
+
+    def _pass(self, plan: list[tuple[Job, list[Feed]]]) -> None:
+        feeds = [feed for _, job_feeds in plan for feed in job_feeds]
+        for job, _ in plan:
+            job.mark_pass()
+        started = time.perf_counter()
+        try:
+            logits = self._model.forward(feeds)
+        except Exception as error:  # noqa: BLE001 - the pass's calls fail; the others go on
+            self._fail_pass(plan, error)
+            return
+        self.passes += 1
+        if self.observer is not None:
+            tokens = sum(len(feed.tokens) for feed in feeds)
+            self.observer(PassStats(len(plan), tokens, time.perf_counter() - started))
+        at = 0
+        for job, job_feeds in plan:
+            job.absorb(job_feeds, logits[at : at + len(job_feeds)])
+            at += len(job_feeds)
+
+    def _fail_pass(self, plan: list[tuple[Job, list[Feed]]], error: Exception) -> None:
+        """A pass that raised leaves its sessions' caches unknown: they are cleared (the next call
+        re-prefills) and the pass's calls fail; the other calls go on."""
+        if isinstance(error, torch.OutOfMemoryError):
+            error = OverCapacity(f"the model ran out of device memory for a pass of {len(plan)} calls")
+        logger.exception("a forward pass failed; failing its %d calls", len(plan), exc_info=error)
+        for job, _ in plan:
+            job.kv.clear()
+            job.fail(error)
+            job.finished = True
+
+    def _retire(self) -> None:
+        still = []
+        for job in self._active:
+            if job.finished:
+                if not job.future.done():
+                    job.complete()
+            else:
+                still.append(job)
+        self._active = still
