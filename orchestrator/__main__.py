@@ -7,6 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from coolfusion.orchestrator.admission import AdmissionLimits
 from coolfusion.orchestrator.registry import load_registry, workers_from_environment
 from coolfusion.orchestrator.server import serve
 from coolfusion.orchestrator.settings import OrchestratorSettings
@@ -27,6 +28,19 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--call-timeout-s", type=float, default=defaults.call_timeout_s, help="one worker call")
     parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    load = parser.add_argument_group("load: backpressure instead of degradation")
+    load.add_argument(
+        "--max-running-fusions", type=int, default=defaults.admission.max_running, help="fusions run at once"
+    )
+    load.add_argument(
+        "--max-waiting-fusions", type=int, default=defaults.admission.max_waiting,
+        help="fusions waiting for a slot; more are refused with RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    load.add_argument("--max-wait-s", type=float, default=defaults.admission.max_wait_s, help="longest wait for a slot")
+    load.add_argument(
+        "--busy-wait-s", type=float, default=defaults.busy_wait_s,
+        help="how long a call may retry a busy worker before the request fails as overloaded",
+    )  # fmt: skip
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on --host (0 picks a port); default: off")
@@ -55,6 +69,8 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         port=args.port,
         call_timeout_s=args.call_timeout_s,
         request_timeout_s=args.request_timeout_s,
+        busy_wait_s=args.busy_wait_s,
+        admission=_admission(parser, args),
         grace_s=args.grace_s,
         log_json=args.log_json,
         metrics_port=args.metrics_port,
@@ -63,6 +79,12 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         tls=tls,
         auth_tokens=auth_tokens,
     )
+
+
+def _admission(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AdmissionLimits:
+    if args.max_running_fusions < 1 or args.max_waiting_fusions < 0 or args.max_wait_s < 0:
+        parser.error("--max-running-fusions must be >= 1; --max-waiting-fusions and --max-wait-s >= 0")
+    return AdmissionLimits(args.max_running_fusions, args.max_waiting_fusions, args.max_wait_s)
 
 
 def main(argv: list[str] | None = None) -> None:

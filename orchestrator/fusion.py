@@ -20,7 +20,7 @@ from coolfusion.orchestrator.domain import (
 )
 from coolfusion.orchestrator.observer import FusionObserver, current_observer
 from coolfusion.orchestrator.replicas import ReplicaSet
-from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession
+from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession, WorkersOverloaded
 from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
 from coolfusion.orchestrator.worker_client import WorkerClient
 
@@ -225,12 +225,14 @@ async def fuse(
     deadline: float,
     call_timeout_s: float,
     on_step: OnStep | None = None,
+    busy_wait_s: float = 30.0,
 ) -> FusionResult:
     """Fuses `workers` for one request; with rerank, also returns the best of fused and solo answers.
 
-    `deadline` is a time.monotonic() instant; a bare WorkerClient stands for a worker with one replica."""
+    `deadline` is a time.monotonic() instant; a bare WorkerClient stands for a worker with one replica;
+    a worker that stays busy for `busy_wait_s` fails the request (WorkersOverloaded)."""
     started = time.perf_counter()
-    limits = Deadline(deadline, call_timeout_s)
+    limits = Deadline(deadline, call_timeout_s, busy_wait_s)
     replica_sets = [w if isinstance(w, ReplicaSet) else ReplicaSet.of(w) for w in workers]
     names = [c.name for c in replica_sets]
     fused_loop = FusionLoop(replica_sets, request, "fused", limits, on_step)
@@ -255,6 +257,8 @@ async def fuse(
     )
     if isinstance(fused_or_error, BaseException):
         raise fused_or_error
+    if overloaded := next((s for s in solos if isinstance(s, WorkersOverloaded)), None):
+        raise overloaded  # busy is not broken: the request fails whole rather than without a solo answer
     fused = fused_or_error
     entries = [("fused", fused)] + [(c.name, s) for c, s in zip(replica_sets, solos) if isinstance(s, Answer)]
     dropped = fused.dropped + [

@@ -8,8 +8,9 @@ from coolfusion.serving.metrics import LATENCY_BUCKETS_S, RpcMetrics
 
 # One step is a segment of up to 16 tokens from every model plus one scoring pass.
 STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# Why the orchestrator drops a worker from a request: a fixed set, never the error's text.
-DROP_REASONS = ("unavailable", "deadline", "invalid_answer", "rejected", "session_lost", "overloaded", "other")
+# Why the orchestrator drops a worker from a request: a fixed set, never the error's text. A busy
+# worker (RESOURCE_EXHAUSTED) is never dropped: it is waited for, or the request fails whole.
+DROP_REASONS = ("unavailable", "deadline", "invalid_answer", "rejected", "session_lost", "other")
 
 
 class OrchestratorMetrics:
@@ -20,6 +21,18 @@ class OrchestratorMetrics:
         self.rpc = RpcMetrics(registry)
         self.fusions_in_flight = Gauge(
             "coolfusion_fusions_in_flight", "Fusion requests (Fuse and FuseStream) running now.", registry=registry
+        )
+        self.fusions_waiting = Gauge(
+            "coolfusion_fusions_waiting",
+            "Fusion requests waiting for a slot (--max-running-fusions).",
+            registry=registry,
+        )
+        self.fusions_refused = Counter(
+            "coolfusion_fusions_refused",
+            "Fusion requests refused with RESOURCE_EXHAUSTED before they started, by reason "
+            "(queue_full: too many waiting; wait_timeout: no slot freed in time).",
+            ["reason"],
+            registry=registry,
         )
         self.step_seconds = Histogram(
             "coolfusion_fusion_step_seconds",

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
 
-from coolfusion.orchestrator.worker_client import WorkerClient
+from coolfusion.orchestrator.worker_client import SessionLost, WorkerBusy, WorkerClient, WorkerFailed
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,13 @@ Connect = Callable[[str], WorkerClient]
 FAILED_COOLDOWN_S = 30.0
 # A hung DNS server must not hold requests up: the pods already known keep serving meanwhile.
 _RESOLVE_TIMEOUT_S = 5.0
+# An undelivered close is retried with growing pauses for this long; past it the worker's idle TTL
+# (300 s by default) is the backstop, and a worker that stayed unreachable this long has most
+# likely lost its sessions anyway.
+CLOSE_RETRY_S = 120.0
+_CLOSE_TIMEOUT_S = 2.0
+_CLOSE_FIRST_PAUSE_S = 0.25
+_CLOSE_MAX_PAUSE_S = 10.0
 _DNS_SCHEME = "dns:///"
 
 
@@ -86,6 +93,7 @@ class ReplicaSet:
         self._broken: set[str] = set()
         self._resolved_at: float | None = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()  # background retries of undelivered closes
 
     @classmethod
     def of(cls, client: WorkerClient) -> ReplicaSet:
@@ -120,6 +128,29 @@ class ReplicaSet:
         if client in self._sessions:  # absent only once close() has run at shutdown
             self._sessions[client] -= 1
 
+    def close_later(self, client: WorkerClient, session_id: str) -> None:
+        """Retries, in the background, closing a session whose close could not be delivered; the
+        session keeps its place on the pod (and the pod its channel) until the close lands."""
+        task = asyncio.create_task(self._close_with_retries(client, session_id))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_with_retries(self, client: WorkerClient, session_id: str) -> None:
+        pause, give_up = _CLOSE_FIRST_PAUSE_S, self._clock() + CLOSE_RETRY_S
+        try:
+            while self._clock() + pause < give_up:
+                await asyncio.sleep(pause)
+                try:
+                    await client.close(session_id, _CLOSE_TIMEOUT_S)
+                    return
+                except SessionLost:
+                    return  # gone already
+                except (WorkerFailed, WorkerBusy):
+                    pause = min(2 * pause, _CLOSE_MAX_PAUSE_S)
+            logger.warning("worker %s: gave up closing session %s at %s", self.name, session_id, client.address)
+        finally:
+            self.release(client)
+
     def mark_failed(self, client: WorkerClient) -> None:
         """Keeps new sessions off a pod that could not be reached while another pod can take them,
         until it leaves and comes back in DNS or the cooldown passes; its next session dials it
@@ -153,7 +184,10 @@ class ReplicaSet:
         await self._close_idle_leavers()
 
     async def close(self) -> None:
-        """Closes every channel (the orchestrator stops)."""
+        """Closes every channel (the orchestrator stops); pending close retries end with it."""
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         clients = list(self._sessions)
         self._pods.clear()
         self._sessions.clear()

@@ -9,10 +9,11 @@ import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
+from coolfusion.orchestrator.admission import Admission, Overloaded
 from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
-from coolfusion.orchestrator.sessions import NoWorkersLeft, RejectedByAllWorkers
+from coolfusion.orchestrator.sessions import NoWorkersLeft, RejectedByAllWorkers, WorkersOverloaded
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.orchestrator.telemetry import FusionTelemetry
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
@@ -29,6 +30,8 @@ STATUS_CODES = {  # first match wins: the subclass comes before its base
     RejectedByAllWorkers: grpc.StatusCode.INVALID_ARGUMENT,
     NoWorkersLeft: grpc.StatusCode.UNAVAILABLE,
     RequestTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    WorkersOverloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -67,7 +70,9 @@ async def start_orchestrator(settings: OrchestratorSettings) -> RunningOrchestra
         ]
     )
     pool = WorkerPool(settings.workers)
-    servicer = OrchestratorServicer(pool, settings, FusionTelemetry(metrics, telemetry.tracing.tracer))
+    admission = Admission(settings.admission, on_refused=lambda reason: metrics.fusions_refused.labels(reason).inc())
+    metrics.fusions_waiting.set_function(lambda: admission.waiting)
+    servicer = OrchestratorServicer(pool, settings, admission, FusionTelemetry(metrics, telemetry.tracing.tracer))
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, f"{settings.host}:{settings.port}", settings.tls)

@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 
+from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
@@ -140,9 +141,16 @@ def _prompt(prompt: worker_pb2.Prompt, max_chars: int) -> Prompt:
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Runs fusions over the registered workers; keeps no state between requests."""
 
-    def __init__(self, pool: WorkerPool, settings: OrchestratorSettings, observer: FusionObserver = NO_OBSERVER):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        settings: OrchestratorSettings,
+        admission: Admission,
+        observer: FusionObserver = NO_OBSERVER,
+    ):
         self._pool = pool
         self._settings = settings
+        self._admission = admission  # bounds the fusions running at once
         self._observer = observer  # metrics and spans of every request
         # The operator's flags, then each registry entry's weight and template; requests override.
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
@@ -191,8 +199,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         deadline = time.monotonic() + budget
         try:
-            with observing(self._observer), self._observer.fusion(request_id):
-                return await fuse(workers, request, deadline, self._settings.call_timeout_s, on_step)
+            async with self._admission.slot(wait_s=budget):
+                with observing(self._observer), self._observer.fusion(request_id):
+                    return await fuse(
+                        workers, request, deadline, self._settings.call_timeout_s, on_step,
+                        busy_wait_s=self._settings.busy_wait_s,
+                    )  # fmt: skip
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;

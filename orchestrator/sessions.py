@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from coolfusion.orchestrator.observer import FusionObserver
 from coolfusion.orchestrator.replicas import ReplicaSet
 from coolfusion.orchestrator.worker_client import (
     SessionLost,
+    WorkerBusy,
     WorkerClient,
     WorkerFailed,
     WorkerRejected,
@@ -27,8 +29,13 @@ from coolfusion.orchestrator.worker_client import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Closing sessions must not hang a finished request on a dead worker.
+# Closing sessions must not hang a finished request on a dead worker; an undelivered close is
+# retried in the background (ReplicaSet.close_later).
 _CLOSE_TIMEOUT_S = 2.0
+# A busy worker is asked again after a short, growing, jittered pause: long enough for a batching
+# worker to finish a few passes, short enough to add little latency once it has room.
+_BUSY_FIRST_PAUSE_S = 0.05
+_BUSY_MAX_PAUSE_S = 1.0
 
 
 class NoWorkersLeft(Exception):
@@ -39,12 +46,19 @@ class RejectedByAllWorkers(NoWorkersLeft):
     """Every worker refused the request as invalid: the request is bad, not the service."""
 
 
+class WorkersOverloaded(Exception):
+    """A worker stayed busy (RESOURCE_EXHAUSTED) for longer than the request may wait: the request
+    fails as a whole, retryable, rather than going on without that worker."""
+
+
 @dataclass(frozen=True)
 class Deadline:
-    """When a request must end, and how long one worker call may take."""
+    """When a request must end, how long one worker call may take, and how long a call may keep
+    waiting for a busy worker."""
 
     at: float  # time.monotonic()
     call_timeout_s: float
+    busy_wait_s: float = 30.0
 
     def timeout(self) -> float:
         """The timeout of a worker call starting now."""
@@ -118,15 +132,21 @@ class WorkerSession:
         )
 
     async def close(self) -> None:
-        """Closes the session where it lives, if it was placed; never raises."""
-        if self._client is None:
+        """Closes the session where it lives, if it was placed; never raises. A close that cannot
+        be delivered now is retried in the background, so the session does not hold the worker's
+        memory until its idle TTL."""
+        client, self._client = self._client, None
+        if client is None:
             return
         try:
-            await self._client.close(self.session_id, _CLOSE_TIMEOUT_S)
-        except (WorkerFailed, SessionLost):
-            pass  # a worker that cannot be reached will evict the session by its idle TTL
-        finally:
-            self._release()
+            await client.close(self.session_id, _CLOSE_TIMEOUT_S)
+        except SessionLost:
+            pass  # already gone (evicted, or its worker restarted)
+        except (WorkerFailed, WorkerBusy) as error:
+            logger.info("closing %s's session failed (%s); retrying in the background", self.name, error)
+            self.replicas.close_later(client, self.session_id)
+            return  # the retry releases the session's place on the pod
+        self.replicas.release(client)
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -136,19 +156,34 @@ class WorkerSession:
         """`call(client, reopened=False)`; when the session was lost, or its pod is gone, re-opens
         it (on another replica if the pod is gone) and tries once more with `reopened=True`."""
         try:
-            return await call(self._replica, False)
+            return await self._patiently(lambda: call(self._replica, False), deadline)
         except SessionLost as lost:
             logger.info("re-opening %s after %s", self.name, lost, extra={"request_id": self._request_id})
             await self._reopen(answer_text, deadline)
         except WorkerUnavailable as gone:
             await self._fail_over(gone, answer_text, deadline)
         try:
-            return await call(self._replica, True)
+            return await self._patiently(lambda: call(self._replica, True), deadline)
         except SessionLost as lost:
             raise WorkerFailed(f"session lost twice: {lost}") from lost
 
+    async def _patiently(self, call: Callable[[], Awaitable[T]], deadline: Deadline) -> T:
+        """`call()`, asked again while the worker is busy, until the request's deadline or its
+        busy wait runs out; then the whole request fails as overloaded (docs/design.md section 5.4)."""
+        pause, give_up = _BUSY_FIRST_PAUSE_S, time.monotonic() + deadline.busy_wait_s
+        while True:
+            try:
+                return await call()
+            except WorkerBusy as busy:
+                if time.monotonic() + pause >= min(give_up, deadline.at):
+                    raise WorkersOverloaded(f"{self.name} stayed busy: {busy}") from busy
+                await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+                pause = min(2 * pause, _BUSY_MAX_PAUSE_S)
+
     async def _open(self, answer_text: str, deadline: Deadline) -> None:
-        opened = await self._replica.open(self.session_id, self._prompt, answer_text, deadline.timeout())
+        opened = await self._patiently(
+            lambda: self._replica.open(self.session_id, self._prompt, answer_text, deadline.timeout()), deadline
+        )
         self.prompt_tokens, self.context_tokens = opened.prompt_tokens, opened.context_tokens
 
     async def _place(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coolfusion.orchestrator.admission import AdmissionLimits
 from coolfusion.orchestrator.registry import WorkerEntry
 from coolfusion.orchestrator.strategy import DEFAULT, Strategy
 from coolfusion.serving.security import TlsServerSettings
@@ -39,6 +40,10 @@ class OrchestratorSettings:
     call_timeout_s: float = 120.0
     # Applies when the caller sets no deadline, so that no request runs forever.
     request_timeout_s: float = 900.0
+    # How long a call may keep asking a busy worker (RESOURCE_EXHAUSTED) before the request fails
+    # as overloaded; a busy worker is never dropped from a request.
+    busy_wait_s: float = 30.0
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     grace_s: float = 20.0
     log_json: bool | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)

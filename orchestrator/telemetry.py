@@ -25,7 +25,7 @@ from coolfusion.serving.interceptors import split_method
 from coolfusion.serving.tracing import record_status, rpc_attributes, trace_headers
 
 # Failures that are not one of WorkerFailed's subclasses, by the status their message starts with.
-_REASON_BY_CODE = {"DEADLINE_EXCEEDED": "deadline", "RESOURCE_EXHAUSTED": "overloaded"}
+_REASON_BY_CODE = {"DEADLINE_EXCEEDED": "deadline"}
 
 
 def drop_reason(error: Exception) -> str:

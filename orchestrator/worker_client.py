@@ -47,6 +47,11 @@ class InvalidAnswer(WorkerFailed):
     """The worker answered something impossible (NaN scores, an oversized segment): it is broken."""
 
 
+class WorkerBusy(Exception):
+    """The worker refused a call for lack of room (RESOURCE_EXHAUSTED: its queue or memory is
+    full). It is busy, not broken: the call changed nothing and may be retried later."""
+
+
 class SessionLost(Exception):
     """The worker lost or desynchronised the session; re-opening it with the full text may help."""
 
@@ -143,6 +148,8 @@ class WorkerClient:
                 raise SessionLost(reason) from error
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise WorkerUnavailable(reason) from error
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise WorkerBusy(reason) from error
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise WorkerRejected(reason) from error
             raise WorkerFailed(reason) from error

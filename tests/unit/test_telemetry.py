@@ -124,7 +124,6 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
         (failure(WorkerFailed("session lost twice: NOT_FOUND"), SessionLost("NOT_FOUND: gone")), "session_lost"),
         (failure(WorkerFailed("DEADLINE_EXCEEDED: x"), rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)), "deadline"),
         (WorkerFailed("DEADLINE_EXCEEDED: the request's deadline passed"), "deadline"),  # the fusion's own check
-        (failure(WorkerFailed("RESOURCE_EXHAUSTED: x"), rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)), "overloaded"),
         (failure(WorkerFailed("INTERNAL: x"), rpc_error(grpc.StatusCode.INTERNAL)), "other"),
         (WorkerFailed("something nobody foresaw, with a colon: here"), "other"),
     ],
