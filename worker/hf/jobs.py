@@ -36,6 +36,7 @@ class Job(ABC):
         self.kv = kv
         self.future: Future[Timed[Any]] = Future()
         self.result: Any = None
+        self.error: BaseException | None = None
         self.finished = False
         self._first_pass: float | None = None
 
@@ -61,15 +62,19 @@ class Job(ABC):
         if self._first_pass is None:
             self._first_pass = time.perf_counter()
 
-    def complete(self) -> None:
-        """Hands the result to the caller, unless the caller gave up (cancelled the future)."""
+    def settle(self) -> None:
+        """Hands the result, or the error, to the caller, unless the caller gave up (cancelled)."""
+        if not self.future.set_running_or_notify_cancel():
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+            return
         compute_ms = 0.0 if self._first_pass is None else (time.perf_counter() - self._first_pass) * 1000
-        if self.future.set_running_or_notify_cancel():
-            self.future.set_result(Timed(self.result, compute_ms))
+        self.future.set_result(Timed(self.result, compute_ms))
 
     def fail(self, error: BaseException) -> None:
-        if self.future.set_running_or_notify_cancel():
-            self.future.set_exception(error)
+        """Ends the job with `error`; the scheduler settles it."""
+        self.error, self.finished = error, True
 
     def _finish(self, result: Any) -> None:
         self.result = result

@@ -33,9 +33,12 @@ class Scheduler:
     """Owns the model thread. Calls are submitted from the event loop as jobs; their futures are
     resolved from the model thread; a cancelled future drops its job at the next pass."""
 
-    def __init__(self, model: HFModel, limits: BatchLimits):
+    def __init__(self, model: HFModel, limits: BatchLimits, coalesce_s: float = 0.005):
         self._model = model
         self._limits = limits
+        # How long a pass may wait for sessions whose call just ended (see _admit): a few ms
+        # against passes of tens to hundreds of ms.
+        self._coalesce_s = coalesce_s
         self._incoming: deque[Job] = deque()
         self._active: list[Job] = []
         self._wake = threading.Condition()
@@ -79,20 +82,30 @@ class Scheduler:
     # ---- the model thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        while self._admit():
+        returning = 0  # calls that ended in the last pass: their sessions' next calls are on the way
+        while self._admit(returning):
             self._active = [job for job in self._active if not job.future.cancelled()]
             plan = self._plan()
             if plan:
                 self._pass(plan)
-            self._retire()
+            returning = self._retire()
         for job in [*self._active, *self._incoming]:
             job.fail(OverCapacity("the worker is shutting down"))
+            job.settle()
 
-    def _admit(self) -> bool:
-        """Waits for work; starts the calls that arrived. False once the scheduler stops."""
+    def _admit(self, returning: int) -> bool:
+        """Waits for work; starts the calls that arrived. False once the scheduler stops.
+
+        A session's calls come one after another, each a round trip through the event loop; a
+        pass started the moment the last one ended would run without the sessions that just
+        finished a call and are sending their next. So while other calls are in flight, the
+        next pass waits up to `coalesce_s` for those `returning` sessions to come back.
+        """
         with self._wake:
             while not self._incoming and not self._active and not self._stopping:
                 self._wake.wait()
+            if returning and self._active:
+                self._wake.wait_for(lambda: len(self._incoming) >= returning or self._stopping, self._coalesce_s)
             if self._stopping:
                 return False
             arrived = list(self._incoming)
@@ -103,14 +116,14 @@ class Scheduler:
             # A session has one call at a time; an older job on its cache belongs to a caller
             # that gave up, and must not touch the cache any more.
             for other in [other for other in self._active if other.kv is job.kv]:
-                other.fail(RuntimeError("superseded by a newer call on the same session"))
                 self._active.remove(other)
+                other.fail(RuntimeError("superseded by a newer call on the same session"))
+                other.settle()
             self._active.append(job)
             try:
                 job.start()
             except Exception as error:  # noqa: BLE001 - a job that cannot start fails alone
                 job.fail(error)
-                job.finished = True
         return True
 
     def _plan(self) -> list[tuple[Job, list[Feed]]]:
@@ -154,14 +167,12 @@ class Scheduler:
         for job, _ in plan:
             job.kv.clear()
             job.fail(error)
-            job.finished = True
 
-    def _retire(self) -> None:
-        still = []
-        for job in self._active:
-            if job.finished:
-                if not job.future.done():
-                    job.complete()
-            else:
-                still.append(job)
-        self._active = still
+    def _retire(self) -> int:
+        """Hands finished calls their results; returns how many."""
+        finished = [job for job in self._active if job.finished]
+        # Out of the queue before their callers hear back: a caller's next call must find room.
+        self._active = [job for job in self._active if not job.finished]
+        for job in finished:
+            job.settle()
+        return len(finished)
