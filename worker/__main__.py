@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
 from coolfusion.serving.security import add_security_flags, security_from_args
 from coolfusion.serving.tracing import tracing_from_environment
 from coolfusion.worker.backend import ENGINES
+from coolfusion.worker.errors import StartupError
+from coolfusion.worker.hf.placement import check_device_map_flag, parse_max_memory
 from coolfusion.worker.settings import BatchLimits, SessionLimits, WorkerSettings
+
+T = TypeVar("T")
 
 
 def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
@@ -23,7 +31,21 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     source.add_argument("--preset", help="a default model: smollm2-135m-instruct or gemma3-270m")
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--device", default=defaults.device, help="the whole model on one device: cpu, cuda or cuda:N")
+    where.add_argument(
+        "--device-map",
+        type=_checked(check_device_map_flag),
+        help="place the model across devices with accelerate: auto, balanced, sequential, or a JSON file "
+        "mapping module names to devices (cuda:N, cpu, disk)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_checked(parse_max_memory),
+        default=(),
+        help="with --device-map: the most weight memory per device, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=64GiB",
+    )
+    parser.add_argument("--offload-dir", type=Path, help="disk-offloaded weights (default: <cache dir>/offload)")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--cache-dir", type=Path, help="where GGUF conversions are kept")
@@ -37,7 +59,15 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument(
         "--max-queued-calls", type=int, default=batch.max_queued, help="model calls waiting or running before refusal"
     )
-    parser.add_argument("--token-budget", type=int, default=limits.token_budget, help="cached tokens, all sessions")
+    parser.add_argument(
+        "--token-budget", type=int, help="cached tokens over all sessions; default: what the free memory holds"
+    )
+    parser.add_argument(
+        "--memory-headroom",
+        type=float,
+        default=limits.memory_headroom,
+        help="fraction of the free memory a budget sized from memory leaves unused",
+    )
     parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
     parser.add_argument("--idle-ttl-s", type=float, default=limits.idle_ttl_s)
     parser.add_argument(
@@ -48,6 +78,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on --host (0 picks a port); default: off")
     add_security_flags(parser)
     args = parser.parse_args(argv)
+    _check_placement_and_budget(parser, args)
     tls, auth_tokens = security_from_args(parser, args)
     try:
         tracing = tracing_from_environment(os.environ)  # OTEL_TRACES_EXPORTER and friends
@@ -59,6 +90,9 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         host=args.host,
         port=args.port,
         device=args.device,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_dir=args.offload_dir,
         dtype=args.dtype,
         threads=args.threads,
         cache_dir=args.cache_dir,
@@ -70,6 +104,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         batch=_batch_limits(parser, args),
         limits=SessionLimits(
             token_budget=args.token_budget,
+            memory_headroom=args.memory_headroom,
             max_sessions=args.max_sessions,
             idle_ttl_s=args.idle_ttl_s,
             keep_kv_cache=not args.no_cache,
@@ -77,6 +112,29 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         tls=tls,
         auth_tokens=auth_tokens,
     )
+
+
+def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type whose ValueError message reaches the user (argparse hides it otherwise)."""
+
+    def checked(value: str) -> T:
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return checked
+
+
+def _check_placement_and_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.device_map is None:
+        for flag in ("max_memory", "offload_dir"):
+            if getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} needs --device-map")
+    if args.token_budget is not None and args.token_budget < 1:
+        parser.error(f"--token-budget must be at least 1, got {args.token_budget}")
+    if not 0 <= args.memory_headroom < 1:
+        parser.error(f"--memory-headroom must be in [0, 1), got {args.memory_headroom}")
 
 
 def _batch_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BatchLimits:
@@ -93,7 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_json)
     from coolfusion.worker.server import serve  # after flag parsing: --help should not import torch
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:  # settings this machine cannot serve: a message, not a traceback
+        logging.getLogger("coolfusion.worker").critical("cannot start: %s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

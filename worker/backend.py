@@ -88,6 +88,15 @@ class Timed(Generic[T]):
 
 
 @dataclass(frozen=True)
+class DeviceShare:
+    """Where part of a model's parameters are stored: a device ("cuda:0", "cpu", "disk") and the
+    fraction (0-1) of the model's parameters stored there."""
+
+    device: str
+    parameter_share: float
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """What GetInfo tells callers about the model and where it runs."""
 
@@ -100,6 +109,8 @@ class ModelDescription:
     max_context_tokens: int
     device: str
     dtype: str
+    # Every device holding parameters, in the order the model uses them; empty when unknown.
+    placement: tuple[DeviceShare, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,3 +196,8 @@ class ModelBackend(ABC):
 
     def observe_passes(self, observer: PassObserver) -> None:
         """Has `observer` called after every forward pass (an engine without passes ignores it)."""
+
+    def token_budget(self, headroom: float) -> int | None:
+        """The session token budget that the memory free now can hold, keeping `headroom` (a
+        fraction) of it unused; None when the engine cannot tell (the worker then uses a fixed one)."""
+        return None

@@ -27,3 +27,8 @@ class OverCapacity(WorkerError):
 
 class NotReady(WorkerError):
     """The model is still loading or the worker is draining (UNAVAILABLE)."""
+
+
+class StartupError(Exception):
+    """The worker cannot start with its settings (a model too large for its devices, too little
+    memory left for sessions); the message names the numbers. Never sent to callers."""

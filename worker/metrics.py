@@ -57,7 +57,7 @@ class SessionLoadCollector(Collector):
 class WorkerMetrics:
     """Everything a worker exports: its RPCs, its session cache and its model calls in flight."""
 
-    def __init__(self, registry: CollectorRegistry, token_budget: int):
+    def __init__(self, registry: CollectorRegistry, token_budget: int | None = None):
         self.registry = registry
         self.rpc = RpcMetrics(registry)
         self.sessions = SessionLoadCollector()
@@ -67,8 +67,12 @@ class WorkerMetrics:
             "Model calls waiting for a forward pass or running in one.",
             registry=registry,
         )
-        budget = Gauge("coolfusion_worker_token_budget", "Cached tokens allowed over all sessions.", registry=registry)
-        budget.set(token_budget)
+        # Set once the model is attached: a budget sized from memory is known only then.
+        self._token_budget = Gauge(
+            "coolfusion_worker_token_budget", "Cached tokens allowed over all sessions.", registry=registry
+        )
+        if token_budget is not None:
+            self._token_budget.set(token_budget)
         self._pass_sessions = Histogram(
             "coolfusion_worker_batch_sessions",
             "Sessions advanced by one forward pass (continuous batching).",
@@ -93,6 +97,9 @@ class WorkerMetrics:
         self._pass_sessions.observe(stats.sessions)
         self._pass_tokens.observe(stats.tokens)
         self._pass_seconds.observe(stats.seconds)
+
+    def set_token_budget(self, tokens: int) -> None:
+        self._token_budget.set(tokens)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Reads the queue depth at each scrape (a plain integer read, safe from any thread)."""

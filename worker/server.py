@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health
@@ -20,7 +20,7 @@ from coolfusion.worker.backend import ModelBackend, PromptSpec, load_backend
 from coolfusion.worker.metrics import WorkerMetrics
 from coolfusion.worker.servicer import WorkerServicer
 from coolfusion.worker.sessions import Expectation, SessionStore
-from coolfusion.worker.settings import SessionLimits, WorkerSettings
+from coolfusion.worker.settings import FALLBACK_TOKEN_BUDGET, SessionLimits, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.OverCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
 }
+# WorkerLimits.session_token_budget is a uint32.
+_UINT32_MAX = 2**32 - 1
 # Candidate batches and long prompts exceed gRPC's 4 MB default only through abuse; 16 MB bounds it.
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -59,9 +61,12 @@ class RunningWorker:
 
     async def attach_model(self, backend: ModelBackend) -> None:
         """Serves `backend`: warms it up, then reports SERVING."""
+        self.backend = backend  # from here on, stop() shuts it down, also if serving it fails
         await _warm_up(backend)
-        self.backend = backend
-        self.store = store = SessionStore(backend, self.settings.limits, on_change=self.metrics.sessions.sample)
+        budget = _token_budget(backend, self.settings.limits)
+        limits = replace(self.settings.limits, token_budget=budget)
+        self.metrics.set_token_budget(budget)
+        self.store = store = SessionStore(backend, limits, on_change=self.metrics.sessions.sample)
         self.metrics.sessions.watch(store.load)
         self.metrics.sessions.sample()  # so that the first scrape sees the store
         self.metrics.watch_queue(lambda: backend.queue_depth)
@@ -82,7 +87,7 @@ class RunningWorker:
 
 async def start_worker(settings: WorkerSettings, backend: ModelBackend | None = None) -> RunningWorker:
     """Starts the server (NOT_SERVING); serves `backend` at once when given. Port 0 picks a free port."""
-    metrics = WorkerMetrics(CollectorRegistry(), settings.limits.token_budget)
+    metrics = WorkerMetrics(CollectorRegistry())
     telemetry = start_telemetry(
         metrics.registry, settings.host, settings.metrics_port, settings.tracing, "coolfusion-worker"
     )
@@ -105,7 +110,11 @@ async def start_worker(settings: WorkerSettings, backend: ModelBackend | None = 
     await server.start()
     running = RunningWorker(server, port, servicer, health_servicer, settings, metrics, telemetry)
     if backend is not None:
-        await running.attach_model(backend)
+        try:
+            await running.attach_model(backend)
+        except BaseException:
+            await running.stop(0)
+            raise
     return running
 
 
@@ -114,6 +123,29 @@ async def _warm_up(backend: ModelBackend) -> None:
     store = SessionStore(backend, SessionLimits())
     opened = await store.open("warm-up", PromptSpec(text="Hello"), "")
     await store.generate(opened.session_id, Expectation(opened.context_tokens), "", 2, ())
+
+
+def _token_budget(backend: ModelBackend, limits: SessionLimits) -> int:
+    """--token-budget; else what the memory left free after loading and warm-up holds, never more
+    than `max_sessions` full contexts (or the protocol's uint32); else a fixed fallback."""
+    if limits.token_budget is not None:
+        logger.info("session token budget: %s tokens (--token-budget)", f"{limits.token_budget:,}")
+        return limits.token_budget
+    sized = backend.token_budget(limits.memory_headroom)
+    if sized is None:
+        logger.info(
+            "session token budget: %s tokens (the engine cannot tell its free memory)", f"{FALLBACK_TOKEN_BUDGET:,}"
+        )
+        return FALLBACK_TOKEN_BUDGET
+    cap = min(limits.max_sessions * backend.description.max_context_tokens, _UINT32_MAX)
+    if sized > cap:
+        logger.info(
+            "session token budget: %s tokens, %d sessions of %s tokens (memory holds more)",
+            f"{cap:,}",
+            limits.max_sessions,
+            f"{backend.description.max_context_tokens:,}",
+        )
+    return min(sized, cap)
 
 
 async def _sweep_idle(store: SessionStore, ttl_s: float) -> None:
@@ -128,7 +160,11 @@ async def serve(settings: WorkerSettings) -> None:
     stop = stop_event_on_signals()
     running = await start_worker(settings)
     logger.info("listening on %s:%d; loading model", settings.host, running.port)
-    backend = await asyncio.to_thread(load_backend, settings)
-    await running.attach_model(backend)
+    try:
+        backend = await asyncio.to_thread(load_backend, settings)
+        await running.attach_model(backend)
+    except BaseException:
+        await running.stop(0)  # settings it cannot serve: close the server before the error ends the process
+        raise
     await stop.wait()
     await running.stop()

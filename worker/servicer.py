@@ -133,7 +133,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             protocol_version=PROTOCOL_VERSION,
             limits=worker_pb2.WorkerLimits(
                 max_context_tokens=model.max_context_tokens,
-                session_token_budget=limits.token_budget,
+                session_token_budget=self._store.token_budget,
                 max_sessions=limits.max_sessions,
                 idle_ttl_seconds=limits.idle_ttl_s,
                 max_candidates=limits.max_candidates,
@@ -147,6 +147,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ),
             device=model.device,
             dtype=model.dtype,
+            placement=[
+                worker_pb2.DevicePlacement(device=p.device, parameter_share=p.parameter_share) for p in model.placement
+            ],
         )
 
     async def OpenSession(

@@ -23,7 +23,7 @@ from coolfusion.worker.errors import (
     SessionNotFound,
     StaleContext,
 )
-from coolfusion.worker.settings import SessionLimits
+from coolfusion.worker.settings import FALLBACK_TOKEN_BUDGET, SessionLimits
 
 # Why a session was evicted (the worker's metrics count each): idle past the TTL, least recently
 # used while making room in the token budget, or oldest beyond the session count limit.
@@ -116,6 +116,8 @@ class SessionStore:
         self._on_change = on_change or (lambda: None)
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._evicted = dict.fromkeys(EVICTION_CAUSES, 0)
+        # A worker gives the budget it sized (server.py); a store built on its own uses the fallback.
+        self.token_budget = FALLBACK_TOKEN_BUDGET if limits.token_budget is None else limits.token_budget
 
     # ---- public operations ----------------------------------------------------------------
 
@@ -276,7 +278,7 @@ class SessionStore:
 
     def _make_room(self, session: Session, tokens_needed: int) -> None:
         """Evicts idle least-recently-used sessions until `tokens_needed` more tokens fit the budget."""
-        budget = self._limits.token_budget
+        budget = self.token_budget
         if tokens_needed > budget:
             raise OverCapacity(f"request needs {tokens_needed} cached tokens; the worker's budget is {budget}")
         others = [s for s in self._sessions.values() if s is not session]

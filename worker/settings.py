@@ -8,13 +8,22 @@ from pathlib import Path
 from coolfusion.serving.security import TlsServerSettings
 from coolfusion.serving.tracing import TracingSettings
 
+# The token budget where nothing sized it: an engine that cannot tell its free memory, and
+# session stores built outside a worker (warm-up, tests). 64k tokens of SmolLM2-135M's cache
+# take 3 GB in float32.
+FALLBACK_TOKEN_BUDGET = 65_536
+
 
 @dataclass(frozen=True)
 class SessionLimits:
     """Bounds on the session cache and on what one request may ask for."""
 
-    # ~64k tokens of KV cache is ~1.5 GB for SmolLM2-135M in fp32: a fraction of a small pod.
-    token_budget: int = 65_536
+    # Cached tokens over all sessions. None (the default) sizes it from the memory left free
+    # once the model is loaded and warmed up (docs/design.md section 4.3); a number overrides.
+    token_budget: int | None = None
+    # Fraction of that free memory the sized budget leaves unused: allocator fragmentation,
+    # candidates' temporary key copies while scoring, and the runtime's own growth.
+    memory_headroom: float = 0.2
     # Each fused request holds one session per worker (two with Cool+R); 256 covers heavy load.
     max_sessions: int = 256
     # A fusion step takes seconds; a session idle for 5 minutes belongs to a dead request.
@@ -61,7 +70,12 @@ class WorkerSettings:
     preset: str | None = None  # or one of hf.loading.PRESETS
     host: str = "127.0.0.1"
     port: int = 50051
-    device: str = "cpu"
+    device: str = "cpu"  # the whole model on one device, unless device_map is set
+    # Placement by accelerate: "auto", "balanced", "sequential" or a JSON file mapping module
+    # names to devices (docs/design.md section 7.1). None keeps the whole model on `device`.
+    device_map: str | None = None
+    max_memory: tuple[tuple[str, int], ...] = ()  # (device, bytes) caps on the weights per device
+    offload_dir: Path | None = None  # disk-offloaded weights; None = <cache dir>/offload
     dtype: str = "float32"
     # 0 keeps torch's default (all cores); co-located workers should split the cores instead,
     # because oversubscribed OpenMP threads spin and slow every process down many times over.

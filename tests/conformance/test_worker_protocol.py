@@ -115,6 +115,15 @@ def test_get_info_describes_the_worker(info: pb.GetInfoResponse) -> None:
     assert limits.max_segment_tokens >= DEFAULT_SEGMENT_TOKENS, "max_tokens=0 (default 16) must be allowed"
 
 
+def test_get_info_placement_shares_the_parameters_out(info: pb.GetInfoResponse) -> None:
+    # Optional (empty when the worker cannot tell); when given, one entry per device, summing to 1.
+    devices = [p.device for p in info.placement]
+    assert all(devices) and len(devices) == len(set(devices)), f"placement devices {devices} must be distinct names"
+    assert all(0 < p.parameter_share <= 1 for p in info.placement)
+    if info.placement:
+        assert sum(p.parameter_share for p in info.placement) == pytest.approx(1.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("service", ["", SERVICE])
 def test_health_reports_serving(channel: grpc.Channel, service: str) -> None:
     health = health_pb2_grpc.HealthStub(channel)

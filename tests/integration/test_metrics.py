@@ -68,18 +68,20 @@ def test_worker_counts_rpcs_by_method_and_code_and_shows_its_sessions(tiny_model
                     await stub.GenerateSegment(generate, timeout=RPC_TIMEOUT_S)
                 assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 with_session = await asyncio.to_thread(scrape, used.metrics_port)
+                info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=RPC_TIMEOUT_S)
                 await stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="s1"), timeout=RPC_TIMEOUT_S)
             return (
                 with_session,
                 await asyncio.to_thread(scrape, used.metrics_port),
                 await asyncio.to_thread(scrape, idle.metrics_port),
                 used.metrics_port,
+                info.limits.session_token_budget,
             )
         finally:
             await used.stop(0)
             await idle.stop(0)
 
-    with_session, closed, idle, port = asyncio.run(scenario())
+    with_session, closed, idle, port, budget = asyncio.run(scenario())
     assert handled(with_session, "OpenSession", "OK") == 1
     assert handled(with_session, "GenerateSegment", "OK") == 1
     assert handled(with_session, "GenerateSegment", "FAILED_PRECONDITION") == 1
@@ -87,7 +89,8 @@ def test_worker_counts_rpcs_by_method_and_code_and_shows_its_sessions(tiny_model
     assert sample(with_session, "coolfusion_grpc_server_handling_seconds_count", **latency) == 1
     assert sample(with_session, "coolfusion_worker_sessions") == 1
     assert sample(with_session, "coolfusion_worker_cached_tokens") > 0
-    assert sample(with_session, "coolfusion_worker_token_budget") == SessionLimits().token_budget
+    # Sized from memory at start (no --token-budget): the gauge and GetInfo agree on it.
+    assert budget > 0 and sample(with_session, "coolfusion_worker_token_budget") == budget
     assert sample(with_session, "coolfusion_worker_model_queue_depth") == 0
     assert handled(closed, "CloseSession", "OK") == 1
     assert sample(closed, "coolfusion_worker_sessions") == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from coolfusion.worker.backend import (
@@ -16,12 +18,14 @@ from coolfusion.worker.backend import (
     TextScore,
     Timed,
 )
-from coolfusion.worker.hf import loading
+from coolfusion.worker.hf import loading, memory, placement
 from coolfusion.worker.hf.jobs import GenerateJob, ScoreJob, SyncJob
 from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import HFModel
 from coolfusion.worker.hf.scheduler import Scheduler
 from coolfusion.worker.settings import BatchLimits, WorkerSettings
+
+logger = logging.getLogger(__name__)
 
 
 def load_backend(settings: WorkerSettings) -> TransformersBackend:
@@ -29,7 +33,15 @@ def load_backend(settings: WorkerSettings) -> TransformersBackend:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     folder = loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
-    model, tokenizer = loading.load_model(folder, device=settings.device, dtype=settings.dtype)
+    cache = settings.cache_dir if settings.cache_dir is not None else loading.default_cache_dir()
+    model, tokenizer = loading.load_model(
+        folder,
+        device=settings.device,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        max_memory=settings.max_memory,
+        offload_dir=settings.offload_dir if settings.offload_dir is not None else cache / "offload",
+    )
     return TransformersBackend(
         HFModel(model, tokenizer, settings.preset or folder.name), settings.dtype, settings.batch
     )
@@ -41,6 +53,7 @@ class TransformersBackend(ModelBackend):
 
     def __init__(self, model: HFModel, dtype: str, limits: BatchLimits):
         self._model = model
+        self._limits = limits
         self._description = model.describe(dtype)
         self._scheduler = Scheduler(model, limits)
 
@@ -84,6 +97,33 @@ class TransformersBackend(ModelBackend):
 
     def observe_passes(self, observer: PassObserver) -> None:
         self._scheduler.observer = observer
+
+    def token_budget(self, headroom: float) -> int:
+        """Sized from the free memory of every device holding KV (docs/design.md section 4.3)."""
+        lm = self._model.model
+        cost = memory.kv_cost(lm.config, lm.dtype.itemsize)
+        layers = {layer: str(device) for layer, device in placement.kv_devices(lm).items()}
+        kv_bytes = memory.kv_bytes_by_device(cost, layers)
+        free = {device: memory.free_bytes(torch.device(device)) for device in kv_bytes}
+        logits = memory.logits_bytes(self._limits.max_tokens, int(lm.config.get_text_config().vocab_size))
+        sizing = memory.size_budget(kv_bytes, free, headroom, {str(self._model.input_device): logits})
+        logger.info(
+            "session token budget sized from memory: %s (%d layers x %s B of KV per token%s)",
+            sizing.explain(),
+            len(cost.layer_bytes),
+            f"{cost.layer_bytes[0]:,}",
+            _window_note(cost),
+        )
+        return sizing.tokens
+
+
+def _window_note(cost: memory.KVCost) -> str:
+    if cost.per_token_past_windows == cost.per_token:
+        return ""
+    return (
+        f"; sliding-window layers keep every position here, a window-capped layout would need "
+        f"{cost.per_token_past_windows:,} B per token past the windows"
+    )
 
 
 def _kv(cache: SessionCache) -> SessionKV:

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coolfusion.worker.backend import ModelDescription, PromptSpec, RenderedPrompt
+from coolfusion.worker.hf import placement
 from coolfusion.worker.hf.kv import Piece, RaggedBatch, SessionKV, use_ragged_attention
 
 # Tokens of context decoded together with new tokens, so that tokenizers whose decode depends on
@@ -42,7 +43,13 @@ class HFModel:
         self.eos_id = self._primary_eos_id()
         self.stop_ids = self._all_eos_ids()
         self.max_context_tokens = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.input_device: torch.device = model.get_input_embeddings().weight.device  # type: ignore[assignment]
+        # Where the input embeddings compute (their weights may be offloaded, on the meta device).
+        self.input_device = placement.execution_device(model, model.get_input_embeddings())
+        # Under accelerate's hooks the logits index stays on the CPU, valid whichever device
+        # the last layer's output is on (placement.keep_kwarg_off_device).
+        split = placement.keep_kwarg_off_device(model, "logits_to_keep")
+        self.index_device = torch.device("cpu") if split else self.input_device
+        self.placement = placement.parameter_placement(model)
 
     def describe(self, dtype: str) -> ModelDescription:
         tokenizer = self.tokenizer
@@ -57,6 +64,7 @@ class HFModel:
             max_context_tokens=self.max_context_tokens,
             device=str(self.input_device),
             dtype=dtype,
+            placement=self.placement,
         )
 
     def _primary_eos_id(self) -> int:
@@ -117,7 +125,7 @@ class HFModel:
             input_ids=ids,
             position_ids=positions,
             use_cache=False,
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.input_device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.index_device),
             ragged=RaggedBatch(pieces),
         )
         logits = out.logits[0].float()  # (kept, vocab)

@@ -91,7 +91,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype")
+    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class GetInfoResponse(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer: TokenizerInfo
     protocol_version: str
@@ -106,7 +107,16 @@ class GetInfoResponse(_message.Message):
     load: WorkerLoad
     device: str
     dtype: str
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    placement: _containers.RepeatedCompositeFieldContainer[DevicePlacement]
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ...) -> None: ...
+
+class DevicePlacement(_message.Message):
+    __slots__ = ("device", "parameter_share")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    parameter_share: float
+    def __init__(self, device: _Optional[str] = ..., parameter_share: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "answer_text")
