@@ -1,8 +1,10 @@
-"""`coolfusion bench`: fused against solo, caches against re-prefilling, per-step costs and load, in one run."""
+"""`coolfusion bench`: fused against solo, caches against re-prefilling, per-step costs, load, and
+each worker's decode throughput under concurrent sessions, in one run."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -42,6 +44,8 @@ class Plan:
     concurrency: tuple[int, ...]
     requests: int
     timeout_s: float
+    decode_sessions: tuple[int, ...] = (1, 4, 8, 16)  # concurrent sessions per worker, section 6
+    decode_tokens: int = 48  # tokens each session generates, section 6
 
 
 @dataclass(frozen=True)
@@ -145,15 +149,75 @@ def percentile(ordered: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
+def decode_throughput(addresses: dict[str, str], plan: Plan) -> list[dict[str, Any]]:
+    """Per worker and level, that many sessions generating chained segments at once, straight on
+    the worker (each appends its own last segment, as a fusion step appends the winner)."""
+    prompt = fusion_parameters(plan.prompt).prompt
+    rows = []
+    for name in plan.workers:
+        if name not in addresses:
+            continue
+        alone = None
+        for level in plan.decode_sessions:
+            tokens, seconds = asyncio.run(_decode_level(addresses[name], prompt, level, plan))
+            alone = alone or tokens / seconds
+            rows.append({
+                "worker": name, "sessions": level, "tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds, "vs_one_session": tokens / seconds / alone,
+            })  # fmt: skip
+            _progress(f"{name}, {level} sessions decoding: {tokens / seconds:.1f} tokens/s")
+    return rows
+
+
+async def _decode_level(address: str, prompt: worker_pb2.Prompt, sessions: int, plan: Plan) -> tuple[int, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        ids = [f"bench-decode-{uuid.uuid4().hex}" for _ in range(sessions)]
+        opened = await asyncio.gather(*(_open(stub, i, prompt, plan.timeout_s) for i in ids))
+        try:
+            started = time.perf_counter()
+            counts = await asyncio.gather(*(_decode(stub, i, o, plan) for i, o in zip(ids, opened)))
+            return sum(counts), time.perf_counter() - started
+        finally:
+            await asyncio.gather(*(_close(stub, i) for i in ids))
+
+
+async def _open(stub, session_id: str, prompt: worker_pb2.Prompt, timeout_s: float) -> worker_pb2.OpenSessionResponse:
+    request = worker_pb2.OpenSessionRequest(session_id=session_id, prompt=prompt)
+    return await stub.OpenSession(request, timeout=timeout_s)
+
+
+async def _decode(stub, session_id: str, opened: worker_pb2.OpenSessionResponse, plan: Plan) -> int:
+    """Chained segments until `plan.decode_tokens` are generated (or EOS); returns the tokens."""
+    context, answer, append, generated = opened.context_tokens, 0, "", 0
+    while generated < plan.decode_tokens:
+        request = worker_pb2.GenerateSegmentRequest(
+            session_id=session_id, expected_context_tokens=context, expected_answer_chars=answer,
+            append_text=append, max_tokens=16,
+        )  # fmt: skip
+        segment = await stub.GenerateSegment(request, timeout=plan.timeout_s)
+        generated += segment.generated_tokens
+        answer, context, append = answer + len(append), segment.context_tokens, segment.text
+        if segment.finish_reason == worker_pb2.FINISH_REASON_EOS or not segment.text:
+            break
+    return generated
+
+
+async def _close(stub, session_id: str) -> None:
+    await stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session_id), timeout=_COUNT_TIMEOUT_S)
+
+
 def measure_cached(address: str, plan: Plan) -> dict[str, Any]:
-    """Everything measured on the caching service: fused runs, solo runs and load levels."""
+    """Everything measured on the caching service: fused runs, solo runs, load levels, decoding."""
     with FusionClient(address) as client:
-        counter = TokenCounter({s.name: s.address for s in client.list_workers()}, plan.prompt)
+        addresses = {s.name: s.address for s in client.list_workers()}
+        counter = TokenCounter(addresses, plan.prompt)
         _warm_up(client, plan)
         return {
             "fused": fused_runs(client, plan, counter),
             "solo": solo_runs(client, plan, counter),
             "concurrency": load_levels(client, plan),
+            "decode": decode_throughput(addresses, plan),
         }
 
 
@@ -253,6 +317,7 @@ def build_report(plan: Plan, addresses: dict[str, str | None], cached: dict[str,
         "orchestrator_overhead": orchestrator_overhead(fused),
         "step_split": step_split(fused),
         "concurrency": cached["concurrency"],
+        "decode": cached["decode"],
         "runs": {
             "fused": [asdict(r) for r in fused],
             "fused_no_cache": [asdict(r) for r in uncached],
@@ -321,6 +386,17 @@ SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str, float], ...]], ...] = (
             ("p99 s", "p99_ms", _S),
         ),
     ),
+    (
+        "decode",
+        (
+            "6. Worker decode throughput: that many sessions on one worker generating chained segments at once "
+            "(continuous batching advances them together)"
+        ),
+        (
+            ("worker", "worker", 1), ("sessions", "sessions", 1), ("tokens", "tokens", 1), ("seconds", "seconds", 1),
+            ("tokens/s", "tokens_per_s", 1), ("vs 1 session", "vs_one_session", 1),
+        ),
+    ),
 )  # fmt: skip
 
 
@@ -367,6 +443,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,4,8", help="concurrent request levels (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level (default: %(default)s)")
     parser.add_argument(
+        "--decode-sessions", default="1,4,8,16", help="section 6: concurrent sessions per worker (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--decode-tokens", type=int, default=48, help="section 6: tokens each session generates (default: %(default)s)"
+    )
+    parser.add_argument(
         "--prompt", help="the user message (default: the GSM8K prompt of `eval` with a sample question)"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures and every run here")
@@ -385,25 +467,26 @@ def positive_ints(text: str, flag: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def check_flags(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The length caps and concurrency levels; checked before a local cluster spends minutes starting."""
+def check_flags(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Length caps, concurrency levels, decode levels; checked before a local cluster spends minutes starting."""
     lengths, levels = positive_ints(args.lengths, "--lengths"), positive_ints(args.concurrency, "--concurrency")
-    if args.requests < 1:
-        raise SystemExit("coolfusion: --requests must be at least 1")
+    decode_levels = positive_ints(args.decode_sessions, "--decode-sessions")
+    if args.requests < 1 or args.decode_tokens < 1:
+        raise SystemExit("coolfusion: --requests and --decode-tokens must be at least 1")
     if args.local and args.no_cache_orchestrator:
         raise SystemExit("coolfusion: --local starts its own --no-cache cluster; drop --no-cache-orchestrator")
     if not (args.local or args.skip_no_cache or args.no_cache_orchestrator):
         raise SystemExit("coolfusion: section 2 needs --no-cache-orchestrator ADDR (or --local, or --skip-no-cache)")
-    return lengths, levels
+    return lengths, levels, decode_levels
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    lengths, levels = check_flags(args)
+    lengths, levels, decode_levels = check_flags(args)
     spec = cluster_spec(args.presets, args.model) if args.local else {}
     prompt = chat(args.prompt or gsm8k_text(DEFAULT_QUESTION))
     with _service(args, spec, no_cache=False) as address:
         workers = _workers(args, spec, address)
-        plan = Plan(prompt, workers, lengths, levels, args.requests, args.timeout_s)
+        plan = Plan(prompt, workers, lengths, levels, args.requests, args.timeout_s, decode_levels, args.decode_tokens)
         cached = measure_cached(address, plan)
     uncached = []
     if not args.skip_no_cache:

@@ -5,6 +5,9 @@
 2. Per-token latency of chained GenerateSegment calls (each appends the previous segment, as a
    fusion step does), against plain transformers `generate` with its own KV cache.
 3. The cost of re-tokenizing a whole ~2k-token context, which every append pays.
+4. Chunked prefill beside decoding: 4 sessions decode while a ~1,500-token prompt arrives; the
+   longest pause between two of their tokens, and the new session's time to its first segment,
+   with the prompt prefilled in one pass (--max-batch-tokens 4096) against chunks of 256.
 
 The backend and the baselines use two copies of the model: the backend's attends through its
 ragged batches, the baselines' through transformers' own attention.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -128,6 +132,48 @@ async def bench_generation(
     }
 
 
+async def bench_prefill_beside_decode(lm: HFModel) -> dict:
+    """The longest gap between two passes while running sessions decode and a long prompt is
+    prefilled beside them, and that prompt's time to its first segment, per --max-batch-tokens."""
+    long_prompt = PromptSpec(text=long_context(lm, 1500))
+    runs = {f"tokens_{n}": await _prefill_run(lm, long_prompt, n) for n in (4096, 256)}
+    return {"prefill_beside_decode": runs}
+
+
+async def _prefill_run(lm: HFModel, long_prompt: PromptSpec, max_tokens: int, decoders: int = 4) -> dict:
+    backend = TransformersBackend(lm, "float32", BatchLimits(max_tokens=max_tokens))
+    pass_ends: list[float] = []
+    backend.observe_passes(lambda stats: pass_ends.append(time.perf_counter()))
+    store = SessionStore(backend, SessionLimits())
+    try:
+        opened = [await store.open(f"d{i}", PromptSpec(text=CANDIDATES[i % 3]), "") for i in range(decoders)]
+        running = [asyncio.create_task(_decode_for(store, o, 48)) for o in opened]
+        await asyncio.sleep(0.5)  # the decoders are under way
+        started = time.perf_counter()
+        late = await store.open("long", long_prompt, "")
+        await store.generate("long", Expectation(late.context_tokens), "", 16, ())
+        first_segment_s = time.perf_counter() - started
+        await asyncio.gather(*running)
+    finally:
+        backend.shutdown()
+    gaps = [b - a for a, b in itertools.pairwise(pass_ends)]
+    return {
+        "longest_pass_gap_ms": round(max(gaps) * 1000, 1),
+        "median_pass_gap_ms": round(statistics.median(gaps) * 1000, 1),
+        "long_prompt_first_segment_s": round(first_segment_s, 2),
+    }
+
+
+async def _decode_for(store: SessionStore, opened, tokens: int) -> None:
+    context, append, produced = opened.context_tokens, "", 0
+    while produced < tokens:
+        generated = await store.generate(opened.session_id, Expectation(context), append, 16, ())
+        produced += generated.segment.generated_tokens
+        context, append = generated.context_tokens, generated.segment.text
+        if not append:
+            return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="smollm2-135m-instruct,gemma3-270m")
@@ -149,7 +195,7 @@ async def bench_preset(preset: str, repeats: int, answer_tokens: int) -> dict:
         generation = await bench_generation(backend, lm, plain, answer_tokens)
     finally:
         backend.shutdown()
-    return {"model": preset, **scoring, **generation}
+    return {"model": preset, **scoring, **generation, **await bench_prefill_beside_decode(lm)}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Load on a local cluster of tiny-model workers: concurrent Fuse requests for a fixed time, and figures.
+"""Load on a local cluster of tiny-model workers, and figures: concurrent Fuse requests for a fixed
+time (`measure`), or a soak of many fusions at changing concurrency with some callers cancelling
+mid-stream (`measure_soak`).
 
-Shared by tests/integration/test_load.py, which asserts on the figures, and scripts/load_test.py,
-which prints them.
+Shared by tests/integration/test_load.py and test_soak.py, which assert on the figures, and
+scripts/load_test.py and scripts/soak.py, which print them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -149,5 +152,98 @@ async def _client(stub, figures: LoadFigures, end: float, index: int, max_new_to
             figures.errors.append(f"{error.code().name}: {error.details()}")
             continue
         figures.latencies_s.append(time.monotonic() - started)
+        figures.completed += 1
+        figures.dropped += [f"{d.worker}: {d.reason}" for d in response.result.dropped]
+
+
+# The soak's concurrency levels, taken in turn, a phase of requests each: 1 to 16 callers at once.
+SOAK_LEVELS = (1, 4, 16, 8, 2, 12)
+
+
+@dataclass
+class SoakFigures:
+    """What the soak's callers saw."""
+
+    completed: int = 0
+    cancelled: int = 0  # streams the caller dropped after the first chosen segment, on purpose
+    errors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SoakRun:
+    total: int
+    figures: SoakFigures
+    workers: list[WorkerFigures]
+
+    @property
+    def clean(self) -> bool:
+        return not self.figures.errors and not self.figures.dropped and not any(w.sessions_after for w in self.workers)
+
+    def report(self) -> str:
+        f = self.figures
+        totals = (
+            f"{self.total} fusions at concurrency {'/'.join(map(str, SOAK_LEVELS))} in {f.elapsed_s:.1f} s: "
+            f"{f.completed} completed, {f.cancelled} cancelled mid-stream on purpose, {len(f.errors)} errors, "
+            f"{len(f.dropped)} workers dropped"
+        )
+        lines = [
+            totals,
+            *(f"error: {e}" for e in f.errors[:5]),
+            *(f"dropped: {d}" for d in f.dropped[:5]),
+        ]
+        for w in self.workers:
+            lines.append(
+                f"worker {w.name}: {w.sessions_after} sessions open after; RSS {w.rss_before_kib / 1024:.1f} MiB "
+                f"after warm-up, {w.rss_after_kib / 1024:.1f} MiB after the soak"
+            )
+        return "\n".join(lines)
+
+
+def measure_soak(cluster: LocalCluster, total: int, cancel_every: int = 10, warmup: int = 48) -> SoakRun:
+    """`warmup` fusions, then `total` more through the soak's levels; every `cancel_every`-th is a
+    stream its caller drops after the first chosen segment."""
+    workers = list(cluster.workers.values())
+    asyncio.run(soak(cluster.address, warmup, cancel_every))
+    wait_for_no_sessions(workers)
+    before = [rss_kib(w.process.pid) for w in workers]
+    figures = asyncio.run(soak(cluster.address, total, cancel_every))
+    sessions = wait_for_no_sessions(workers)
+    after = [rss_kib(w.process.pid) for w in workers]
+    return SoakRun(total, figures, [WorkerFigures(w.name, *n) for w, *n in zip(workers, sessions, before, after)])
+
+
+async def soak(address: str, total: int, cancel_every: int) -> SoakFigures:
+    figures = SoakFigures()
+    started = time.monotonic()
+    phase = max(1, total // len(SOAK_LEVELS))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        sent, levels = 0, itertools.cycle(SOAK_LEVELS)
+        while sent < total:
+            level, count = next(levels), min(phase, total - sent)
+            queue = iter(range(sent, sent + count))
+            await asyncio.gather(*(_soak_caller(stub, queue, figures, cancel_every) for _ in range(level)))
+            sent += count
+    figures.elapsed_s = time.monotonic() - started
+    return figures
+
+
+async def _soak_caller(stub, queue, figures: SoakFigures, cancel_every: int) -> None:
+    for index in queue:  # callers share the iterator: each request is sent once
+        prompt = worker_pb2.Prompt(text=PROMPTS[index % len(PROMPTS)])
+        parameters = opb.FusionParameters(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
+        try:
+            if cancel_every and index % cancel_every == cancel_every - 1:
+                call = stub.FuseStream(opb.FuseStreamRequest(parameters=parameters), timeout=REQUEST_TIMEOUT_S)
+                await call.read()  # the first chosen segment, then the caller goes away
+                call.cancel()
+                figures.cancelled += 1
+                continue
+            response = await stub.Fuse(opb.FuseRequest(parameters=parameters), timeout=REQUEST_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            figures.errors.append(f"{error.code().name}: {error.details()}")
+            continue
         figures.completed += 1
         figures.dropped += [f"{d.worker}: {d.reason}" for d in response.result.dropped]

@@ -43,27 +43,31 @@ class ReferenceModel:
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     @torch.no_grad()
-    def next_token(self, ids: list[int]) -> int:
+    def next_token(self, ids: list[int]) -> tuple[int, float]:
+        """The greedy next token, and its margin: the gap between the two highest logits."""
         # The whole context is recomputed; only the last position's logits are projected (a 262k
         # vocabulary times every position would dominate the run time for nothing).
-        return int(self.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
+        logits = self.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        return int(top.indices[0]), float(top.values[0] - top.values[1])
 
-    def segment(self, context: str, special: bool, cap: int, stops: tuple[str, ...]) -> tuple[str, bool]:
-        """(segment text, ended at EOS), generating every token from scratch."""
+    def segment(self, context: str, special: bool, cap: int, stops: tuple[str, ...]) -> tuple[str, bool, float]:
+        """(segment text, ended at EOS, smallest greedy margin among its tokens), every token from scratch."""
         ids = self.ids(context, special)
         before = self.decode(ids)
         new: list[int] = []
-        text = ""
+        text, margin = "", math.inf
         for _ in range(cap):
-            token = self.next_token(ids + new)
+            token, gap = self.next_token(ids + new)
+            margin = min(margin, gap)
             if token in self.eos_ids:
-                return text, True
+                return text, True, margin
             new.append(token)
             text = self.decode(ids + new)[len(before) :]
             ends = [m.end() for m in [BOUNDARY.search(text)] if m] + [text.find(s) + len(s) for s in stops if s in text]
             if ends:
-                return text[: min(ends)], False
-        return text, False
+                return text[: min(ends)], False, margin
+        return text, False, margin
 
     @torch.no_grad()
     def perplexity(self, context: str, special: bool, text: str, eos: bool) -> float:
@@ -91,6 +95,57 @@ PAPER_STRATEGY = orchestrator_pb2.FusionStrategy(
 )
 
 
+@dataclass(frozen=True)
+class ReferenceStep:
+    """One step of the reference: what each model proposed (with its smallest greedy margin, the
+    gap between its two highest logits), the distinct candidates, their fused scores, the winner."""
+
+    segments: list[tuple[str, bool]]  # per model, in model order
+    margins: list[float]  # per model
+    candidates: list[tuple[str, bool]]
+    fused: list[float]  # per candidate; empty when only one candidate (it wins unscored)
+    winner: int
+
+
+def reference_steps(
+    models: list[ReferenceModel],
+    prompt: str | list[dict],
+    max_new_tokens: int = 64,
+    stop_strings: tuple[str, ...] = (),
+    segment_cap: int = 16,
+    aggregate: Callable[[list[float]], float] | None = None,
+) -> tuple[str, str, list[ReferenceStep]]:
+    """The fused answer, why it ended ("eos", "stop" or "length"), and every step. `aggregate`
+    turns the models' perplexities of a candidate (in model order) into its fused score; default:
+    their mean."""
+    rendered = [m.render(prompt) for m in models]
+    answer, steps = "", []
+    while True:
+        proposals = [m.segment(r + answer, s, segment_cap, stop_strings) for m, (r, s) in zip(models, rendered)]
+        segments = [(text, eos) for text, eos, _ in proposals]
+        candidates = list(dict.fromkeys(segments))  # distinct, in worker order
+        fused: list[float] = []
+        if len(candidates) > 1:
+            combine = aggregate or (lambda perplexities: sum(perplexities) / len(perplexities))
+            fused = [
+                combine([m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)])
+                for text, eos in candidates
+            ]
+        winner_index = min(range(len(candidates)), key=lambda i: (fused[i], i)) if fused else 0
+        steps.append(ReferenceStep(segments, [margin for _, _, margin in proposals], candidates, fused, winner_index))
+        winner = candidates[winner_index]
+        previous = len(answer)
+        answer += winner[0]
+        if winner[1]:
+            return answer, "eos", steps
+        hits = [answer.find(s, max(0, previous - len(s) + 1)) for s in stop_strings]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            return answer[: min(hits)], "stop", steps
+        if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
+            return answer, "length", steps
+
+
 def reference_fuse(
     models: list[ReferenceModel],
     prompt: str | list[dict],
@@ -99,29 +154,6 @@ def reference_fuse(
     segment_cap: int = 16,
     aggregate: Callable[[list[float]], float] | None = None,
 ) -> tuple[str, str]:
-    """The fused answer and why it ended ("eos", "stop" or "length"). `aggregate` turns the models'
-    perplexities of a candidate (in model order) into its fused score; default: their mean."""
-    rendered = [m.render(prompt) for m in models]
-    answer = ""
-    while True:
-        segments = [m.segment(r + answer, s, segment_cap, stop_strings) for m, (r, s) in zip(models, rendered)]
-        candidates = list(dict.fromkeys(segments))  # distinct, in worker order
-        if len(candidates) == 1:
-            winner = candidates[0]
-        else:
-            combine = aggregate or (lambda perplexities: sum(perplexities) / len(perplexities))
-            fused = [
-                combine([m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)])
-                for text, eos in candidates
-            ]
-            winner = candidates[min(range(len(candidates)), key=lambda i: (fused[i], i))]
-        previous = len(answer)
-        answer += winner[0]
-        if winner[1]:
-            return answer, "eos"
-        hits = [answer.find(s, max(0, previous - len(s) + 1)) for s in stop_strings]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            return answer[: min(hits)], "stop"
-        if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
-            return answer, "length"
+    """The fused answer and why it ended (see reference_steps)."""
+    text, finish, _ = reference_steps(models, prompt, max_new_tokens, stop_strings, segment_cap, aggregate)
+    return text, finish

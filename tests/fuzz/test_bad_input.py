@@ -334,6 +334,7 @@ def check_fuse_result(result: opb.FuseResult, parameters: opb.FusionParameters) 
         worker_pb2.FINISH_REASON_EOS,
         worker_pb2.FINISH_REASON_LENGTH,
         worker_pb2.FINISH_REASON_STOP,
+        worker_pb2.FINISH_REASON_REPETITION,  # the default strategy's guard ends loops
     )
     assert [s.worker for s in result.shares] == list(parameters.workers or WORKERS)
     assert result.request_id

@@ -15,7 +15,8 @@ from coolfusion.cli.cluster import LocalCluster
 WORKERS = ["bpe", "char"]
 LENGTHS, LEVELS, REQUESTS = [8, 16], [1, 2], 2
 SEGMENT_CAP = 16  # the orchestrator's default per-step cap: how far an answer may run past its own cap
-SECTIONS = ["fused_vs_solo", "cache_vs_no_cache", "orchestrator_overhead", "step_split", "concurrency"]
+SECTIONS = ["fused_vs_solo", "cache_vs_no_cache", "orchestrator_overhead", "step_split", "concurrency", "decode"]
+DECODE_LEVELS = [1, 3]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,13 @@ def test_bench_writes_every_section_with_consistent_figures(addresses: tuple[str
     done = bench_cli(
         "--orchestrator", cached, "--no-cache-orchestrator", uncached, "--workers", ",".join(WORKERS),
         "--lengths", ",".join(map(str, LENGTHS)), "--concurrency", ",".join(map(str, LEVELS)),
-        "--requests", str(REQUESTS), "--json", str(out),
+        "--requests", str(REQUESTS), "--decode-sessions", ",".join(map(str, DECODE_LEVELS)), "--decode-tokens", "12",
+        "--json", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert all(report[key] for key in SECTIONS)
-    for number in range(1, 6):
+    for number in range(1, 7):
         assert f"\n{number}. " in f"\n{done.stdout}"  # each section printed as a table
 
     runs = report["runs"]
@@ -81,6 +83,13 @@ def test_bench_writes_every_section_with_consistent_figures(addresses: tuple[str
     for row in report["concurrency"]:
         assert row["requests"] == REQUESTS and row["requests_per_s"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["seconds"] * 1000
+
+    decode = report["decode"]
+    assert [(row["worker"], row["sessions"]) for row in decode] == [(w, n) for w in WORKERS for n in DECODE_LEVELS]
+    for row in decode:
+        assert 0 < row["tokens"] <= (12 + SEGMENT_CAP) * row["sessions"]  # EOS may end a session early
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+    assert [row["vs_one_session"] for row in decode if row["sessions"] == 1] == [1.0, 1.0]
 
 
 def test_bench_without_a_no_cache_service_says_what_to_add() -> None:
