@@ -1,4 +1,4 @@
-"""A local cluster: worker and orchestrator processes on loopback, started and stopped together."""
+"""A local cluster: worker, orchestrator and gateway processes on loopback, started and stopped together."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Self, TextIO
 
 from coolfusion.serving.lifecycle import PARENT_PID_VARIABLE
 
-# Both servers log "... ready ... on HOST:PORT" once they serve; the port may have been picked by the OS.
+# Every server logs "... ready ... on HOST:PORT" once it serves; the port may have been picked by the OS.
 _READY = re.compile(r"ready\b.* on [^ ]+:(\d+)")
 DEFAULT_PRESETS = ("smollm2-135m-instruct", "gemma3-270m")
 
@@ -102,8 +102,14 @@ def orchestrator_argv(extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "coolfusion.orchestrator", "--host", "127.0.0.1", "--port", "0", *extra]
 
 
+def gateway_argv(orchestrator: str, port: int = 0, extra: Sequence[str] = ()) -> list[str]:
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", "coolfusion.gateway", *host, "--orchestrator", orchestrator, *extra]
+
+
 class LocalCluster:
-    """Workers plus an orchestrator that knows them; a context manager that always cleans up."""
+    """Workers plus an orchestrator that knows them, and optionally the OpenAI-compatible gateway in
+    front of it; a context manager that always cleans up."""
 
     def __init__(
         self,
@@ -111,13 +117,16 @@ class LocalCluster:
         log_path: Path | None = None,
         ready_timeout_s: float = 600.0,
         worker_flags: tuple[str, ...] = (),
+        gateway_port: int | None = None,
     ):
         self._workers_spec = workers  # name -> worker model arguments, e.g. ["--preset", "gemma3-270m"]
         self._worker_flags = worker_flags  # given to every worker, e.g. ("--no-cache",)
         self._log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in stop()
         self._ready_timeout_s = ready_timeout_s
+        self._gateway_port = gateway_port  # None: no gateway; 0: any free port
         self.workers: dict[str, LocalProcess] = {}
         self.orchestrator: LocalProcess | None = None
+        self.gateway: LocalProcess | None = None
 
     def start(self) -> Self:
         try:
@@ -129,6 +138,9 @@ class LocalCluster:
                 wait_ready(worker, self._ready_timeout_s)
             env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))
             self.orchestrator = wait_ready(launch("orchestrator", orchestrator_argv(), self._log, env), 60)
+            if self._gateway_port is not None:
+                argv = gateway_argv(self.orchestrator.address, self._gateway_port)
+                self.gateway = wait_ready(launch("gateway", argv, self._log), 60)
         except BaseException:
             self.stop()
             raise
@@ -139,9 +151,20 @@ class LocalCluster:
         assert self.orchestrator is not None, "cluster not started"
         return self.orchestrator.address
 
+    @property
+    def gateway_url(self) -> str:
+        """The OpenAI-compatible API's base URL, as OpenAI clients take it."""
+        assert self.gateway is not None, "cluster started without a gateway"
+        return f"http://{self.gateway.address}/v1"
+
+    @property
+    def processes(self) -> list[LocalProcess]:
+        """Every process started, workers first."""
+        servers = [self.orchestrator, self.gateway]
+        return [*self.workers.values(), *(p for p in servers if p is not None)]
+
     def stop(self) -> None:
-        processes = [*self.workers.values(), *([self.orchestrator] if self.orchestrator else [])]
-        stop_processes(processes)
+        stop_processes(self.processes)
         if self._log:
             self._log.close()
             self._log = None

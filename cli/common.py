@@ -13,7 +13,7 @@ from types import FrameType
 from typing import TextIO
 
 from coolfusion.cli.cluster import DEFAULT_PRESETS, LocalCluster
-from coolfusion.client import fusion_strategy
+from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
@@ -41,8 +41,8 @@ def add_target_flags(parser: argparse.ArgumentParser, local_help: str) -> None:
 def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for FusionStrategy; each left out takes the orchestrator's default."""
     group = parser.add_argument_group("fusion strategy (default: the orchestrator's)")
-    group.add_argument("--aggregation", default="", choices=["ppl_mean", "nll_mean", "robust"])
-    group.add_argument("--repetition-guard", default="", choices=["off", "stop", "steer"])
+    group.add_argument("--aggregation", default="", choices=AGGREGATIONS)
+    group.add_argument("--repetition-guard", default="", choices=REPETITION_GUARDS)
     group.add_argument("--weight", action="append", default=[], metavar="WORKER=W", help="score weight (repeatable)")
     group.add_argument(
         "--prompt-template", action="append", default=[], metavar="WORKER=TEMPLATE",
@@ -83,13 +83,14 @@ def default_spec() -> dict[str, list[str]]:
     return cluster_spec(",".join(DEFAULT_PRESETS), [])
 
 
-def start_cluster(spec: dict[str, list[str]], log: Path, out: TextIO) -> LocalCluster:
-    """Starts the workers of `spec` and an orchestrator, telling `out` what it does and how long it took."""
+def start_cluster(spec: dict[str, list[str]], log: Path, out: TextIO, gateway_port: int | None = None) -> LocalCluster:
+    """Starts the workers of `spec`, an orchestrator and, given a port (0: any), the gateway, telling
+    `out` what it does and how long it took."""
     described = ", ".join(f"{name} ({' '.join(model_args)})" for name, model_args in spec.items())
     print(f"starting workers: {described}", file=out)
     print(f"server logs: {log}", file=out, flush=True)
     started = time.monotonic()
-    cluster = LocalCluster(spec, log_path=log).start()  # stops whatever it started if this fails
+    cluster = LocalCluster(spec, log_path=log, gateway_port=gateway_port).start()  # stops what it started on failure
     print(f"cluster up in {time.monotonic() - started:.0f} s", file=out, flush=True)
     return cluster
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -180,7 +181,9 @@ def workers_table(statuses: list[orchestrator_pb2.WorkerStatus]) -> str:
 
 
 def add_up(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("up", help="run a local cluster (workers + orchestrator) until Ctrl-C or SIGTERM")
+    parser = subparsers.add_parser(
+        "up", help="run a local cluster (workers, orchestrator, OpenAI-compatible gateway) until Ctrl-C or SIGTERM"
+    )
     parser.add_argument(
         "--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated model presets; '' for none"
     )
@@ -188,15 +191,20 @@ def add_up(subparsers: Subparsers) -> None:
         "--model", action="append", default=[], metavar="NAME=PATH", help="a worker for a model folder or GGUF file"
     )
     parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where the servers' logs go")
+    parser.add_argument("--gateway-port", type=int, default=0, help="the HTTP gateway's port (default: any free one)")
+    parser.add_argument("--no-gateway", action="store_true", help="start no OpenAI-compatible HTTP gateway")
     parser.set_defaults(run=run_up)
 
 
 def run_up(args: argparse.Namespace) -> int:
     spec = cluster_spec(args.presets, args.model)
+    gateway_port = None if args.no_gateway or not _gateway_installed() else args.gateway_port
     with signals_interrupt():
-        cluster = start_cluster(spec, args.log, sys.stdout)
+        cluster = start_cluster(spec, args.log, sys.stdout, gateway_port)
         try:
             print(f"orchestrator: {cluster.address}")
+            if cluster.gateway is not None:
+                print(f"OpenAI-compatible API: {cluster.gateway_url} (models: coolfusion, {', '.join(spec)})")
             print(f"ready: {len(spec)} workers ({', '.join(spec)}); Ctrl-C or SIGTERM stops the cluster", flush=True)
             return _wait_while_running(cluster)
         except KeyboardInterrupt:
@@ -206,12 +214,19 @@ def run_up(args: argparse.Namespace) -> int:
             cluster.stop()
 
 
+def _gateway_installed() -> bool:
+    """Whether the gateway's web stack (the `gateway` extra) is installed; `up` runs without it otherwise."""
+    if all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
+        return True
+    print("no HTTP gateway: install coolfusion[gateway] for the OpenAI-compatible API", file=sys.stderr)
+    return False
+
+
 def _wait_while_running(cluster: LocalCluster) -> int:
-    processes = [*cluster.workers.values(), cluster.orchestrator]
     while True:
         time.sleep(1.0)  # KeyboardInterrupt (Ctrl-C or our SIGTERM handler) ends the wait
-        for p in processes:
-            if p is not None and p.process.poll() is not None:
+        for p in cluster.processes:
+            if p.process.poll() is not None:
                 print(f"coolfusion: {p.name} exited with code {p.process.returncode}", file=sys.stderr)
                 return 1
 

@@ -1,6 +1,8 @@
 """The Python client library of OrchestratorService; the `coolfusion` command line lives in coolfusion.cli."""
 
 from coolfusion.client.client import (
+    AGGREGATIONS,
+    REPETITION_GUARDS,
     AsyncFusionClient,
     CoolfusionError,
     DeadlineExceededError,
@@ -18,6 +20,8 @@ from coolfusion.client.client import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
+    "REPETITION_GUARDS",
     "AsyncFusionClient",
     "CoolfusionError",
     "DeadlineExceededError",

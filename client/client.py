@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
 # A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}].
 PromptLike = str | Sequence[Mapping[str, str]]
 Metadata = tuple[tuple[str, str], ...]
+_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class CoolfusionError(Exception):
@@ -101,6 +103,17 @@ def fusion_parameters(prompt: PromptLike, options: FuseOptions | None = None) ->
     )
 
 
+def _option_names(enum, prefix: str) -> tuple[str, ...]:
+    names = (value.name for value in enum.DESCRIPTOR.values)
+    return tuple(n.removeprefix(prefix).lower() for n in names if not n.endswith("_UNSPECIFIED"))
+
+
+# The strategy options a request may name, as docs and flags spell them ("nll_mean", "stop"),
+# read from the protocol itself so that every tool offers exactly what the orchestrator knows.
+AGGREGATIONS = _option_names(orchestrator_pb2.Aggregation, "AGGREGATION_")
+REPETITION_GUARDS = _option_names(orchestrator_pb2.RepetitionGuard, "REPETITION_GUARD_")
+
+
 def fusion_strategy(
     aggregation: str = "",
     repetition_guard: str = "",
@@ -183,6 +196,7 @@ class FusionClient(_ClientBase):
         else:
             self._channel = grpc.insecure_channel(address)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def fuse(
         self,
@@ -225,6 +239,15 @@ class FusionClient(_ClientBase):
             raise error_from_rpc(error) from None
         return list(response.workers)
 
+    def is_serving(self, *, timeout_s: float = 2.0) -> bool:
+        """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""
+        request = health_pb2.HealthCheckRequest()
+        try:
+            response = self._health.Check(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError:
+            return False
+        return response.status == _SERVING
+
     def close(self) -> None:
         self._channel.close()
 
@@ -254,6 +277,7 @@ class AsyncFusionClient(_ClientBase):
         else:
             self._channel = grpc.aio.insecure_channel(address)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def fuse(
         self,
@@ -276,7 +300,7 @@ class AsyncFusionClient(_ClientBase):
         options: FuseOptions | None = None,
         *,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[orchestrator_pb2.FuseStreamResponse]:
+    ) -> AsyncGenerator[orchestrator_pb2.FuseStreamResponse, None]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
         request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
         call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
@@ -296,6 +320,15 @@ class AsyncFusionClient(_ClientBase):
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return list(response.workers)
+
+    async def is_serving(self, *, timeout_s: float = 2.0) -> bool:
+        """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""
+        request = health_pb2.HealthCheckRequest()
+        try:
+            response = await self._health.Check(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError:
+            return False
+        return response.status == _SERVING
 
     async def close(self) -> None:
         await self._channel.close()

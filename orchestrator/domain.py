@@ -104,6 +104,15 @@ class Dropped:
     step: int
 
 
+@dataclass(frozen=True)
+class Usage:
+    """An answer's size in one worker's tokens (docs/design.md section 5.7)."""
+
+    worker: str  # whose tokenizer counted
+    prompt_tokens: int  # the prompt as that worker rendered it
+    completion_tokens: int  # len(tokenize(rendered prompt + answer)) - prompt_tokens
+
+
 @dataclass
 class Answer:
     """What one loop produced: the text, why it ended, and how it got there."""
@@ -113,6 +122,7 @@ class Answer:
     steps: list[Step] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     open_ms: float = 0.0
+    usage: Usage | None = None  # counted only when the loop was asked to
 
 
 @dataclass(frozen=True)
@@ -122,3 +132,4 @@ class RankedAnswer:
     source: str  # "fused" or a worker name
     text: str
     fused_score: float
+    usage: Usage | None = None  # from the first ranking worker's scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from coolfusion.orchestrator.domain import (
     RankedAnswer,
     Step,
     StepCandidate,
+    Usage,
 )
 from coolfusion.orchestrator.observer import FusionObserver, current_observer
 from coolfusion.orchestrator.replicas import ReplicaSet
 from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession, WorkersOverloaded
 from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
-from coolfusion.orchestrator.worker_client import WorkerClient
+from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class FusionResult:
     rerank_ms: float
     total_ms: float
     strategy: Strategy
+    usage: Usage | None = None  # the returned text's, in the lead worker's tokens
 
 
 OnStep = Callable[[Step], Awaitable[None]]
@@ -71,6 +76,7 @@ class FusionLoop:
         deadline: Deadline,
         on_step: OnStep | None = None,
         observer: FusionObserver | None = None,
+        count_tokens: bool = False,
     ):
         sessions = [
             WorkerSession(
@@ -88,6 +94,8 @@ class FusionLoop:
         self._on_step = on_step
         self._answer = Answer(dropped=self._sessions.dropped)
         self._to_append = ""  # the previous winner, appended by the next GenerateSegment
+        self._held = ""  # the answer every session holds: the text before the latest winner
+        self._count_tokens = count_tokens  # whether run() ends by counting the answer's tokens
         self._step_index = 0
 
     async def run(self) -> Answer:
@@ -98,6 +106,8 @@ class FusionLoop:
             self._answer.open_ms = (time.perf_counter() - started) * 1000
             while not await self._step():
                 self._step_index += 1
+            if self._count_tokens:
+                self._answer.usage = await self._usage()
             return self._answer
         finally:
             await asyncio.shield(self._sessions.close_all())
@@ -115,6 +125,50 @@ class FusionLoop:
     def dropped(self) -> list[Dropped]:
         return self._sessions.dropped
 
+    def prompt_tokens(self, worker: str) -> int:
+        """The prompt's length in `worker`'s tokens, as its session reported it."""
+        return next(s.prompt_tokens for s in self._sessions.active if s.name == worker)
+
+    # ---- token counts (docs/design.md section 5.7) ----------------------------------------
+
+    async def _usage(self) -> Usage | None:
+        """The final text's size in the lead's tokens; None (and a warning) when the lead fails."""
+        lead = self._sessions.lead
+        text, held = self._answer.text, self._held
+        try:
+            if text == held:  # the length stop, or an empty winner: the lead holds exactly the text
+                prompt, context = lead.prompt_tokens, lead.context_tokens
+            elif text.startswith(held):  # the winner, whole (EOS, length) or cut inside it
+                prompt, context = lead.prompt_tokens, await self._context_with(text[len(held) :])
+            else:  # a cut reaching into text the lead already holds: count it afresh
+                prompt, context = await self._recount(text)
+        except (WorkerFailed, SessionLost, WorkersOverloaded) as error:  # the answer stands without its count
+            logger.warning("no token count: %s", error, extra={"request_id": self._request.request_id})
+            return None
+        return Usage(lead.name, prompt, context - prompt)
+
+    async def _context_with(self, suffix: str) -> int:
+        """The lead's context length with `suffix` appended to what it holds: its score of the
+        winner when the step scored exactly that, else one ScoreText of the suffix."""
+        lead = self._sessions.lead
+        winner = self._answer.steps[-1].winner
+        known = winner.scores.get(lead.name) if winner.text == suffix else None
+        if known is None:
+            [known], _ = await lead.score([(suffix, False)], self._held, self._deadline)
+        return known.context_tokens_with_text
+
+    async def _recount(self, text: str) -> tuple[int, int]:
+        """(prompt, context) tokens of a session opened on the lead's pod with `text` as the answer:
+        the protocol cannot shorten a session, so this costs one prefill."""
+        lead, request = self._sessions.lead, self._request
+        prompt = request.strategy.prompt_for(lead.name, request.prompt)
+        session = WorkerSession(lead.replicas, f"{request.request_id}.count.{lead.name}", prompt, request.request_id)
+        try:
+            await session.place(text, self._deadline)
+            return session.prompt_tokens, session.context_tokens
+        finally:
+            await asyncio.shield(session.close())
+
     # ---- one step -------------------------------------------------------------------------
 
     async def _step(self) -> bool:
@@ -127,6 +181,7 @@ class FusionLoop:
         started = step_started = time.perf_counter()
         segments = await self._sessions.fan_out(self._generate, self._step_index)
         self._to_append = ""
+        self._held = self._answer.text
         generate_ms = (time.perf_counter() - started) * 1000
         compute_ms = max(s.compute_ms for s in segments.values())
         if self._length_reached(self._sessions.lead.context_tokens):
@@ -235,13 +290,14 @@ async def fuse(
     limits = Deadline(deadline, call_timeout_s, busy_wait_s)
     replica_sets = [w if isinstance(w, ReplicaSet) else ReplicaSet.of(w) for w in workers]
     names = [c.name for c in replica_sets]
-    fused_loop = FusionLoop(replica_sets, request, "fused", limits, on_step)
+    # Cool+R counts every full answer while ranking them, so only a plain fusion counts its own.
+    fused_loop = FusionLoop(replica_sets, request, "fused", limits, on_step, count_tokens=not request.rerank)
     if not request.rerank:
         fused = await fused_loop.run()
         total_ms = (time.perf_counter() - started) * 1000
         return FusionResult(
             request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms,
-            request.strategy,
+            request.strategy, fused.usage,
         )  # fmt: skip
     solo_loops = [FusionLoop([c], request, "solo", limits) for c in replica_sets]
     fused_done = 0.0
@@ -271,7 +327,7 @@ async def fuse(
     best_answer = dict(entries)[best.source]
     return FusionResult(
         request.request_id, names, best.text, best_answer.finish, best.source, fused, ranking,
-        dropped + rerank_dropped, rerank_ms, total_ms, request.strategy,
+        dropped + rerank_dropped, rerank_ms, total_ms, request.strategy, best.usage,
     )  # fmt: skip
 
 
@@ -284,15 +340,20 @@ async def _rank(
 ) -> tuple[list[RankedAnswer], list[Dropped]]:
     """Fused score (the strategy's aggregation; the paper's is mean perplexity) of each full answer
     across the workers still standing; best first, ties to the earlier entry (fused first, then
-    workers in order)."""
+    workers in order). Each answer's usage comes from the first scorer's scores: after the bare
+    prompt, a score's context length less the prompt is the answer's length in tokens."""
     failed = {d.worker for d in fused.dropped}
     scorers = [c for c in replica_sets if c.name not in failed]
     loop = FusionLoop(scorers, request, "rerank", deadline)
     scores = await loop.score_full_answers([(a.text, a.finish == Finish.EOS) for _, a in entries])
+    counter = next(iter(scores))  # fan_out keeps worker order; some worker answered, or it raised
+    prompt_tokens = loop.prompt_tokens(counter)
     ranked = []
     for i, (source, answer) in enumerate(entries):
         perplexities = {name: per_answer[i].perplexity for name, per_answer in scores.items()}
-        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities)))
+        answer_tokens = scores[counter][i].context_tokens_with_text - prompt_tokens
+        usage = Usage(counter, prompt_tokens, answer_tokens)
+        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities), usage))
     order = sorted(range(len(ranked)), key=lambda i: (ranked[i].fused_score, i))
     return [ranked[i] for i in order], loop.dropped
 

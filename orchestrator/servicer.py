@@ -9,7 +9,7 @@ import uuid
 import grpc
 
 from coolfusion.orchestrator.admission import Admission
-from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step
+from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step, Usage
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
@@ -295,4 +295,13 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         ],
         request_id=result.request_id,
         strategy=strategy_proto(result.strategy),
+        usage=_usage_proto(result.usage),
+    )
+
+
+def _usage_proto(usage: Usage | None) -> orchestrator_pb2.Usage | None:
+    if usage is None:
+        return None
+    return orchestrator_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, worker=usage.worker
     )

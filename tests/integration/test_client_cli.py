@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,8 @@ MAX_NEW_TOKENS, SEGMENT_TOKENS = 6, 4
 _LIMIT_FLAGS = ("--max-new-tokens", str(MAX_NEW_TOKENS), "--segment-max-tokens", str(SEGMENT_TOKENS))
 _LIMITS = FuseOptions(max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS)
 _LABEL = re.compile(r"\[(bpe|char)\]")
+# Loopback only: an opener that ignores any proxy configured in the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +143,14 @@ def test_up_serves_until_sigterm_and_leaves_nothing_running(tiny_model_dirs: dic
     try:
         lines = _read_lines(up)
         address = _wait_for(lines, r"^orchestrator: (\S+)", timeout_s=120)
+        gateway = _wait_for(lines, r"^OpenAI-compatible API: (\S+)", timeout_s=10)
         _wait_for(lines, r"^ready: ", timeout_s=10)
         servers = _children(up.pid)
-        assert len(servers) == 3  # two workers and the orchestrator
+        assert len(servers) == 4  # two workers, the orchestrator and the gateway
         with FusionClient(address, timeout_s=30) as client:
             assert client.fuse(PROMPT, _LIMITS).text
+        with _DIRECT.open(f"{gateway}/models", timeout=30) as models:
+            assert [m["id"] for m in json.load(models)["data"]] == ["coolfusion", *WORKERS]
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
         assert not _alive(servers)

@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and bearer tokens end to end: client -> orchestrator -> worker processes.
+"""TLS, mutual TLS and bearer tokens end to end: client -> (gateway ->) orchestrator -> worker processes.
 
 Certificates are made at test time: one CA signs the orchestrator's certificate (localhost,
 127.0.0.1), the worker's (only a Service name, so dialling it by IP needs the registry's
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import yaml
 from cryptography import x509
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import gateway_argv, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, UnavailableError
 
 WORKER_SERVICE_NAME = "bpe.workers.svc.cluster.local"  # as in a cluster: pods are dialled by IP
@@ -197,3 +199,68 @@ def test_no_token_is_ever_logged(secured):
     logs = "".join(secured["worker"].log_lines + secured["orchestrator"].log_lines)
     assert "refused /coolfusion.v1.WorkerService/" in logs  # the impostor's calls were logged ...
     assert not any(secret in logs for secret in SECRETS)  # ... without a token
+
+
+# ---- the OpenAI-compatible gateway in front of the secured orchestrator --------------------------
+
+GATEWAY_TOKEN = "gateway-caller-token-77b1"  # what HTTP callers present to the gateway
+
+
+@pytest.fixture(scope="module")
+def gateways(secured):
+    """An HTTPS gateway requiring client certificates and tokens, calling the orchestrator over TLS
+    with its token; and a plain one whose orchestrator token is refused."""
+    certs, folder = secured["certs"], secured["certs"]
+    (folder / "gateway-tokens").write_text(GATEWAY_TOKEN + "\n")
+    https = [
+        *("--tls-cert", str(certs / "orchestrator.crt"), "--tls-key", str(certs / "orchestrator.key")),
+        *("--tls-client-ca", str(certs / "ca.crt"), "--auth-token-file", str(folder / "gateway-tokens")),
+    ]
+    to_orchestrator = ["--orchestrator-ca", str(certs / "ca.crt"), "--orchestrator-token-file"]
+    address = secured["orchestrator"].address
+    processes = [
+        launch("gateway", gateway_argv(address, extra=[*https, *to_orchestrator, str(folder / "caller-tokens")])),
+        launch("impostor-gateway", gateway_argv(address, extra=[*to_orchestrator, str(folder / "impostor-token")])),
+    ]
+    try:
+        yield [wait_ready(p, 60) for p in processes]
+    finally:
+        stop_processes(processes)
+
+
+def openai_client(url: str, secured, with_client_certificate: bool = True) -> openai.OpenAI:
+    context = ssl.create_default_context(cafile=str(secured["certs"] / "ca.crt"))
+    if with_client_certificate:
+        context.load_cert_chain(secured["certs"] / "client.crt", secured["certs"] / "client.key")
+    http = openai.DefaultHttpxClient(verify=context, trust_env=False)
+    return openai.OpenAI(base_url=url, api_key=GATEWAY_TOKEN, max_retries=0, timeout=60, http_client=http)
+
+
+def test_the_openai_sdk_over_mutual_tls_with_tokens_at_every_hop(secured, gateways):
+    with openai_client(f"https://{gateways[0].address}/v1", secured) as sdk:
+        assert [m.id for m in sdk.models.list().data] == ["coolfusion", "bpe", "impostor"]
+        completion = sdk.completions.create(model="bpe", prompt=PROMPT, max_tokens=8)
+    with client(secured, root_certificates=ca(secured), token=CALLER_TOKEN) as c:
+        assert completion.choices[0].text == c.fuse(PROMPT, FuseOptions(workers=("bpe",), max_new_tokens=8)).text
+
+
+def test_the_gateway_requires_a_client_certificate(secured, gateways):
+    url = f"https://{gateways[0].address}/v1"
+    with openai_client(url, secured, with_client_certificate=False) as sdk, pytest.raises(openai.APIConnectionError):
+        sdk.models.list()
+
+
+def test_a_gateway_whose_token_the_orchestrator_refuses_says_so(secured, gateways):
+    http = openai.DefaultHttpxClient(trust_env=False)
+    url = f"http://{gateways[1].address}/v1"
+    sdk = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, http_client=http)
+    with sdk, pytest.raises(openai.AuthenticationError) as error:
+        sdk.completions.create(model="coolfusion", prompt=PROMPT, max_tokens=4)
+    assert "orchestrator refused the gateway's credentials" in error.value.message
+    assert not any(secret in error.value.message for secret in SECRETS)
+
+
+def test_the_gateway_never_logs_a_token(secured, gateways):
+    logs = "".join(line for gateway in gateways for line in gateway.log_lines)
+    assert "POST /v1/completions" in logs
+    assert not any(secret in logs for secret in (*SECRETS, GATEWAY_TOKEN))

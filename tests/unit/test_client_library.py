@@ -13,7 +13,7 @@ from coolfusion.client import FuseOptions, fusion_parameters, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2
 
 # Packages an application that only calls the orchestrator must not pay for.
-_HEAVY = ("torch", "transformers", "matplotlib", "tqdm", "yaml")
+_HEAVY = ("torch", "transformers", "matplotlib", "tqdm", "yaml", "starlette", "uvicorn")
 _LIBRARY = ("coolfusion.client", "coolfusion.v1")
 
 
@@ -25,7 +25,14 @@ def test_importing_the_library_loads_only_grpc_protobuf_and_the_stubs() -> None:
     ours = [m for m in modules if m.startswith("coolfusion.")]
     assert "coolfusion.client.client" in ours
     assert [m for m in ours if not m.startswith(_LIBRARY)] == []
-    for forbidden in ("coolfusion.cli", "coolfusion.serving", "coolfusion.orchestrator", "coolfusion.worker"):
+    servers = (
+        "coolfusion.cli",
+        "coolfusion.serving",
+        "coolfusion.orchestrator",
+        "coolfusion.worker",
+        "coolfusion.gateway",
+    )
+    for forbidden in servers:
         assert not [m for m in modules if m == forbidden or m.startswith(f"{forbidden}.")]
     assert not [m for m in modules if m.split(".")[0] in _HEAVY]
 

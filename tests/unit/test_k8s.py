@@ -1,17 +1,19 @@
 """Offline checks of the deployment artefacts: k8s/ (kustomize) and the two Dockerfiles.
 
-Every overlay (and the external-worker example) is rendered with `kubectl kustomize`,
+Every overlay and example is rendered with `kubectl kustomize`,
 schema-validated with `kubernetes-validate --strict`, then checked for the properties the
-runtime relies on: native gRPC probes, headless worker Services, a registry that names
-Services which really exist, drain time below terminationGracePeriodSeconds, GPU limits
-only where intended and a NetworkPolicy that lets only the orchestrator reach workers.
-Render tests skip only when kubectl is absent; the Dockerfile checks always run.
+runtime relies on: native gRPC probes (HTTP ones for the gateway), headless worker Services,
+a registry that names Services which really exist, drain time below
+terminationGracePeriodSeconds, GPU limits only where intended, NetworkPolicies that let only
+the orchestrator reach workers and Prometheus in the monitoring namespace reach every metrics
+port. Render tests skip only when kubectl is absent; the Dockerfile checks always run.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,11 +36,13 @@ K8S_VERSION = "1.32.0"
 NAMESPACE = "coolfusion"
 WORKER_PORT = 50051
 ORCH_PORT = 50050
+GATEWAY_PORT = 8000
+MONITORING = "monitoring"  # the namespace whose Prometheus may scrape every metrics port
 DEFAULT_GRACE_S = 20  # the CLIs' --grace-s default
 REGISTRY_PATH = "/etc/coolfusion/workers.yaml"
 GPU = "nvidia.com/gpu"
 
-RENDERS = ["overlays/demo", "overlays/gpu", "examples/external-worker"]
+RENDERS = ["overlays/demo", "overlays/gpu", "examples/external-worker", "examples/large-model"]
 # Every kustomization directory that must be rendered (each one renders on its own).
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
 
@@ -78,10 +82,16 @@ def pod_labels(deploy: dict) -> dict:
 
 
 def matches(selector: dict, labels: dict) -> bool:
-    """matchLabels-style selector (or a Service's plain selector dict) vs labels."""
-    assert "matchExpressions" not in selector, "only matchLabels selectors are used here"
-    wanted = selector.get("matchLabels", selector)
-    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
+    """A label selector (matchLabels and `In` matchExpressions, or a Service's plain selector
+    dict) vs labels; an empty selector matches nothing here, so a typo cannot open everything."""
+    expressions = selector.get("matchExpressions", [])
+    assert all(e["operator"] == "In" for e in expressions), "only In expressions are used here"
+    wanted = selector.get("matchLabels", {} if expressions else selector)
+    if not (wanted or expressions):
+        return False
+    return all(labels.get(k) == v for k, v in wanted.items()) and all(
+        labels.get(e["key"]) in e["values"] for e in expressions
+    )
 
 
 def is_worker(deploy: dict) -> bool:
@@ -90,6 +100,10 @@ def is_worker(deploy: dict) -> bool:
 
 def is_orchestrator(deploy: dict) -> bool:
     return pod_labels(deploy).get("app.kubernetes.io/component") == "orchestrator"
+
+
+def is_gateway(deploy: dict) -> bool:
+    return pod_labels(deploy).get("app.kubernetes.io/component") == "gateway"
 
 
 def workers(docs) -> list[dict]:
@@ -102,16 +116,32 @@ def orchestrator(docs) -> dict:
     return found[0]
 
 
+def gateway(docs) -> dict:
+    found = [d for d in of_kind(docs, "Deployment") if is_gateway(d)]
+    assert len(found) == 1, "expected exactly one gateway Deployment"
+    return found[0]
+
+
 def main_container(deploy: dict) -> dict:
     containers = deploy["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, f"{deploy['metadata']['name']}: expected one container"
     return containers[0]
 
 
-def grpc_port(container: dict) -> int:
-    ports = [p for p in container.get("ports", []) if p.get("name") == "grpc"]
-    assert len(ports) == 1, f"container {container['name']} needs one port named grpc"
+def named_port(container: dict, name: str) -> int:
+    ports = [p for p in container.get("ports", []) if p.get("name") == name]
+    assert len(ports) == 1, f"container {container['name']} needs one port named {name}"
     return ports[0]["containerPort"]
+
+
+def grpc_port(container: dict) -> int:
+    return named_port(container, "grpc")
+
+
+def serving_port(container: dict) -> int:
+    """The port callers use: grpc for the gRPC servers, http for the gateway."""
+    names = {p.get("name") for p in container.get("ports", [])}
+    return named_port(container, "http" if "http" in names else "grpc")
 
 
 def arg_value(args: list[str], flag: str) -> str | None:
@@ -184,7 +214,7 @@ def test_everything_in_namespace(rel):
 @pytest.mark.parametrize("rel", RENDERS)
 def test_probes_are_native_grpc_on_the_grpc_port(rel):
     docs = render(rel)
-    deploys = of_kind(docs, "Deployment")
+    deploys = [d for d in of_kind(docs, "Deployment") if not is_gateway(d)]
     assert deploys
     for d in deploys:
         for c in d["spec"]["template"]["spec"]["containers"]:
@@ -311,57 +341,154 @@ def test_registry_matches_rendered_worker_services(rel):
 
 @needs_kubectl
 @pytest.mark.parametrize("rel", RENDERS)
-def test_network_policy_only_orchestrator_reaches_workers(rel):
-    docs = render(rel)
-    pols = of_kind(docs, "NetworkPolicy")
-    orch_labels = pod_labels(orchestrator(docs))
-    for d in workers(docs):
-        labels = pod_labels(d)
-        selecting = [p for p in pols if matches(p["spec"]["podSelector"], labels)]
-        assert selecting, f"no NetworkPolicy selects {d['metadata']['name']}"
-        for p in selecting:
-            assert "Ingress" in p["spec"]["policyTypes"]
-            rules = p["spec"].get("ingress", [])
-            assert rules, "worker ingress must be allowed from the orchestrator"
-            for rule in rules:
-                assert rule.get("from"), "a rule without `from` admits every source"
-                for peer in rule["from"]:
-                    assert set(peer) == {"podSelector"}, f"unexpected peer {peer}"
-                    assert matches(peer["podSelector"], orch_labels)
-                    assert not matches(peer["podSelector"], labels)
-                assert rule.get("ports") == [{"protocol": "TCP", "port": WORKER_PORT}]
+def test_gateway_probes_are_http_on_the_http_port(rel):
+    container = main_container(gateway(render(rel)))
+    paths = {"startupProbe": "/health", "readinessProbe": "/health/ready", "livenessProbe": "/health"}
+    for probe, path in paths.items():
+        handler = container[probe]
+        assert {"grpc", "httpGet", "tcpSocket", "exec"} & set(handler) == {"httpGet"}, probe
+        assert handler["httpGet"]["path"] == path and handler["httpGet"]["port"] in ("http", GATEWAY_PORT), probe
+    # The readiness check waits up to 2 s for the orchestrator: the probe must wait longer.
+    assert container["readinessProbe"]["timeoutSeconds"] > 2
 
-    selecting = [p for p in pols if matches(p["spec"]["podSelector"], orch_labels)]
-    assert selecting, "no NetworkPolicy selects the orchestrator"
-    for p in selecting:
-        for rule in p["spec"].get("ingress", []):
-            assert [port["port"] for port in rule["ports"]] == [ORCH_PORT]
+
+def policies_selecting(docs: list[dict], deploy: dict) -> list[dict]:
+    selecting = [p for p in of_kind(docs, "NetworkPolicy") if matches(p["spec"]["podSelector"], pod_labels(deploy))]
+    assert selecting, f"no NetworkPolicy selects {deploy['metadata']['name']}"
+    assert all("Ingress" in p["spec"]["policyTypes"] for p in selecting)
+    return selecting
+
+
+def is_metrics_rule(rule: dict) -> bool:
+    """Prometheus's rule: from the monitoring namespace only, to the `metrics` port only."""
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING}}}
+    return rule.get("from") == [monitoring] and rule.get("ports") == [{"protocol": "TCP", "port": "metrics"}]
+
+
+def serving_rules(docs: list[dict], deploy: dict) -> list[dict]:
+    """The ingress rules of the policies selecting `deploy`, Prometheus's aside."""
+    rules = [r for p in policies_selecting(docs, deploy) for r in p["spec"].get("ingress", [])]
+    return [r for r in rules if not is_metrics_rule(r)]
 
 
 @needs_kubectl
 @pytest.mark.parametrize("rel", RENDERS)
-def test_orchestrator_service_hpa_pdb(rel):
+def test_network_policy_only_orchestrator_reaches_workers(rel):
     docs = render(rel)
-    orch = orchestrator(docs)
-    name = orch["metadata"]["name"]
-    assert orch["spec"]["replicas"] == 2
-    assert grpc_port(main_container(orch)) == ORCH_PORT
-    assert "torch" not in main_container(orch)["image"]
+    orch_labels = pod_labels(orchestrator(docs))
+    for d in workers(docs):
+        labels = pod_labels(d)
+        rules = serving_rules(docs, d)
+        assert rules, "worker ingress must be allowed from the orchestrator"
+        for rule in rules:
+            assert rule.get("from"), "a rule without `from` admits every source"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"unexpected peer {peer}"
+                assert matches(peer["podSelector"], orch_labels)
+                assert not matches(peer["podSelector"], labels)
+            assert rule.get("ports") == [{"protocol": "TCP", "port": WORKER_PORT}]
+
+    for rule in serving_rules(docs, orchestrator(docs)):
+        assert [port["port"] for port in rule["ports"]] == [ORCH_PORT]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_network_policy_opens_the_gateway_on_its_http_port_only(rel):
+    docs = render(rel)
+    rules = serving_rules(docs, gateway(docs))
+    assert rules and all([port["port"] for port in rule["ports"]] == [GATEWAY_PORT] for rule in rules)
+    assert serving_port(main_container(gateway(docs))) == GATEWAY_PORT
+
+
+def scrape_namespaces(docs: list[dict], deploy: dict) -> set[str]:
+    """Namespaces (by name) whose pods the policies selecting `deploy` admit to its metrics port."""
+    port = named_port(main_container(deploy), "metrics")
+    admitted = set()
+    for policy in policies_selecting(docs, deploy):
+        for rule in policy["spec"].get("ingress", []):
+            if not any(p.get("port") in ("metrics", port) and p.get("protocol", "TCP") == "TCP" for p in rule["ports"]):
+                continue
+            for peer in rule.get("from", []):
+                # A namespaceSelector without a podSelector admits every pod of those namespaces.
+                if set(peer) == {"namespaceSelector"}:
+                    admitted.add(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+    return admitted
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_prometheus_in_the_monitoring_namespace_may_scrape_every_metrics_port(rel):
+    docs = render(rel)
+    deploys = of_kind(docs, "Deployment")
+    assert {pod_labels(d)["app.kubernetes.io/component"] for d in deploys} == {"worker", "orchestrator", "gateway"}
+    for d in deploys:
+        assert scrape_namespaces(docs, d) == {MONITORING}, d["metadata"]["name"]
+
+
+@needs_kubectl
+def test_the_monitoring_namespace_is_one_patch_away(tmp_path):
+    # The patch k8s/README.md documents, on top of an overlay.
+    overlay = os.path.relpath(K8S / "overlays/demo", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"""
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [{overlay}]
+patches:
+  - target: {{kind: NetworkPolicy, name: coolfusion-metrics-ingress}}
+    patch: |-
+      - op: replace
+        path: /spec/ingress/0/from/0/namespaceSelector/matchLabels/kubernetes.io~1metadata.name
+        value: prometheus
+""")
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(tmp_path)], check=True, capture_output=True, text=True, timeout=120
+    )
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    for d in of_kind(docs, "Deployment"):
+        assert scrape_namespaces(docs, d) == {"prometheus"}, d["metadata"]["name"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+@pytest.mark.parametrize(("component", "port"), [("orchestrator", ORCH_PORT), ("gateway", GATEWAY_PORT)])
+def test_stateless_tiers_have_service_hpa_pdb(rel, component, port):
+    docs = render(rel)
+    deploy = orchestrator(docs) if component == "orchestrator" else gateway(docs)
+    name = deploy["metadata"]["name"]
+    assert deploy["spec"]["replicas"] == 2
+    container = main_container(deploy)
+    assert serving_port(container) == port
+    assert "torch" not in container["image"]
 
     svc = by_name(docs, "Service")[name]
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert svc["spec"].get("clusterIP") != "None"
-    assert matches(svc["spec"]["selector"], pod_labels(orch))
-    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("grpc", ORCH_PORT)]
+    assert matches(svc["spec"]["selector"], pod_labels(deploy))
+    port_name = "grpc" if component == "orchestrator" else "http"
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [(port_name, port)]
 
-    [hpa] = of_kind(docs, "HorizontalPodAutoscaler")
+    hpa = by_name(docs, "HorizontalPodAutoscaler")[name]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     assert hpa["spec"]["minReplicas"] >= 2
     assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
 
-    [pdb] = of_kind(docs, "PodDisruptionBudget")
-    assert matches(pdb["spec"]["selector"], pod_labels(orch))
+    pdb = by_name(docs, "PodDisruptionBudget")[name]
+    assert matches(pdb["spec"]["selector"], pod_labels(deploy))
+    others = [d for d in of_kind(docs, "Deployment") if d is not deploy]
+    assert not any(matches(pdb["spec"]["selector"], pod_labels(d)) for d in others)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_the_gateway_calls_the_orchestrator_service(rel):
+    docs = render(rel)
+    target = arg_value(main_container(gateway(docs))["args"], "--orchestrator")
+    host, _, port = target.rpartition(":")
+    service = by_name(docs, "Service")[host.split(".")[0]]
+    assert matches(service["spec"]["selector"], pod_labels(orchestrator(docs)))
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
 
 
 @needs_kubectl
@@ -372,7 +499,7 @@ def test_metrics_port_flag_matches_the_metrics_container_port(rel):
         ports = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "metrics"]
         assert len(ports) == 1, f"{name}: needs one container port named metrics"
         assert arg_value(c["args"], "--metrics-port") == str(ports[0]), f"{name}: --metrics-port"
-        assert ports[0] != grpc_port(c)
+        assert ports[0] != serving_port(c)
         annotations = d["spec"]["template"]["metadata"].get("annotations", {})
         assert annotations.get("prometheus.io/port") == str(ports[0]), f"{name}: prometheus.io/port"
 
@@ -399,7 +526,7 @@ def test_gpu_overlay_workers_get_one_gpu():
         assert any(t["key"] == GPU and t["operator"] == "Exists" for t in tol)
         # Only the worker container holds the GPU.
         assert _gpu_quantities(d) == [("worker", "limits", 1)]
-    assert not _gpu_quantities(orchestrator(docs))
+    assert not _gpu_quantities(orchestrator(docs)) and not _gpu_quantities(gateway(docs))
 
 
 @needs_kubectl
@@ -411,6 +538,54 @@ def test_cpu_renders_request_no_gpu(rel):
         assert not _gpu_quantities(d), d["metadata"]["name"]
     for d in workers(docs):
         assert arg_value(main_container(d)["args"], "--device") == "cpu"
+
+
+# Beside the weights --max-memory lets it keep in CPU memory, a large-model worker's pod needs room
+# for the process itself: the Python runtime, CUDA's host-side state and the buffers of loading.
+LARGE_MODEL_POD_OVERHEAD = 16 * 2**30
+_QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
+_QUANTITY_UNITS = {
+    None: 1,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def memory_bytes(quantity: str) -> int:
+    match = _QUANTITY.fullmatch(str(quantity))
+    assert match, f"unexpected memory quantity {quantity!r}"
+    return int(match[1]) * _QUANTITY_UNITS[match[2]]
+
+
+@needs_kubectl
+def test_large_model_pod_holds_its_gpus_and_the_cpu_weights_max_memory_allows():
+    from coolfusion.worker.__main__ import parse_settings  # torch-free: flag parsing only
+
+    docs = render("examples/large-model")
+    [large] = [d for d in workers(docs) if arg_value(main_container(d)["args"], "--device-map")]
+    container = main_container(large)
+    settings = parse_settings(container["args"])  # the worker's own parser accepts the rendered flags
+    assert settings.device_map == "auto" and settings.model
+    limits = dict(settings.max_memory)
+    gpus = sorted(device for device in limits if device.startswith("cuda:"))
+    assert len(gpus) > 1 and gpus == [f"cuda:{i}" for i in range(len(gpus))], "cuda entries must be 0..N-1"
+    assert _gpu_quantities(large) == [("worker", "limits", len(gpus))], "one GPU per cuda entry of --max-memory"
+    resources = container["resources"]
+    memory_limit = memory_bytes(resources["limits"]["memory"])
+    assert memory_limit >= limits["cpu"] + LARGE_MODEL_POD_OVERHEAD, "the pod must fit --max-memory's cpu entry"
+    assert memory_bytes(resources["requests"]["memory"]) <= memory_limit
+    spec = large["spec"]["template"]["spec"]
+    assert any(t["key"] == GPU and t["operator"] == "Exists" for t in spec["tolerations"])
+    assert large["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a rollout must not need more GPUs"
+    # The default pair beside it keeps one GPU each.
+    others = [d for d in workers(docs) if d is not large]
+    assert len(others) == 2 and all(_gpu_quantities(d) == [("worker", "limits", 1)] for d in others)
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -453,6 +628,7 @@ DOCKERFILES = {
         ORCH_PORT,
         K8S / "base/orchestrator-deployment.yaml",
     ),
+    "gateway": (REPO / "gateway/Dockerfile", "coolfusion-gateway", GATEWAY_PORT, K8S / "base/gateway-deployment.yaml"),
 }
 
 
@@ -476,7 +652,7 @@ def test_dockerfile_expose_matches_manifest(name):
     assert exposed == [port]
     deploy = yaml.safe_load(manifest.read_text())
     container = main_container(deploy)
-    assert grpc_port(container) == port
+    assert serving_port(container) == port
     assert arg_value(container["args"], "--port") == str(port)
     assert container["image"].split(":")[0].endswith(f"coolfusion-{name}")
 
@@ -509,6 +685,15 @@ def test_orchestrator_dockerfile_is_slim_and_torch_free():
     runs = " ".join(_instr("orchestrator", "RUN"))
     assert re.search(r"pip install (\.|/src)(\s|$)", runs), "installs the base package"
     assert "[worker]" not in runs
+    assert "torch" not in runs.replace('! python -c "import torch"', "")
+
+
+def test_gateway_dockerfile_is_slim_and_torch_free():
+    [base] = _instr("gateway", "FROM")
+    assert base.startswith("python:3.11-slim"), base
+    runs = " ".join(_instr("gateway", "RUN"))
+    assert re.search(r"pip install (\.|/src)\[gateway\](\s|$)", runs), "installs the gateway extra only"
+    assert "[worker]" not in runs and "[dev]" not in runs
     assert "torch" not in runs.replace('! python -c "import torch"', "")
 
 

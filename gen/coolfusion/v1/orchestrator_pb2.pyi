@@ -185,8 +185,18 @@ class RerankEntry(_message.Message):
     fused_score: float
     def __init__(self, source: _Optional[str] = ..., text: _Optional[str] = ..., fused_score: _Optional[float] = ...) -> None: ...
 
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "worker")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    worker: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
+
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +207,7 @@ class FuseResult(_message.Message):
     RERANK_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
     shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
@@ -207,7 +218,8 @@ class FuseResult(_message.Message):
     rerank: _containers.RepeatedCompositeFieldContainer[RerankEntry]
     request_id: str
     strategy: FusionStrategy
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
     __slots__ = ("result",)
