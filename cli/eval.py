@@ -1,21 +1,24 @@
-"""`coolfusion eval`: GSM8K accuracy of each worker solo, of Cool (fusion) and of Cool+R (rerank)."""
+"""`coolfusion eval`: per task family, accuracy of each worker solo, Cool per strategy, Cool+R and the oracle."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import math
 import os
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from google.protobuf import json_format
 
+from coolfusion.cli import quality, tasks
 from coolfusion.cli.common import (
     DEFAULT_LOG,
     add_strategy_flags,
@@ -25,42 +28,91 @@ from coolfusion.cli.common import (
     start_cluster,
     strategy_from_args,
 )
-from coolfusion.cli.gsm8k import Item, extract_answer, load_items
+from coolfusion.cli.gsm8k import load_items
 from coolfusion.cli.prompts import STOP_STRINGS, gsm8k_prompt
-from coolfusion.client import DeadlineExceededError, FuseOptions, FusionClient, PromptLike
+from coolfusion.cli.tasks import Family, TaskItem
+from coolfusion.cli.tasks.checks import Rule
+from coolfusion.client import DeadlineExceededError, FuseOptions, FusionClient, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_DATA = Path("../shared/data/gsm8k/test.jsonl")
 MODE_KINDS = ("solo", "cool", "cool_r")
-_Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+GSM8K = Family("gsm8k", Rule.GSM8K, STOP_STRINGS, 256, list)
+# --strategies names besides AGGREGATION[+GUARD]: the paper's exact rule, and the orchestrator's own default.
+NAMED_STRATEGIES = {"paper": ("ppl_mean", "off"), "default": ("", "")}
 
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of answering: which workers fuse, and whether Cool+R reranks."""
+    """One way of answering: which workers fuse, whether Cool+R reranks, under which strategy label."""
 
     name: str
     workers: tuple[str, ...]
     rerank: bool = False
+    strategy: str = ""  # a key of Request.strategies
 
 
 class Fuser(Protocol):
     """What the evaluation needs of a client (FusionClient; a fake in tests)."""
 
     def fuse(
-        self, prompt: PromptLike, options: FuseOptions | None = None, *, timeout_s: float | None = None
+        self, prompt: Any, options: FuseOptions | None = None, *, timeout_s: float | None = None
     ) -> orchestrator_pb2.FuseResult: ...
 
 
-# answers ------------------------------------------------------------------------------------------
+# items --------------------------------------------------------------------------------------------
 
 
-def is_correct(prediction: str | None, reference: str) -> bool:
-    """Numeric equality within 1e-6, so that "18.00" matches "18"."""
-    return prediction is not None and abs(float(prediction) - float(reference)) <= 1e-6
+def family(name: str) -> Family:
+    """A family by name: one of cli/tasks, or `gsm8k` (the --data file)."""
+    if name == GSM8K.name:
+        return GSM8K
+    if name not in tasks.FAMILIES:
+        raise SystemExit(f"coolfusion: unknown task family {name!r}; choose from gsm8k, {', '.join(tasks.FAMILIES)}")
+    return tasks.FAMILIES[name]
 
 
-# modes --------------------------------------------------------------------------------------------
+def select_items(names: Sequence[str], split: str, offset: int, limit: int | None, data: Path) -> list[TaskItem]:
+    """Items [offset, offset + limit) of each family's split (GSM8K: of the file's lines), family by family."""
+    chosen: list[TaskItem] = []
+    for name in names:
+        if name == GSM8K.name:
+            chosen += [
+                TaskItem(GSM8K.name, str(i.index), GSM8K.name, "test", i.index, gsm8k_prompt(i.question),
+                         (i.reference,), Rule.GSM8K)
+                for i in load_items(data, offset, limit)
+            ]  # fmt: skip
+        else:
+            family(name)
+            end = None if limit is None else offset + limit
+            chosen += tasks.items(name, split)[offset:end]
+    return chosen
+
+
+# strategies and modes -----------------------------------------------------------------------------
+
+
+def parse_strategies(text: str, args: argparse.Namespace) -> dict[str, orchestrator_pb2.FusionStrategy]:
+    """--strategies as label -> strategy; without it, one unlabelled strategy from the single flags.
+    Each entry is `paper`, `default` or AGGREGATION[+GUARD]; --weight and --prompt-template apply to all."""
+    base = strategy_from_args(args)
+    if not text:
+        return {"": base}
+    strategies = {}
+    for label in (entry for entry in text.split(",") if entry):
+        aggregation, _, guard = label.partition("+")
+        aggregation, guard = NAMED_STRATEGIES.get(label, (aggregation, guard))
+        try:
+            named = fusion_strategy(aggregation, guard)
+        except ValueError as error:
+            raise SystemExit(f"coolfusion: --strategies {label!r}: {error}") from None
+        strategy = orchestrator_pb2.FusionStrategy()
+        strategy.CopyFrom(base)
+        strategy.ClearField("aggregation")
+        strategy.ClearField("repetition_guard")
+        strategy.MergeFrom(named)
+        strategies[label] = strategy
+    return strategies
 
 
 def parse_kinds(text: str) -> set[str]:
@@ -71,17 +123,133 @@ def parse_kinds(text: str) -> set[str]:
     return kinds
 
 
-def build_modes(kinds: set[str], workers: list[str]) -> list[Mode]:
-    """The modes to run, in table order: each worker solo, then Cool, then Cool+R."""
-    modes = [Mode(f"solo:{name}", (name,)) for name in workers] if "solo" in kinds else []
-    if "cool" in kinds:
-        modes.append(Mode("cool", tuple(workers)))
-    if "cool_r" in kinds:
-        modes.append(Mode("cool_r", tuple(workers), rerank=True))
+def build_modes(kinds: set[str], workers: list[str], labels: Sequence[str] = ("",)) -> list[Mode]:
+    """The modes to run, in table order: each worker solo (under the first strategy), then Cool under
+    each strategy, then Cool+R under each."""
+    first = labels[0]
+    modes = [Mode(f"solo:{name}", (name,), strategy=first) for name in workers] if "solo" in kinds else []
+    for kind, rerank in (("cool", False), ("cool_r", True)):
+        if kind in kinds:
+            modes += [Mode(f"{kind}@{label}" if label else kind, tuple(workers), rerank, label) for label in labels]
     return modes
 
 
+# asking -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What every question of a run is asked with; a cap of None takes each family's own."""
+
+    max_new_tokens: int | None
+    timeout_s: float
+    strategies: Mapping[str, orchestrator_pb2.FusionStrategy | None] = field(default_factory=lambda: {"": None})
+
+    def cap(self, spec: Family) -> int:
+        return self.max_new_tokens or spec.max_new_tokens
+
+    def describe(self, families: Iterable[str]) -> dict[str, Any]:
+        """What makes two runs' answers comparable, kept beside the results (see check_same_run)."""
+        return {
+            "families": {
+                name: {"rule": str(family(name).rule), "max_new_tokens": self.cap(family(name)),
+                       "stop": list(family(name).stop)}
+                for name in sorted(set(families))
+            },
+            "strategies": {
+                label: json_format.MessageToDict(s) if s else {} for label, s in self.strategies.items()
+            },
+        }  # fmt: skip
+
+    def options(self, mode: Mode, item: TaskItem) -> FuseOptions:
+        """What one question is asked with in `mode`; the trace shows each scored step for analysis."""
+        spec = family(item.family)
+        return FuseOptions(
+            workers=mode.workers, max_new_tokens=self.cap(spec), stop=spec.stop, rerank=mode.rerank,
+            strategy=self.strategies.get(mode.strategy), trace=True,
+        )  # fmt: skip
+
+
+def answer(client: Fuser, item: TaskItem, mode: Mode, request: Request) -> dict[str, Any]:
+    """Asks the orchestrator one question in one mode; returns the record to append."""
+    started = time.monotonic()
+    try:
+        result = client.fuse(item.prompt, request.options(mode, item), timeout_s=request.timeout_s)
+    except DeadlineExceededError as error:
+        # A runaway item counts as wrong rather than stopping the run; other errors (a worker
+        # down, a bad flag) stop it, and the next run resumes.
+        return _record(item, mode, time.monotonic() - started, error=error.details)
+    return _record(item, mode, time.monotonic() - started, result)
+
+
+def answers_inside(record: Mapping[str, Any], item: TaskItem, modes: list[Mode]) -> list[dict[str, Any]]:
+    """The solo and Cool records a Cool+R record already holds: Cool+R computes the fused answer and
+    each worker's solo answer with the very loops those modes run (same strategy), and returns them
+    in its ranking. Taking them from there spares asking for the same answers again."""
+    texts = {entry["source"]: entry["text"] for entry in record.get("ranking", [])}
+    asked_with = next(m.strategy for m in modes if m.name == record["mode"])
+    derived = []
+    for mode in modes:
+        source = "fused" if len(mode.workers) > 1 else mode.workers[0]
+        if mode.rerank or mode.strategy != asked_with or source not in texts:
+            continue
+        prediction = item.read(texts[source])
+        derived.append({
+            **_identity(item, mode), "prediction": prediction, "reference": item.reference,
+            "correct": item.correct(prediction), "text": texts[source], "seconds": None, "source": source,
+            "dropped": record["dropped"], "error": None, "taken_from": record["mode"],
+            "steps": record.get("steps", []) if source == "fused" else [],
+        })  # fmt: skip
+    return derived
+
+
+def _identity(item: TaskItem, mode: Mode) -> dict[str, Any]:
+    return {"mode": mode.name, "family": item.family, "id": item.id, "index": item.index}
+
+
+def _record(
+    item: TaskItem,
+    mode: Mode,
+    seconds: float,
+    result: orchestrator_pb2.FuseResult | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    text = result.text if result else ""
+    prediction = item.read(text)
+    return {
+        **_identity(item, mode), "prediction": prediction, "reference": item.reference,
+        "correct": item.correct(prediction), "text": text, "seconds": round(seconds, 3),
+        # Which answer Cool+R returned ("fused" or a worker), and workers the orchestrator dropped.
+        "source": result.source if result else "", "dropped": [d.worker for d in result.dropped] if result else [],
+        "error": error,
+        "ranking": [{"source": e.source, "text": e.text, "score": e.fused_score} for e in result.rerank] if result else [],
+        "steps": decisions(result.trace) if result else [],
+    }  # fmt: skip
+
+
+def decisions(trace: Iterable[orchestrator_pb2.FuseStep]) -> list[dict[str, Any]]:
+    """The steps whose candidates differed: what each worker thought of each, and the winner. Enough
+    to replay another aggregation on the first disagreement offline."""
+    return [
+        {
+            "step": step.index, "winner": step.winner_index,
+            "candidates": [
+                {"text": c.text, "eos": c.ends_with_eos, "by": list(c.proposed_by),
+                 "ppl": {s.worker: s.perplexity for s in c.scores}, "tokens": {s.worker: s.scored_tokens for s in c.scores}}
+                for c in step.candidates
+            ],
+        }
+        for step in trace
+        if len(step.candidates) > 1
+    ]  # fmt: skip
+
+
 # results ------------------------------------------------------------------------------------------
+
+
+def key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(mode, family, id); records written before families existed are GSM8K lines."""
+    return record["mode"], record.get("family", GSM8K.name), record.get("id", str(record.get("index")))
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -91,122 +259,100 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # the record is simply redone
+        record.setdefault("family", GSM8K.name)
+        record.setdefault("id", str(record.get("index")))
+        records.append(record)
     return records
 
 
-def pending(items: list[Item], modes: list[Mode], done: Iterable[Mapping[str, Any]]) -> list[tuple[Item, Mode]]:
-    """(item, mode) pairs without a result yet, item by item so a partial run compares modes on the same items."""
-    finished = {(record["mode"], record["index"]) for record in done}
-    return [(item, mode) for item in items for mode in modes if (mode.name, item.index) not in finished]
-
-
-@dataclass(frozen=True)
-class Request:
-    """What every question of a run is asked with."""
-
-    max_new_tokens: int
-    timeout_s: float
-    strategy: orchestrator_pb2.FusionStrategy | None = None  # None: the orchestrator's default
-
-    def describe(self) -> dict[str, Any]:
-        """What makes two runs' answers comparable, kept beside the results (see check_same_run)."""
-        strategy = json_format.MessageToDict(self.strategy) if self.strategy else {}
-        return {"max_new_tokens": self.max_new_tokens, "strategy": strategy, "stop": list(STOP_STRINGS)}
-
-    def options(self, mode: Mode) -> FuseOptions:
-        """What one question is asked with in `mode`."""
-        return FuseOptions(
-            workers=mode.workers, max_new_tokens=self.max_new_tokens, stop=STOP_STRINGS, rerank=mode.rerank,
-            strategy=self.strategy,
-        )  # fmt: skip
-
-
-def answer(client: Fuser, item: Item, mode: Mode, request: Request) -> dict[str, Any]:
-    """Asks the orchestrator one question in one mode; returns the record to append."""
-    started = time.monotonic()
-    try:
-        result = client.fuse(gsm8k_prompt(item.question), request.options(mode), timeout_s=request.timeout_s)
-    except DeadlineExceededError as error:
-        # A runaway item counts as wrong rather than stopping the run; other errors (a worker
-        # down, a bad flag) stop it, and the next run resumes.
-        return _record(item, mode, time.monotonic() - started, error=error.details)
-    return _record(item, mode, time.monotonic() - started, result)
-
-
-def answers_inside(record: Mapping[str, Any], item: Item, modes: list[Mode]) -> list[dict[str, Any]]:
-    """The solo and Cool records a Cool+R record already holds: Cool+R computes the fused answer and
-    each worker's solo answer with the very loops those modes run, and returns them in its ranking.
-    Taking them from there spares asking for the same answers again (a third of the compute)."""
-    texts = {entry["source"]: entry["text"] for entry in record.get("ranking", [])}
-    derived = []
-    for mode in modes:
-        source = "fused" if len(mode.workers) > 1 else mode.workers[0]
-        if mode.rerank or source not in texts:
-            continue
-        prediction = extract_answer(texts[source])
-        derived.append({
-            "mode": mode.name, "index": item.index, "prediction": prediction, "reference": item.reference,
-            "correct": is_correct(prediction, item.reference), "text": texts[source], "seconds": None,
-            "source": source, "dropped": record["dropped"], "error": None, "taken_from": record["mode"],
-        })  # fmt: skip
-    return derived
-
-
-def _record(
-    item: Item, mode: Mode, seconds: float, result: orchestrator_pb2.FuseResult | None = None, error: str | None = None
-) -> dict[str, Any]:
-    text = result.text if result else ""
-    prediction = extract_answer(text)
-    return {
-        "mode": mode.name, "index": item.index, "prediction": prediction, "reference": item.reference,
-        "correct": is_correct(prediction, item.reference), "text": text, "seconds": round(seconds, 3),
-        # Which answer Cool+R returned ("fused" or a worker), and workers the orchestrator dropped.
-        "source": result.source if result else "", "dropped": [d.worker for d in result.dropped] if result else [],
-        "error": error,
-        "ranking": [{"source": e.source, "text": e.text, "score": e.fused_score} for e in result.rerank] if result else [],
-    }  # fmt: skip
+def pending(
+    items: list[TaskItem], modes: list[Mode], done: Iterable[Mapping[str, Any]]
+) -> list[tuple[TaskItem, list[Mode]]]:
+    """Per item, the modes without a result yet; Cool+R first, since its record holds the others' answers."""
+    finished = {key(record) for record in done}
+    jobs = []
+    for item in items:
+        todo = [m for m in modes if (m.name, item.family, item.id) not in finished]
+        if todo:
+            jobs.append((item, sorted(todo, key=lambda m: not m.rerank)))
+    return jobs
 
 
 def run(
-    client: Fuser, items: list[Item], modes: list[Mode], results_path: Path, request: Request
+    client: Fuser,
+    items: list[TaskItem],
+    modes: list[Mode],
+    results_path: Path,
+    request: Request,
+    concurrency: int = 1,
+    invocation: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answers every pair not yet in `results_path`, appending each record as it lands; returns all records."""
-    check_same_run(results_path.parent / "run.json", request.describe())
+    """Answers every pair not yet in `results_path`, appending each record as it lands (items run
+    `concurrency` at a time, each item's modes in turn); returns all records. `invocation` (what
+    was asked for, to re-run it) is added to run.json."""
+    check_same_run(results_path.parent / "run.json", request.describe(i.family for i in items))
+    if invocation is not None:
+        record_invocation(results_path.parent / "run.json", invocation)
     records = read_results(results_path)
-    # Cool+R first: its record holds the solo and Cool answers of the same item (answers_inside).
-    todo = sorted(pending(items, modes, records), key=lambda pair: not pair[1].rerank)
-    todo.sort(key=lambda pair: pair[0].index)
-    if not todo:
+    jobs = pending(items, modes, records)
+    if not jobs:
         print(f"eval: every answer is already in {results_path}", file=sys.stderr)
         return records
     results_path.parent.mkdir(parents=True, exist_ok=True)
     _end_cut_line(results_path)
-    progress = _progress(len(todo))
-    try:
-        with open(results_path, "a", encoding="utf-8") as out:
-            finished = {(record["mode"], record["index"]) for record in records}
-            for item, mode in todo:
-                if (mode.name, item.index) not in finished:
-                    record = answer(client, item, mode, request)
-                    new = [record] + (answers_inside(record, item, modes) if mode.rerank else [])
-                    new = [r for r in new if (r["mode"], r["index"]) not in finished]
-                    out.writelines(json.dumps(r) + "\n" for r in new)
-                    out.flush()  # an interrupted run keeps every finished answer
-                    records.extend(new)
-                    finished.update((r["mode"], r["index"]) for r in new)
-                progress.update(1)
-    finally:
-        progress.close()
+    progress = _progress(sum(len(todo) for _, todo in jobs))
+    with open(results_path, "a", encoding="utf-8") as out:
+        sink = _Sink(out, records, progress)
+        try:
+            with ThreadPoolExecutor(max(1, concurrency)) as pool:
+                futures = [pool.submit(_answer_item, client, item, todo, modes, request, sink) for item, todo in jobs]
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        finally:
+            progress.close()
     return records
+
+
+class _Sink:
+    """Appends records from any thread: one line each, flushed, so an interrupted run keeps them."""
+
+    def __init__(self, out: Any, records: list[dict[str, Any]], progress: Any):
+        self._out, self._records, self._progress = out, records, progress
+        self._lock = threading.Lock()
+
+    def emit(self, new: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._out.writelines(json.dumps(r) + "\n" for r in new)
+            self._out.flush()
+            self._records.extend(new)
+            self._progress.update(len(new))
+
+
+def _answer_item(
+    client: Fuser, item: TaskItem, todo: list[Mode], modes: list[Mode], request: Request, sink: _Sink
+) -> None:
+    done: set[str] = set()
+    for mode in todo:
+        if mode.name in done:
+            continue  # taken from an earlier Cool+R record of this item
+        record = answer(client, item, mode, request)
+        new = [record] + (answers_inside(record, item, modes) if mode.rerank else [])
+        new = [r for r in new if r["mode"] not in done and any(m.name == r["mode"] for m in todo)]
+        done.update(r["mode"] for r in new)
+        sink.emit(new)
 
 
 def check_same_run(path: Path, settings: dict[str, Any]) -> None:
     """Records the run's settings beside its results; refuses to resume results made differently."""
     if path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
         if recorded != settings:
             raise SystemExit(
                 f"coolfusion: {path.parent} holds results asked with {recorded}, not {settings}; "
@@ -214,7 +360,14 @@ def check_same_run(path: Path, settings: dict[str, Any]) -> None:
             )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({"settings": settings, "invocations": []}, indent=2) + "\n", encoding="utf-8")
+
+
+def record_invocation(path: Path, details: dict[str, Any]) -> None:
+    """Appends what this invocation asked for (command, commit, items, workers) to run.json."""
+    run_file = json.loads(path.read_text(encoding="utf-8"))
+    run_file["invocations"].append(details)
+    path.write_text(json.dumps(run_file, indent=2) + "\n", encoding="utf-8")
 
 
 def _end_cut_line(path: Path) -> None:
@@ -230,7 +383,7 @@ def _end_cut_line(path: Path) -> None:
 
 
 class _LineProgress:
-    """Without tqdm: one line per finished request, with an ETA from the mean time so far."""
+    """Without tqdm: one line per finished answer, with an ETA from the mean time so far."""
 
     def __init__(self, total: int):
         self.total, self.done, self.started = total, 0, time.monotonic()
@@ -239,7 +392,7 @@ class _LineProgress:
         self.done += n
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done)
-        print(f"eval: {self.done}/{self.total} requests, {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+        print(f"eval: {self.done}/{self.total} answers, {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -250,98 +403,58 @@ def _progress(total: int) -> Any:
         from tqdm import tqdm  # installed with the worker extra; the client alone may lack it
     except ImportError:
         return _LineProgress(total)
-    return tqdm(total=total, desc="eval", unit="request", file=sys.stderr)
+    return tqdm(total=total, desc="eval", unit="answer", file=sys.stderr)
 
 
 # summary ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Score:
-    """One mode's tally over the evaluated items."""
-
-    mode: str
-    correct: int
-    total: int
-    mean_seconds: float
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-
-def wilson_interval(correct: int, total: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion; unlike the normal approximation it stays inside [0, 1]."""
-    if total == 0:
-        return 0.0, 1.0  # no evidence either way
-    p = correct / total
-    denominator = 1 + z**2 / total
-    centre = (p + z**2 / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def score(records: Iterable[Mapping[str, Any]], items: list[Item], modes: list[Mode]) -> list[Score]:
-    """Per-mode tallies over this run's items only (the results file may hold other ranges)."""
-    wanted = {item.index for item in items}
-    scores = []
-    for mode in modes:
-        mine = [r for r in records if r["mode"] == mode.name and r["index"] in wanted]
-        timed = [r["seconds"] for r in mine if r["seconds"] is not None]  # answers taken from Cool+R have none
-        seconds = sum(timed) / len(timed) if timed else float("nan")
-        scores.append(Score(mode.name, sum(r["correct"] for r in mine), len(mine), seconds))
-    return scores
-
-
-def summary_table(scores: list[Score]) -> str:
-    """A Markdown table: accuracy, correct/total, 95% Wilson interval and mean seconds per answer."""
-    lines = [
-        "| mode | accuracy | correct / total | 95% CI (Wilson) | mean s |",
-        "|:-----|---------:|----------------:|:---------------:|-------:|",
+def reports(
+    records: list[dict[str, Any]], items: list[TaskItem], modes: list[Mode], split: str
+) -> list[quality.FamilyReport]:
+    """One report per family of this run, over this run's items only (the results may hold more)."""
+    by_family: dict[str, list[TaskItem]] = {}
+    for item in items:
+        by_family.setdefault(item.family, []).append(item)
+    records = rescored(records, items)
+    return [
+        quality.family_report(name, _label(chosen, split), records, [i.id for i in chosen], modes)
+        for name, chosen in by_family.items()
     ]
-    for s in scores:
-        low, high = wilson_interval(s.correct, s.total)
-        lines.append(
-            f"| {s.mode} | {100 * s.accuracy:.1f}% | {s.correct} / {s.total} "
-            f"| {100 * low:.1f}–{100 * high:.1f}% | {_seconds(s.mean_seconds)} |"
-        )
-    return "\n".join(lines)
 
 
-def _seconds(mean: float) -> str:
-    return "in cool_r" if math.isnan(mean) else f"{mean:.1f}"
+def rescored(records: list[dict[str, Any]], items: list[TaskItem]) -> list[dict[str, Any]]:
+    """The records of `items` read again from their texts by today's answer rules, so that a
+    corrected alias or rule applies to results already on disk."""
+    known = {(item.family, item.id): item for item in items}
+    fresh = []
+    for record in records:
+        item = known.get((record["family"], record["id"]))
+        if item is not None:
+            prediction = item.read(record["text"])
+            record = {**record, "prediction": prediction, "correct": item.correct(prediction)}
+        fresh.append(record)
+    return fresh
 
 
-def plot_accuracy(scores: list[Score], path: Path) -> None:
-    """Bar chart of accuracy per mode with Wilson 95% error bars, as PNG."""
-    # Imported here: matplotlib is an optional extra, and the Agg canvas needs no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(1.2 * len(scores) + 2, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    accuracies = [100 * s.accuracy for s in scores]
-    intervals = [wilson_interval(s.correct, s.total) for s in scores]
-    # Clamped: at 0/n or n/n the bound equals the accuracy up to rounding, and matplotlib rejects -1e-15.
-    below = [max(0.0, a - 100 * low) for a, (low, _) in zip(accuracies, intervals)]
-    above = [max(0.0, 100 * high - a) for a, (_, high) in zip(accuracies, intervals)]
-    axes.bar([s.mode for s in scores], accuracies, yerr=[below, above], capsize=6, color="tab:blue")
-    axes.set_ylim(0, 100)
-    axes.set_ylabel("GSM8K accuracy, % (95% Wilson CI)")
-    axes.set_title(f"n = {max((s.total for s in scores), default=0)} questions")
-    figure.savefig(path, dpi=120)
+def _label(chosen: list[TaskItem], split: str) -> str:
+    first, last = chosen[0].index, chosen[-1].index
+    if chosen[0].family == GSM8K.name:
+        return f"GSM8K line {first}" if first == last else f"GSM8K lines {first}-{last}"
+    return f"{split}, item {first}" if first == last else f"{split}, items {first}-{last}"
 
 
-def write_summary(scores: list[Score], out_dir: Path) -> str:
-    """Writes summary.md and (with matplotlib) accuracy.png; returns the table."""
-    table = summary_table(scores)
-    (out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+def write_summary(family_reports: list[quality.FamilyReport], out_dir: Path) -> str:
+    """Writes summary.md, summary.json and (with matplotlib) accuracy.png; returns the tables."""
+    tables = "\n\n".join(quality.family_table(r) for r in family_reports)
+    (out_dir / "summary.md").write_text(tables + "\n", encoding="utf-8")
+    summary = [quality.report_json(r) for r in family_reports]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     try:
-        plot_accuracy(scores, out_dir / "accuracy.png")
+        quality.plot_accuracy(family_reports, out_dir / "accuracy.png")
     except ImportError:
         print("coolfusion: matplotlib is not installed; skipping accuracy.png", file=sys.stderr)
-    return table
+    return tables
 
 
 # command line -------------------------------------------------------------------------------------
@@ -350,15 +463,28 @@ def write_summary(scores: list[Score], out_dir: Path) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `coolfusion eval` (its parser is registered in main.py)."""
     add_target_flags(parser, "start the default pair (smollm2, gemma3) here and stop it afterwards")
+    names = ", ".join(["gsm8k", *tasks.FAMILIES])
+    parser.add_argument("--tasks", default="gsm8k", help=f"comma-separated task families: {names} (default: gsm8k)")
+    parser.add_argument(
+        "--split", choices=tasks.SPLITS, default=tasks.TUNING, help="which part of each task family (not gsm8k)"
+    )
     parser.add_argument(
         "--data", "--gsm8k", type=Path, default=DEFAULT_DATA,
-        help=f"GSM8K-format JSONL, e.g. from `coolfusion problems` (default: {DEFAULT_DATA})",
+        help=f"GSM8K-format JSONL for the gsm8k family, e.g. from `coolfusion problems` (default: {DEFAULT_DATA})",
     )  # fmt: skip
-    parser.add_argument("--offset", type=int, default=0, help="first question, line number from 0")
-    parser.add_argument("--limit", type=int, default=None, help="number of questions (default: all)")
+    parser.add_argument("--offset", type=int, default=0, help="first item of each family (GSM8K: line), from 0")
+    parser.add_argument("--limit", type=int, default=None, help="items per family (default: all)")
     parser.add_argument("--workers", default="", help="comma-separated worker names (default: all serving)")
     parser.add_argument("--modes", default=",".join(MODE_KINDS), help="comma-separated subset of solo,cool,cool_r")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length, tokens")
+    parser.add_argument(
+        "--strategies", default="",
+        help="comma-separated strategies to compare, each paper, default or AGGREGATION[+GUARD] "
+        "(e.g. nll_mean+stop); default: the single one the strategy flags give",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length, tokens (default: each family's own)"
+    )
+    parser.add_argument("--concurrency", type=int, default=1, help="items asked at the same time (default: 1)")
     parser.add_argument("--out", type=Path, default=Path("eval-results"), help="results folder (resumes what is there)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request, seconds")
     parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where a --local cluster's logs go")
@@ -366,18 +492,50 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    items = load_items(args.data, args.offset, args.limit)
-    request = Request(args.max_new_tokens, args.timeout_s, strategy_from_args(args))
+    names = [name for name in args.tasks.split(",") if name]
+    for name in names:
+        family(name)  # fails before a local cluster spends a minute starting
+    items = select_items(names, args.split, args.offset, args.limit, args.data)
+    strategies = parse_strategies(args.strategies, args)
+    request = Request(args.max_new_tokens, args.timeout_s, strategies)
     kinds = parse_kinds(args.modes)
     with _orchestrator(args) as (address, default_workers), FusionClient(address) as client:
         workers = [name for name in args.workers.split(",") if name] or default_workers(client)
         if not workers:
             raise SystemExit(f"coolfusion: no serving workers at {address}")
-        modes = build_modes(kinds, workers)
-        records = run(client, items, modes, args.out / "results.jsonl", request)
-    print(write_summary(score(records, items, modes), args.out))
-    print(f"\nresults: {args.out / 'results.jsonl'}; table: {args.out / 'summary.md'}")
+        modes = build_modes(kinds, workers, list(strategies))
+        invocation = _invocation(args, items, workers)
+        records = run(client, items, modes, args.out / "results.jsonl", request, args.concurrency, invocation)
+    print(write_summary(reports(records, items, modes, args.split), args.out))
+    print(f"\nresults: {args.out / 'results.jsonl'}; tables: {args.out / 'summary.md'}")
     return 0
+
+
+def _invocation(args: argparse.Namespace, items: list[TaskItem], workers: list[str]) -> dict[str, Any]:
+    """Everything needed to ask the same questions again, beside the settings run.json compares."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.family] = counts.get(item.family, 0) + 1
+    return {
+        "command": ["coolfusion", *sys.argv[1:]], "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tasks": args.tasks, "split": args.split, "offset": args.offset, "limit": args.limit, "items": counts,
+        "data": str(args.data) if "gsm8k" in counts else None, "arithmetic_seed": tasks.arithmetic.SEED,
+        "split_rule": "per kind: shuffle with seed '<family>/<kind>', alternate tuning/held-out",
+        "workers": workers, "modes": args.modes, "strategies": args.strategies, "concurrency": args.concurrency,
+    }  # fmt: skip
+
+
+def _commit() -> str | None:
+    """The repository's commit, with "+dirty" when the working tree differs; None outside a checkout."""
+
+    def git(*argv: str) -> str:
+        here = Path(__file__).resolve().parent  # the code that runs, wherever it is run from
+        return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True, check=True, timeout=10).stdout
+
+    try:
+        return git("rev-parse", "HEAD").strip() + ("+dirty" if git("status", "--porcelain").strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _serving_workers(client: FusionClient) -> list[str]:

@@ -26,17 +26,14 @@ from coolfusion.cli.common import (
     add_orchestrator_flag,
     add_strategy_flags,
     cluster_spec,
-    default_spec,
     signals_interrupt,
     start_cluster,
     strategy_from_args,
 )
+from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
-from coolfusion.cli.gsm8k import Item, extract_answer, load_items
 from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, chat
 from coolfusion.v1 import orchestrator_pb2
-
-DEMO_INSTRUCTION = "Reason step by step, then give the final answer on its own line as: #### <number>"
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
@@ -229,42 +226,6 @@ def _wait_while_running(cluster: LocalCluster) -> int:
             if p.process.poll() is not None:
                 print(f"coolfusion: {p.name} exited with code {p.process.returncode}", file=sys.stderr)
                 return 1
-
-
-def add_demo(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="fuse the default model pair on a GSM8K question, end to end")
-    parser.add_argument("--gsm8k", type=Path, default=Path("../shared/data/gsm8k/test.jsonl"), help="GSM8K JSONL")
-    parser.add_argument("--index", type=int, default=0, help="question number in the file, from 0")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="answer length, tokens")
-    parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where the servers' logs go")
-    parser.set_defaults(run=run_demo)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    item = _demo_item(args.gsm8k, args.index)
-    spec = default_spec()
-    print("the first start prepares (and converts) the models inside the workers: this can take minutes")
-    with signals_interrupt():
-        cluster = start_cluster(spec, args.log, sys.stdout)
-        try:
-            print(f"\nquestion {args.index}: {item.question}\n", flush=True)
-            with FusionClient(cluster.address) as client:
-                prompt = chat(f"{item.question}\n\n{DEMO_INSTRUCTION}")
-                events = client.fuse_stream(prompt, FuseOptions(max_new_tokens=args.max_new_tokens))
-                result = print_stream(events, sys.stdout, list(spec))
-            fused = extract_answer(result.text) if result else None
-            print(f"\nfused answer: {fused or '(none)'}   reference: {item.reference}")
-            return 0
-        finally:
-            print("stopping the cluster...", flush=True)
-            cluster.stop()
-
-
-def _demo_item(path: Path, index: int) -> Item:
-    """Question `index` of a GSM8K JSONL file, read before the cluster spends minutes starting."""
-    if not (items := load_items(path, offset=index, limit=1)):
-        raise SystemExit(f"coolfusion: {path} has no question {index}")
-    return items[0]
 
 
 # eval, problems and bench -------------------------------------------------------------------------

@@ -222,7 +222,7 @@ class FusionLoop:
                 candidate.scores[name] = score
         for candidate in candidates:
             perplexities = {name: s.perplexity for name, s in candidate.scores.items()}
-            candidate.fused_score = self._request.strategy.fused_score(perplexities)
+            candidate.fused_score = self._request.strategy.fused_score(perplexities, candidate.proposed_by)
         return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:
@@ -353,7 +353,8 @@ async def _rank(
         perplexities = {name: per_answer[i].perplexity for name, per_answer in scores.items()}
         answer_tokens = scores[counter][i].context_tokens_with_text - prompt_tokens
         usage = Usage(counter, prompt_tokens, answer_tokens)
-        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities), usage))
+        proposed_by = scores if source == "fused" else (source,)  # the fused answer is every scorer's
+        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities, proposed_by), usage))
     order = sorted(range(len(ranked)), key=lambda i: (ranked[i].fused_score, i))
     return [ranked[i] for i in order], loop.dropped
 

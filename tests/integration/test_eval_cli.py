@@ -55,8 +55,9 @@ def test_eval_answers_every_item_in_every_mode_then_resumes_without_requests(add
     assert {r["taken_from"] for r in records if r["mode"] != "cool_r"} == {"cool_r"}
     summary = (out / "summary.md").read_text()
     assert summary.strip() in done.stdout
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()[2:]}
-    assert list(rows) == MODES and all(" / 3 | " in row for row in rows.values())
+    assert summary.startswith("### gsm8k (GSM8K lines 0-2)")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines()[4:] if line.startswith("| ")}
+    assert list(rows) == [*MODES, "oracle (either source right)"] and all(" / 3 | " in row for row in rows.values())
     assert (out / "accuracy.png").read_bytes()[:8] == _PNG
 
     # Nothing listens on port 1: any request would fail, so a clean exit proves the resume asked nothing.
@@ -80,3 +81,24 @@ def test_answers_taken_from_cool_r_equal_the_modes_asked_on_their_own(address: s
 
     asked = texts(tmp_path / "asked")
     assert len(asked) == 9 and texts(tmp_path / "derived") == asked
+
+
+def test_task_families_under_several_strategies_share_their_solo_answers(address: str, tmp_path: Path) -> None:
+    out = tmp_path / "tasks"
+    argv = [
+        sys.executable, "-m", "coolfusion.cli.main", "eval", "--tasks", "arithmetic,opposites", "--limit", "2",
+        "--strategies", "paper,nll_mean+stop", "--concurrency", "2", "--out", str(out), "--orchestrator", address,
+        "--workers", ",".join(WORKERS),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    modes = {"solo:bpe", "solo:char", "cool@paper", "cool@nll_mean+stop", "cool_r@paper", "cool_r@nll_mean+stop"}
+    assert {(r["family"], r["mode"]) for r in records} == {(f, m) for f in ("arithmetic", "opposites") for m in modes}
+    assert len(records) == 2 * 2 * len(modes)
+    assert {r["taken_from"] for r in records if r["mode"].startswith("solo")} == {"cool_r@paper"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["families"]["arithmetic"] == {"rule": "number", "max_new_tokens": 8, "stop": ["\n"]}
+    assert run["invocations"][0]["items"] == {"arithmetic": 2, "opposites": 2}
+    summary = (out / "summary.md").read_text()
+    assert "### arithmetic (tuning, items 0-1)" in summary and "### opposites (tuning, items 0-1)" in summary

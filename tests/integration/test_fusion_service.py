@@ -139,6 +139,23 @@ def test_nll_mean_with_weights_equals_the_reference_with_that_aggregation(orches
     assert paper.text != result.result.text, "the prompt was chosen so that the aggregation changes the answer"
 
 
+def test_proposer_counts_each_workers_score_of_its_own_proposal_three_times(orchestrator):
+    strategy = opb.FusionStrategy(aggregation=opb.AGGREGATION_PROPOSER)
+    params = parameters(PROMPTS[1], max_new_tokens=24, strategy=strategy, include_trace=True)
+    result = orchestrator.Fuse(opb.FuseRequest(parameters=params), timeout=120).result
+
+    def proposer_score(scores, proposed_by) -> float:
+        weights = [3.0 if s.worker in proposed_by else 1.0 for s in scores]
+        return math.exp(sum(w * math.log(s.perplexity) for w, s in zip(weights, scores)) / sum(weights))
+
+    scored = [step for step in result.trace if len(step.candidates) > 1]
+    assert scored and result.strategy.aggregation == opb.AGGREGATION_PROPOSER
+    for step in scored:
+        for candidate in step.candidates:
+            assert candidate.fused_score == pytest.approx(proposer_score(candidate.scores, candidate.proposed_by))
+        assert step.candidates[step.winner_index].fused_score == min(c.fused_score for c in step.candidates)
+
+
 def test_a_request_without_a_strategy_gets_the_orchestrators_default(orchestrator):
     params = opb.FusionParameters(prompt=to_prompt(PROMPTS[0]), max_new_tokens=4)
     strategy = orchestrator.Fuse(opb.FuseRequest(parameters=params)).result.strategy

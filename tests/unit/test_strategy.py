@@ -39,6 +39,30 @@ def test_weights_scale_each_workers_say() -> None:
     assert Strategy(weights={"a": 3.0}).fused_score({"a": 2.0, "b": 6.0}) == pytest.approx(3.0)
 
 
+def test_proposer_counts_each_workers_score_of_its_own_proposal_three_times() -> None:
+    proposer = Strategy(aggregation=Aggregation.PROPOSER, weights={"a": 2.0})
+    # (2 * 3 * ln 2 + 1 * ln 32) / (2 * 3 + 1): a proposed it, with weight 2.
+    expected = math.exp((6 * math.log(2) + math.log(32)) / 7)
+    assert proposer.fused_score({"a": 2.0, "b": 32.0}, ["a"]) == pytest.approx(expected)
+    # Proposed by everyone, or by no scorer, it is nll_mean.
+    nll = Strategy(aggregation=Aggregation.NLL_MEAN, weights={"a": 2.0})
+    assert proposer.fused_score({"a": 2.0, "b": 32.0}, ["a", "b"]) == pytest.approx(
+        nll.fused_score({"a": 2.0, "b": 32.0})
+    )
+    assert proposer.fused_score({"a": 2.0, "b": 32.0}) == pytest.approx(nll.fused_score({"a": 2.0, "b": 32.0}))
+    assert PAPER.fused_score({"a": 2.0, "b": 40.0}, ["a"]) == 21.0  # the others ignore who proposed
+
+
+def test_proposer_lets_a_sure_proposer_win_over_a_sharp_peers_objection() -> None:
+    """A measured case (per-token NLL, nats): a sharp model proposes a confident wrong answer and
+    objects strongly to its peer's right one, whose proposer is sure of it too."""
+    wrong = {"sharp": math.exp(0.62), "broad": math.exp(2.29)}  # proposed by "sharp"
+    right = {"sharp": math.exp(3.81), "broad": math.exp(0.07)}  # proposed by "broad"
+    nll, proposer = Strategy(aggregation=Aggregation.NLL_MEAN), Strategy(aggregation=Aggregation.PROPOSER)
+    assert nll.fused_score(wrong) < nll.fused_score(right)
+    assert proposer.fused_score(right, ["broad"]) < proposer.fused_score(wrong, ["sharp"])
+
+
 def test_robust_drops_one_far_scorer_of_three_and_nothing_of_two() -> None:
     assert without_outlier({"a": 1.0, "b": 1.2, "c": 4.0}) == {"a": 1.0, "b": 1.2}
     assert without_outlier({"a": 1.0, "b": 1.2, "c": 1.9}) == {"a": 1.0, "b": 1.2, "c": 1.9}

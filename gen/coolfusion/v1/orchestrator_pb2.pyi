@@ -20,6 +20,7 @@ class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGGREGATION_PPL_MEAN: _ClassVar[Aggregation]
     AGGREGATION_NLL_MEAN: _ClassVar[Aggregation]
     AGGREGATION_ROBUST: _ClassVar[Aggregation]
+    AGGREGATION_PROPOSER: _ClassVar[Aggregation]
 
 class RepetitionGuard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ AGGREGATION_UNSPECIFIED: Aggregation
 AGGREGATION_PPL_MEAN: Aggregation
 AGGREGATION_NLL_MEAN: Aggregation
 AGGREGATION_ROBUST: Aggregation
+AGGREGATION_PROPOSER: Aggregation
 REPETITION_GUARD_UNSPECIFIED: RepetitionGuard
 REPETITION_GUARD_OFF: RepetitionGuard
 REPETITION_GUARD_STOP: RepetitionGuard
