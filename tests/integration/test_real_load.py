@@ -8,10 +8,14 @@ import os
 
 import grpc
 import pytest
+from near_ties import batched_logit_error
 
 from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
+from coolfusion.worker.backend import ChatTurn, PromptSpec
+from coolfusion.worker.hf import loading
+from coolfusion.worker.hf.model import HFModel
 
 from worker_probes import wait_for_no_sessions
 
@@ -90,3 +94,16 @@ def test_an_overload_burst_is_refused_or_fused_whole_never_degraded(workers, orc
     for error in refused:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert wait_for_no_sessions(list(workers.values()), SESSIONS_CLOSED_WITHIN_S) == [0, 0]
+
+
+@pytest.mark.parametrize("preset", PRESETS.values())
+def test_batched_logits_of_the_real_models_differ_from_alone_by_rounding_only(preset):
+    """The batched-vs-alone logit error on these prompts: what a near-tie must fall within."""
+    model = HFModel(*loading.load_model(loading.resolve_model_folder(preset=preset)), preset)
+    contexts = []
+    for question in QUESTIONS:
+        rendered = model.render(PromptSpec(chat=(ChatTurn("user", question),)))
+        contexts.append(model.tokenize(rendered.text, rendered.add_special_tokens))
+    error = batched_logit_error(model, contexts)
+    print(f"\n{preset}: batched vs alone, largest logit difference {error:.2e}")
+    assert error < 1e-3

@@ -4,7 +4,6 @@ they would alone; cancelled calls leave; closing and eviction never wait behind 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import Feed
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import BatchLimits, SessionLimits
+
 from in_process import tiny_backend
 
 PROMPTS = [

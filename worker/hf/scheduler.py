@@ -27,18 +27,21 @@ from coolfusion.worker.settings import BatchLimits
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A session's next call is a round trip through gRPC and the event loop, about a millisecond each
+# for a handful of sessions on a CPU; waiting up to a quarter of a pass for them costs at most a
+# quarter pass and saves whole passes run without them (README "Performance" has the figures).
+_COALESCE_SHARE = 0.25
+_COALESCE_MAX_S = 0.05
 
 
 class Scheduler:
     """Owns the model thread. Calls are submitted from the event loop as jobs; their futures are
     resolved from the model thread; a cancelled future drops its job at the next pass."""
 
-    def __init__(self, model: HFModel, limits: BatchLimits, coalesce_s: float = 0.005):
+    def __init__(self, model: HFModel, limits: BatchLimits):
         self._model = model
         self._limits = limits
-        # How long a pass may wait for sessions whose call just ended (see _admit): a few ms
-        # against passes of tens to hundreds of ms.
-        self._coalesce_s = coalesce_s
+        self._last_pass_s = 0.0
         self._incoming: deque[Job] = deque()
         self._active: list[Job] = []
         self._wake = threading.Condition()
@@ -82,9 +85,13 @@ class Scheduler:
     # ---- the model thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        returning = 0  # calls that ended in the last pass: their sessions' next calls are on the way
+        returning = 0  # calls that just ended: their sessions' next calls are on the way
         while self._admit(returning):
             self._active = [job for job in self._active if not job.future.cancelled()]
+            # A call can end as it starts (a segment whose first token already ends it, a context
+            # already in the cache): it is answered at once, not after somebody else's pass.
+            if returning := self._retire():
+                continue
             plan = self._plan()
             if plan:
                 self._pass(plan)
@@ -99,13 +106,14 @@ class Scheduler:
         A session's calls come one after another, each a round trip through the event loop; a
         pass started the moment the last one ended would run without the sessions that just
         finished a call and are sending their next. So while other calls are in flight, the
-        next pass waits up to `coalesce_s` for those `returning` sessions to come back.
+        next pass waits for those `returning` sessions to come back, up to a share of a pass.
         """
         with self._wake:
             while not self._incoming and not self._active and not self._stopping:
                 self._wake.wait()
-            if returning and self._active:
-                self._wake.wait_for(lambda: len(self._incoming) >= returning or self._stopping, self._coalesce_s)
+            if returning and (self._active or self._incoming):
+                wait_s = min(_COALESCE_MAX_S, _COALESCE_SHARE * self._last_pass_s)
+                self._wake.wait_for(lambda: len(self._incoming) >= returning or self._stopping, wait_s)
             if self._stopping:
                 return False
             arrived = list(self._incoming)
@@ -150,9 +158,10 @@ class Scheduler:
             self._fail_pass(plan, error)
             return
         self.passes += 1
+        self._last_pass_s = time.perf_counter() - started
         if self.observer is not None:
             tokens = sum(len(feed.tokens) for feed in feeds)
-            self.observer(PassStats(len(plan), tokens, time.perf_counter() - started))
+            self.observer(PassStats(len(plan), tokens, self._last_pass_s))
         at = 0
         for job, job_feeds in plan:
             job.absorb(job_feeds, logits[at : at + len(job_feeds)])
