@@ -241,12 +241,14 @@ class ScoreJob(Job):
         if self._prefill is not None and not self._prefill.done:
             return [self._prefill.feed(budget)] if budget > 0 or alone else []
         feeds: list[Feed] = []
+        scratch = len(self.kv.ids)  # past everything the session holds; each candidate after the last
         while self._next + len(feeds) < len(self._targets):
             tokens = self._targets[self._next + len(feeds)][self._prefix :]
             if len(tokens) > budget and not (alone and not feeds):
                 break
-            feeds.append(Feed(self.kv, self._prefix, tokens, tuple(range(len(tokens) - 1)), forked=True))
+            feeds.append(Feed(self.kv, self._prefix, tokens, tuple(range(len(tokens) - 1)), scratch))
             budget -= len(tokens)
+            scratch += len(tokens)
         return feeds
 
     def absorb(self, feeds: list[Feed], logits: list[torch.Tensor]) -> None:

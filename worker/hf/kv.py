@@ -80,20 +80,25 @@ class Piece:
     """One session's new tokens inside a packed batch.
 
     `start` is the position of the piece's first token in its session. An extending piece writes
-    its keys and values into the session's buffers at [start, start + length); a forked piece (a
-    candidate being scored) reads the session's first `start` positions and keeps its own keys
-    and values to itself, leaving the session unchanged.
+    its keys and values into the session's buffers at [start, start + length). A forked piece (a
+    candidate being scored) attends to the session's first `start` positions and to itself only:
+    its keys and values go to scratch room past everything the session holds (`slot`), so the
+    session is unchanged and nothing is copied.
     """
 
     kv: SessionKV
     start: int
     length: int
     offset: int  # where the piece begins in the packed sequence
-    forked: bool = False
+    slot: int  # buffer index of the piece's first key: `start` when extending, scratch room when forked
 
     @property
     def positions(self) -> range:
         return range(self.start, self.start + self.length)
+
+    @property
+    def forked(self) -> bool:
+        return self.slot != self.start
 
 
 @dataclass
@@ -135,27 +140,27 @@ def ragged_attention(
 def _piece_keys(
     piece: Piece, layer: int, new_keys: torch.Tensor, new_values: torch.Tensor, window: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The keys and values a piece attends to, and the session position of the first of them."""
-    end = piece.start + piece.length
-    # A single query token sees at most the window; longer pieces are masked to it instead.
-    first = max(0, end - window) if window is not None and piece.length == 1 else 0
-    if piece.forked:
-        if piece.start == first:  # nothing of the session is visible (scoring from position 0)
-            return new_keys, new_values, first
-        old_keys, old_values = piece.kv.view(layer, first, piece.start)
-        return torch.cat([old_keys, new_keys], dim=1), torch.cat([old_values, new_values], dim=1), first
-    piece.kv.write(layer, piece.start, new_keys, new_values)
+    """Stores the piece's keys and values at its slot; returns a view of the buffer from the first
+    key it may see to its own last, and that first key's buffer index."""
+    piece.kv.write(layer, piece.slot, new_keys, new_values)
+    end = piece.slot + piece.length
+    # A single extending token sees at most the window; other pieces are masked to it instead.
+    first = max(0, end - window) if window is not None and piece.length == 1 and not piece.forked else 0
     keys, values = piece.kv.view(layer, first, end)
     return keys, values, first
 
 
 def _piece_mask(piece: Piece, first: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Causal (and windowed) visibility of the piece's queries over its keys; None for one token."""
-    if piece.length == 1:
+    """Which of the viewed keys each of the piece's queries sees: the session's keys before
+    `start` and the piece's own up to itself (causal), within the window; None when all of them."""
+    if piece.length == 1 and not piece.forked:
         return None
+    indices = torch.arange(first, piece.slot + piece.length, device=device)
+    # A key's position in the session: its index before `start`; past the slot, `start` onwards.
+    key_positions = torch.where(indices >= piece.slot, indices - piece.slot + piece.start, indices).unsqueeze(0)
+    session_or_own = ((indices < piece.start) | (indices >= piece.slot)).unsqueeze(0)
     query_positions = torch.arange(piece.start, piece.start + piece.length, device=device).unsqueeze(1)
-    key_positions = torch.arange(first, piece.start + piece.length, device=device).unsqueeze(0)
-    visible = key_positions <= query_positions  # (length, keys)
+    visible = session_or_own & (key_positions <= query_positions)  # (length, keys)
     if window is not None:
         visible &= key_positions > query_positions - window
     return visible

@@ -22,14 +22,20 @@ class Feed:
 
     `logits_at` lists the indices within `tokens` whose next-token logits are wanted. A forked
     feed (a candidate being scored) reads the session's first `start` positions and leaves the
-    session unchanged; otherwise the tokens extend the session, so `start` must equal its length.
+    session unchanged, its keys held at `scratch`, a buffer index past everything the session
+    holds (and past other forked feeds of the same pass); otherwise the tokens extend the session,
+    so `start` must equal its length.
     """
 
     kv: SessionKV
     start: int
     tokens: list[int]
     logits_at: tuple[int, ...]
-    forked: bool = False
+    scratch: int | None = None
+
+    @property
+    def forked(self) -> bool:
+        return self.scratch is not None
 
 
 class HFModel:
@@ -116,7 +122,8 @@ class HFModel:
         keep: list[int] = []
         offset = 0
         for feed in feeds:
-            pieces.append(Piece(feed.kv, feed.start, len(feed.tokens), offset, feed.forked))
+            slot = feed.start if feed.scratch is None else feed.scratch
+            pieces.append(Piece(feed.kv, feed.start, len(feed.tokens), offset, slot))
             keep.extend(offset + i for i in feed.logits_at)
             offset += len(feed.tokens)
         ids = torch.tensor([[t for feed in feeds for t in feed.tokens]], device=self.input_device)  # (1, packed)
