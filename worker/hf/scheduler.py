@@ -85,7 +85,7 @@ class Scheduler:
     # ---- the model thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        returning = 0  # calls that just ended: their sessions' next calls are on the way
+        returning: set[int] = set()  # sessions (ids of their caches) whose call just ended
         while self._admit(returning):
             self._active = [job for job in self._active if not job.future.cancelled()]
             # A call can end as it starts (a segment whose first token already ends it, a context
@@ -100,20 +100,22 @@ class Scheduler:
             job.fail(OverCapacity("the worker is shutting down"))
             job.settle()
 
-    def _admit(self, returning: int) -> bool:
+    def _admit(self, returning: set[int]) -> bool:
         """Waits for work; starts the calls that arrived. False once the scheduler stops.
 
         A session's calls come one after another, each a round trip through the event loop; a
         pass started the moment the last one ended would run without the sessions that just
         finished a call and are sending their next. So while other calls are in flight, the
         next pass waits for those `returning` sessions to come back, up to a share of a pass.
+        It waits for those very sessions: counting any arrival would let two groups of sessions,
+        each arriving while the other's pass runs, alternate in half-full passes for good.
         """
         with self._wake:
             while not self._incoming and not self._active and not self._stopping:
                 self._wake.wait()
             if returning and (self._active or self._incoming):
                 wait_s = min(_COALESCE_MAX_S, _COALESCE_SHARE * self._last_pass_s)
-                self._wake.wait_for(lambda: len(self._incoming) >= returning or self._stopping, wait_s)
+                self._wake.wait_for(lambda: self._stopping or returning <= self._arriving(), wait_s)
             if self._stopping:
                 return False
             arrived = list(self._incoming)
@@ -133,6 +135,9 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - a job that cannot start fails alone
                 job.fail(error)
         return True
+
+    def _arriving(self) -> set[int]:
+        return {id(job.kv) for job in self._incoming}
 
     def _plan(self) -> list[tuple[Job, list[Feed]]]:
         """This pass's feeds: decoding jobs first, then the others in arrival order."""
@@ -177,11 +182,11 @@ class Scheduler:
             job.kv.clear()
             job.fail(error)
 
-    def _retire(self) -> int:
-        """Hands finished calls their results; returns how many."""
+    def _retire(self) -> set[int]:
+        """Hands finished calls their results; returns their sessions (ids of their caches)."""
         finished = [job for job in self._active if job.finished]
         # Out of the queue before their callers hear back: a caller's next call must find room.
         self._active = [job for job in self._active if not job.finished]
         for job in finished:
             job.settle()
-        return len(finished)
+        return {id(job.kv) for job in finished}
