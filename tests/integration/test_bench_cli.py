@@ -83,12 +83,14 @@ def test_bench_writes_every_section_with_consistent_figures(addresses: tuple[str
     for row in report["concurrency"]:
         assert row["requests"] == REQUESTS and row["requests_per_s"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["seconds"] * 1000
+        assert row["sessions_left"] == 0  # every request's sessions closed, and the bench can tell
 
     decode = report["decode"]
     assert [(row["worker"], row["sessions"]) for row in decode] == [(w, n) for w in WORKERS for n in DECODE_LEVELS]
     for row in decode:
         assert 0 < row["tokens"] <= (12 + SEGMENT_CAP) * row["sessions"]  # EOS may end a session early
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+        assert row["sessions_left"] == 0
     assert [row["vs_one_session"] for row in decode if row["sessions"] == 1] == [1.0, 1.0]
 
 
