@@ -123,7 +123,7 @@ def ragged_attention(
     key/value (1, kv_heads, packed, head_dim) of the new tokens only; returns (1, packed, heads, head_dim)."""
     if ragged is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the `ragged` batch of its forward pass")
-    layer: int = module.layer_idx  # type: ignore[assignment]
+    layer: int = module.layer_idx  # type: ignore[assignment]  # set by transformers on attention modules
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])  # (1, packed, heads, head_dim)
     grouped = query.shape[1] != key.shape[1]
     for piece in ragged.pieces:
