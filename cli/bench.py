@@ -127,7 +127,7 @@ def solo_runs(client: FusionClient, plan: Plan, counter: TokenCounter) -> list[R
     return runs
 
 
-def load_levels(client: FusionClient, plan: Plan, addresses: dict[str, str]) -> list[dict[str, Any]]:
+def load_levels(client: FusionClient, plan: Plan) -> list[dict[str, Any]]:
     """`plan.requests` fused requests at each concurrency level, at the shortest cap; then the
     sessions the workers still hold."""
     length, rows = min(plan.lengths), []
@@ -141,7 +141,7 @@ def load_levels(client: FusionClient, plan: Plan, addresses: dict[str, str]) -> 
             "concurrency": level, "requests": plan.requests, "max_new_tokens": length, "seconds": seconds,
             "requests_per_s": plan.requests / seconds,
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "sessions_left": sessions_left(addresses),
+            "sessions_left": sessions_left(client, plan.workers),
         })  # fmt: skip
         _progress(f"{level} concurrent: {plan.requests / seconds:.2f} requests/s")
     return rows
@@ -152,27 +152,22 @@ def percentile(ordered: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def sessions_left(addresses: dict[str, str]) -> int | None:
-    """Sessions still open over all workers once closes had a few seconds to arrive; None when a
-    worker cannot be asked from here. A leak shows as a count above zero."""
+def sessions_left(client: FusionClient, workers: tuple[str, ...]) -> int | None:
+    """Sessions still open over `workers` once closes had a few seconds to arrive, as the
+    orchestrator's ListWorkers reports them; None when one is not serving. A leak shows as a
+    count above zero."""
     deadline = time.monotonic() + _SESSIONS_SETTLE_S
     while True:
-        try:
-            count = sum(_open_sessions(address) for address in addresses.values())
-        except grpc.RpcError:
+        statuses = {status.name: status for status in client.list_workers()}
+        if not all(statuses[name].serving for name in workers):
             return None
+        count = sum(statuses[name].info.load.open_sessions for name in workers)
         if count == 0 or time.monotonic() > deadline:
             return count
         time.sleep(0.1)
 
 
-def _open_sessions(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        info = worker_pb2_grpc.WorkerServiceStub(channel).GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
-    return info.load.open_sessions
-
-
-def decode_throughput(addresses: dict[str, str], plan: Plan) -> list[dict[str, Any]]:
+def decode_throughput(client: FusionClient, addresses: dict[str, str], plan: Plan) -> list[dict[str, Any]]:
     """Per worker and level, that many sessions generating chained segments at once, straight on
     the worker (each appends its own last segment, as a fusion step appends the winner)."""
     prompt = fusion_parameters(plan.prompt).prompt
@@ -187,7 +182,7 @@ def decode_throughput(addresses: dict[str, str], plan: Plan) -> list[dict[str, A
             rows.append({
                 "worker": name, "sessions": level, "tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds, "vs_one_session": tokens / seconds / alone,
-                "sessions_left": sessions_left({name: addresses[name]}),
+                "sessions_left": sessions_left(client, (name,)),
             })  # fmt: skip
             _progress(f"{name}, {level} sessions decoding: {tokens / seconds:.1f} tokens/s")
     return rows
@@ -240,8 +235,8 @@ def measure_cached(address: str, plan: Plan) -> dict[str, Any]:
         return {
             "fused": fused_runs(client, plan, counter),
             "solo": solo_runs(client, plan, counter),
-            "concurrency": load_levels(client, plan, addresses),
-            "decode": decode_throughput(addresses, plan),
+            "concurrency": load_levels(client, plan),
+            "decode": decode_throughput(client, addresses, plan),
         }
 
 
@@ -405,7 +400,7 @@ SECTIONS: tuple[tuple[str, str, tuple[tuple[str, str, float], ...]], ...] = (
         "concurrency",
         (
             "5. Concurrent fused requests, client-side latency (the p99 of fewer than 100 requests is their maximum), "
-            "and the sessions the workers still hold once closes arrived (waited for up to 5 s; n/a: out of reach)"
+            "and the sessions the workers still hold once closes arrived (waited for up to 5 s; n/a: a worker not serving)"
         ),
         (
             ("concurrent", "concurrency", 1), ("requests", "requests", 1), ("cap", "max_new_tokens", 1),
