@@ -8,6 +8,9 @@
 4. Chunked prefill beside decoding: 4 sessions decode while a ~1,500-token prompt arrives; the
    longest pause between two of their tokens, and the new session's time to its first segment,
    with the prompt prefilled in one pass (--max-batch-tokens 4096) against chunks of 256.
+5. Linear layers per number of rows a pass computes (one per decoding session, a few per
+   candidate): the output layer alone and all the others together, as transformers runs them
+   (nn.Linear) against the backend's weights prepacked for the CPU (worker/hf/cpu_linear.py).
 
 The backend and the baselines use two copies of the model: the backend's attends through its
 ragged batches, the baselines' through transformers' own attention.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import statistics
@@ -32,6 +36,7 @@ from transformers import PreTrainedModel
 from coolfusion.worker.backend import CandidateText, PromptSpec
 from coolfusion.worker.hf import loading
 from coolfusion.worker.hf.backend import TransformersBackend
+from coolfusion.worker.hf.cpu_linear import PackedLinear
 from coolfusion.worker.hf.model import HFModel
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import BatchLimits, SessionLimits
@@ -132,6 +137,37 @@ async def bench_generation(
     }
 
 
+async def bench_linear_layers(lm: HFModel, plain: PreTrainedModel, repeats: int) -> dict:
+    """Per number of rows, the output layer alone and all the other linear layers together, as
+    transformers runs them (nn.Linear) and as the backend does (cpu_linear.PackedLinear)."""
+    head = lm.model.get_output_embeddings()
+    plain_head = plain.get_output_embeddings()
+    layers = [m for m in lm.model.modules() if isinstance(m, PackedLinear) and m is not head]
+    plain_layers = [m for m in plain.modules() if type(m) is torch.nn.Linear and m is not plain_head]
+    results = {}
+    for rows in (1, 2, 4, 8, 16, 32, 64):
+        # (batch, rows, in_features) per input width
+        inputs = {int(m.in_features): torch.randn(1, rows, int(m.in_features)) for m in [head, *layers]}
+        timings = {
+            "output_linear_ms": await timed(functools.partial(_project, [plain_head], inputs), repeats),
+            "output_packed_ms": await timed(functools.partial(_project, [head], inputs), repeats),
+            "layers_linear_ms": await timed(functools.partial(_project, plain_layers, inputs), repeats),
+            "layers_packed_ms": await timed(functools.partial(_project, layers, inputs), repeats),
+        }
+        results[f"rows_{rows}"] = {
+            **{name: round(ms, 1) for name, ms in timings.items()},
+            "output_linear_over_packed": round(timings["output_linear_ms"] / timings["output_packed_ms"], 2),
+            "layers_linear_over_packed": round(timings["layers_linear_ms"] / timings["layers_packed_ms"], 2),
+        }
+    return {"linear_layers": results}
+
+
+@torch.inference_mode()
+def _project(modules: list[torch.nn.Module], inputs: dict[int, torch.Tensor]) -> None:
+    for module in modules:
+        module(inputs[int(module.in_features)])  # type: ignore[arg-type]  # nn.Linear and PackedLinear have it
+
+
 async def bench_prefill_beside_decode(lm: HFModel) -> dict:
     """The longest gap between two passes while running sessions decode and a long prompt is
     prefilled beside them, and that prompt's time to its first segment, per --max-batch-tokens."""
@@ -195,7 +231,8 @@ async def bench_preset(preset: str, repeats: int, answer_tokens: int) -> dict:
         generation = await bench_generation(backend, lm, plain, answer_tokens)
     finally:
         backend.shutdown()
-    return {"model": preset, **scoring, **generation, **await bench_prefill_beside_decode(lm)}
+    prefill = await bench_prefill_beside_decode(lm)
+    return {"model": preset, **scoring, **generation, **prefill, **await bench_linear_layers(lm, plain, repeats)}
 
 
 if __name__ == "__main__":

@@ -180,9 +180,11 @@ def test_split_and_offloaded_model_serves_what_one_device_serves(tiny_model_dirs
         texts, scores = asyncio.run(transcript(split, together=False))
         expected_texts, expected_scores = asyncio.run(transcript(whole, together=False))
         assert texts == expected_texts
-        assert scores == pytest.approx(expected_scores, rel=0, abs=1e-5)
-        # Sharing passes, how calls fall into passes varies from run to run, which moves sums of
-        # log-probabilities in their last bits (docs/design.md section 4.6), on one device too.
+        # The whole model's linear layers are prepacked for the CPU (cpu_linear.py), the hooked
+        # ones are not: other kernels, which move sums of log-probabilities in their last bits.
+        assert scores == pytest.approx(expected_scores, rel=1e-6, abs=1e-5)
+        # Sharing passes, how calls fall into passes varies from run to run, which moves them the
+        # same way (docs/design.md section 4.6), on one device too.
         texts, scores = asyncio.run(transcript(split, together=True))
         assert texts == expected_texts
         assert scores == pytest.approx(expected_scores, rel=1e-6, abs=1e-5)

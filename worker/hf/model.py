@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from coolfusion.worker.backend import ModelDescription, PromptSpec, RenderedPrompt
 from coolfusion.worker.hf import placement
+from coolfusion.worker.hf.cpu_linear import pack_linear_layers
 from coolfusion.worker.hf.kv import Piece, RaggedBatch, SessionKV, use_ragged_attention
 
 # Tokens of context decoded together with new tokens, so that tokenizers whose decode depends on
@@ -43,6 +44,7 @@ class HFModel:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str):
         use_ragged_attention(model)
+        pack_linear_layers(model)
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
