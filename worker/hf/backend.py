@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -19,6 +20,7 @@ from coolfusion.worker.backend import (
     Timed,
 )
 from coolfusion.worker.hf import loading, memory, placement
+from coolfusion.worker.hf.cpu_linear import compile_row_counts
 from coolfusion.worker.hf.jobs import GenerateJob, ScoreJob, SyncJob
 from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import HFModel
@@ -55,6 +57,9 @@ class TransformersBackend(ModelBackend):
         self._model = model
         self._limits = limits
         self._description = model.describe(dtype)
+        started = time.perf_counter()
+        if kernels := compile_row_counts(model.model, limits.max_tokens):
+            logger.info("compiled %d linear-layer kernels in %.1f s", kernels, time.perf_counter() - started)
         self._scheduler = Scheduler(model, limits)
 
     @property
