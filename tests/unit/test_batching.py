@@ -88,6 +88,38 @@ def test_chunked_prefill_answers_as_one_pass(tiny_model_dirs, family):
     assert answers[0] == answers[1]
 
 
+def test_a_session_copies_the_prompt_another_open_session_holds(tiny_model_dirs, family):
+    backend = backend_for(tiny_model_dirs, family)
+    fed: list[int] = []
+    backend.observe_passes(lambda stats: fed.append(stats.tokens))
+    prompt = " ".join(PROMPTS)
+
+    async def scenario() -> tuple[list[str], list[str], int, int, int, int]:
+        store = SessionStore(backend, SessionLimits())
+        first = await segments_of(store, "first", prompt, 3)
+        fed.clear()
+        same = (await store.open("same", PromptSpec(text=prompt), "")).context_tokens
+        same_fed = sum(fed)
+        fed.clear()
+        longer = (await store.open("longer", PromptSpec(text=prompt + " And then"), "")).context_tokens
+        longer_fed = sum(fed)
+        for session_id in ("first", "same", "longer"):
+            store.close(session_id)
+        fed.clear()
+        alone = (await store.open("alone", PromptSpec(text=prompt), "")).context_tokens
+        assert sum(fed) == alone  # the closed sessions' caches are gone: nothing left to copy
+        again = await segments_of(store, "again", prompt, 3)
+        return first, again, same, same_fed, longer, longer_fed
+
+    try:
+        first, again, same, same_fed, longer, longer_fed = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert same > 1 and same_fed == 1  # only the last token, for its logits
+    assert 1 < longer_fed < longer  # the shared prompt copied, its new tail computed
+    assert again == first  # "again" copied its prompt from "alone": the same answer
+
+
 def test_scores_of_different_sessions_batched_together_equal_alone(tiny_model_dirs, family):
     backend = backend_for(tiny_model_dirs, family)
     candidates = [CandidateText(" apples"), CandidateText(" 7 more", ends_with_eos=True), CandidateText("")]

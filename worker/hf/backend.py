@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 
@@ -61,6 +62,9 @@ class TransformersBackend(ModelBackend):
         if kernels := compile_row_counts(model.model, limits.max_tokens):
             logger.info("compiled %d linear-layer kernels in %.1f s", kernels, time.perf_counter() - started)
         self._scheduler = Scheduler(model, limits)
+        # Every live session's cache: a session being opened copies what another already holds
+        # of its prompt. Weak, so that closing or evicting a session still frees its cache.
+        self._caches: weakref.WeakSet[SessionKV] = weakref.WeakSet()
 
     @property
     def description(self) -> ModelDescription:
@@ -82,10 +86,13 @@ class TransformersBackend(ModelBackend):
         return self._model.tokenize(text, add_special_tokens)
 
     def new_cache(self) -> SessionCache:
-        return SessionKV()
+        cache = SessionKV()
+        self._caches.add(cache)
+        return cache
 
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
-        return await self._scheduler.run(SyncJob(_kv(cache), context_ids))
+        # A snapshot: the set changes on this thread while the job runs on the model thread.
+        return await self._scheduler.run(SyncJob(_kv(cache), context_ids, list(self._caches)))
 
     async def generate(
         self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]

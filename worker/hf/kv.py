@@ -57,6 +57,17 @@ class SessionKV(SessionCache):
         self._keys[layer][:, start:end] = keys
         self._values[layer][:, start:end] = values
 
+    def extend_from(self, donor: SessionKV, end: int) -> None:
+        """Takes positions [len(ids), end) from `donor`, whose first `end` ids continue this
+        session's: a shared prompt prefix is copied instead of computed again."""
+        start = len(self.ids)
+        for layer, keys in donor._keys.items():
+            self._reserve(layer, keys, end)
+            self._keys[layer][:, start:end] = keys[:, start:end]
+            self._values[layer][:, start:end] = donor._values[layer][:, start:end]
+        self.ids.extend(donor.ids[start:end])
+        self.next_logits = None
+
     def view(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [start, end), without copying: (kv_heads, end - start, head_dim)."""
         return self._keys[layer][:, start:end], self._values[layer][:, start:end]

@@ -95,6 +95,7 @@ class Scheduler:
             plan = self._plan()
             if plan:
                 self._pass(plan)
+            del plan  # while the thread waits, a closed session's cache must be freeable
             returning = self._retire()
         for job in [*self._active, *self._incoming]:
             job.fail(OverCapacity("the worker is shutting down"))
