@@ -230,3 +230,16 @@ def test_ragged_views_do_not_copy_session_caches():
     kv.ids = [1, 2, 3, 4, 5]
     kv.crop(2)
     assert kv.cached_tokens == 2
+
+
+def test_a_cache_that_holds_buffers_copies_a_donors_prompt():
+    # A session re-opened after a cancelled open keeps the buffers its forward passes made.
+    donor, kv = SessionKV(), SessionKV()
+    with torch.inference_mode():
+        donor.write(0, 0, torch.arange(40.0).reshape(2, 5, 4), -torch.arange(40.0).reshape(2, 5, 4))
+        kv.write(0, 0, torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
+    donor.ids, kv.ids = [7, 8, 9, 10, 11], [7, 8]
+    kv.extend_from(donor, 4)
+    assert kv.ids == [7, 8, 9, 10]
+    keys, values = kv.view(0, 2, 4)
+    assert torch.equal(keys, donor.view(0, 2, 4)[0]) and torch.equal(values, donor.view(0, 2, 4)[1])

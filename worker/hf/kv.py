@@ -57,6 +57,7 @@ class SessionKV(SessionCache):
         self._keys[layer][:, start:end] = keys
         self._values[layer][:, start:end] = values
 
+    @torch.inference_mode()  # the buffers were made in inference mode, by forward passes
     def extend_from(self, donor: SessionKV, end: int) -> None:
         """Takes positions [len(ids), end) from `donor`, whose first `end` ids continue this
         session's: a shared prompt prefix is copied instead of computed again."""

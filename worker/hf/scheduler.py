@@ -147,7 +147,13 @@ class Scheduler:
         plan: list[tuple[Job, list[Feed]]] = []
         ordered = sorted((j for j in self._active if not j.finished), key=lambda job: not job.decoding)
         for job in ordered[: limits.max_sessions]:
-            feeds = job.next_feeds(budget, alone=not plan)
+            try:
+                feeds = job.next_feeds(budget, alone=not plan)
+            except Exception as error:  # a call that cannot plan fails alone, not the thread
+                logger.exception("planning a call failed", exc_info=error)
+                job.kv.clear()
+                job.fail(error)
+                continue
             if feeds:
                 plan.append((job, feeds))
                 budget -= sum(len(feed.tokens) for feed in feeds)
