@@ -18,7 +18,7 @@ from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
 # Short worker names for the presets, so segment labels stay readable.
-PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3"}
+PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3", "qwen2.5-coder-0.5b-instruct": "qwen"}
 DEFAULT_LOG = Path(tempfile.gettempdir()) / "coolfusion-cluster.log"
 
 
