@@ -119,15 +119,17 @@ def fusion_strategy(
     repetition_guard: str = "",
     weights: Mapping[str, float] | None = None,
     prompt_templates: Mapping[str, str] | None = None,
+    calibration: str = "",
 ) -> orchestrator_pb2.FusionStrategy:
     """A FusionStrategy from the names used in docs and flags ("nll_mean", "stop"); "" leaves a
-    field to the orchestrator's default."""
+    field to the orchestrator's default. `calibration` names a fitted rule the orchestrator loaded."""
     try:
         return orchestrator_pb2.FusionStrategy(
             aggregation=f"AGGREGATION_{aggregation.upper()}" if aggregation else None,
             repetition_guard=f"REPETITION_GUARD_{repetition_guard.upper()}" if repetition_guard else None,
             worker_weights=weights or {},
             prompt_templates=prompt_templates or {},
+            calibration=calibration,
         )
     except ValueError as error:
         raise ValueError(f"unknown strategy option: {error}") from None
@@ -230,6 +232,25 @@ class FusionClient(_ClientBase):
         finally:
             call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
 
+    def explore(
+        self,
+        prompt: PromptLike,
+        options: FuseOptions | None = None,
+        *,
+        max_nodes: int = 0,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FusionTree:
+        """Every answer a fusion with these options could give, for calibration (ExploreFusion);
+        `max_nodes` 0 takes the orchestrator's default."""
+        request = orchestrator_pb2.ExploreFusionRequest(
+            parameters=fusion_parameters(prompt, options), max_nodes=max_nodes
+        )
+        try:
+            response = self._stub.ExploreFusion(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return response.tree
+
     def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
         """The registered workers with their health and description."""
         request = orchestrator_pb2.ListWorkersRequest()
@@ -311,6 +332,27 @@ class AsyncFusionClient(_ClientBase):
             raise error_from_rpc(error) from None
         finally:
             call.cancel()
+
+    async def explore(
+        self,
+        prompt: PromptLike,
+        options: FuseOptions | None = None,
+        *,
+        max_nodes: int = 0,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FusionTree:
+        """Every answer a fusion with these options could give, for calibration (ExploreFusion);
+        `max_nodes` 0 takes the orchestrator's default."""
+        request = orchestrator_pb2.ExploreFusionRequest(
+            parameters=fusion_parameters(prompt, options), max_nodes=max_nodes
+        )
+        try:
+            response = await self._stub.ExploreFusion(
+                request, timeout=self._timeout(timeout_s), metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return response.tree
 
     async def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
         """The registered workers with their health and description."""
