@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from coolfusion.cli import problems, render
 from coolfusion.cli.bench import add_bench_arguments, run_bench
+from coolfusion.cli.calibrate import add_calibrate_arguments, run_calibrate
 from coolfusion.cli.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
 from coolfusion.cli.common import (
     DEFAULT_LOG,
@@ -32,6 +33,8 @@ from coolfusion.cli.common import (
 )
 from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
+from coolfusion.cli.explore import add_explore_arguments, run_explore
+from coolfusion.cli.report import add_report_arguments, run_report
 from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, chat
 from coolfusion.v1 import orchestrator_pb2
 
@@ -237,6 +240,30 @@ def add_eval(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_eval)
 
 
+def add_explore(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "explore", help="every answer the workers' fusion could give per item, for calibrate and report"
+    )
+    add_explore_arguments(parser)
+    parser.set_defaults(run=run_explore)
+
+
+def add_calibrate(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a selection rule per task family and for their mix, from explored tuning trees"
+    )
+    add_calibrate_arguments(parser)
+    parser.set_defaults(run=run_calibrate)
+
+
+def add_report(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="every worker alone, pair and trio under each strategy, replayed from explored trees"
+    )
+    add_report_arguments(parser)
+    parser.set_defaults(run=run_report)
+
+
 def add_problems(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("problems", help="write seeded arithmetic word problems, GSM8K JSONL, for eval")
     parser.add_argument(
@@ -269,6 +296,9 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_up,
     add_demo,
     add_eval,
+    add_explore,
+    add_calibrate,
+    add_report,
     add_problems,
     add_bench,
 )
