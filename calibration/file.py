@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coolfusion.calibration.rule import SelectionRule, WorkerFit
+from coolfusion.calibration.rule import SelectionRule, Unit, WorkerFit
 
 FORMAT = "coolfusion.calibration/v1"
 GUARDS = ("off", "stop", "steer")
@@ -78,7 +78,7 @@ def from_document(document: Mapping[str, Any]) -> Calibration:
             for w in document["workers"]
         ]  # fmt: skip
         name, rule = str(document["name"]), document["rule"]
-        guard = str(document.get("repetition_guard", "stop"))
+        guard, unit = str(document.get("repetition_guard", "stop")), str(rule["unit"])
     except (KeyError, TypeError) as error:
         raise CalibrationError(f"missing or malformed field: {error}") from None
     names = [fitted.name for fitted, _ in workers]
@@ -90,12 +90,14 @@ def from_document(document: Mapping[str, Any]) -> Calibration:
     margin = math.inf if rule.get("margin") is None else float(rule["margin"])
     if not margin >= 0:
         raise CalibrationError(f"margin must be >= 0 (null: the lead always stands), got {margin}")
+    if unit not in set(Unit):
+        raise CalibrationError(f"unit is {unit!r}; choose from {', '.join(Unit)}")
     if guard not in GUARDS:
         raise CalibrationError(f"repetition_guard is {guard!r}; choose from {', '.join(GUARDS)}")
     return Calibration(
         name=name,
         workers=tuple(fitted for fitted, _ in workers),
-        rule=SelectionRule({fitted.name: fit for fitted, fit in workers}, lead, margin),
+        rule=SelectionRule({fitted.name: fit for fitted, fit in workers}, lead, margin, Unit(unit)),
         repetition_guard=guard,
         fitted_on=document.get("fitted_on", {}),
         tuning=document.get("tuning", {}),
@@ -120,7 +122,7 @@ def to_document(calibration: Calibration) -> dict[str, Any]:
             {"name": w.name, "model_id": w.model_id, **_fit_fields(rule.workers[w.name])} for w in calibration.workers
         ],
         # JSON has no infinity: a lead that never yields is written with a null margin.
-        "rule": {"lead": rule.lead, "margin": None if math.isinf(rule.margin) else rule.margin},
+        "rule": {"lead": rule.lead, "margin": None if math.isinf(rule.margin) else rule.margin, "unit": str(rule.unit)},
         "repetition_guard": calibration.repetition_guard,
         "fitted_on": dict(calibration.fitted_on),
         "tuning": dict(calibration.tuning),

@@ -4,9 +4,17 @@ unless the others' evidence beats it by a margin (docs/design.md section 3.7).""
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+
+
+class Unit(enum.StrEnum):
+    """What a worker's negative log-likelihood of a candidate is divided by."""
+
+    TOKEN = "token"  # its own tokens of the candidate: the paper's mean per token
+    CHARACTER = "character"  # the candidate's characters, the same for every worker (an EOS counts as one)
 
 
 @dataclass(frozen=True)
@@ -25,22 +33,23 @@ class WorkerFit:
 
 @dataclass(frozen=True)
 class SelectionRule:
-    """Scores candidates per character (tokenizers split one text differently, characters are
-    the same for every worker) and picks the lowest, or, with a lead, the lead's own candidate
-    unless another scores lower by more than `margin`. With an infinite margin the rule is the lead
-    worker alone, so a fit that considers it can never do worse than the best worker on its data."""
+    """Scores candidates by each worker's NLL per `unit`, scaled and weighted, less the priors of
+    their proposers, and picks the lowest, or, with a lead, the lead's own candidate unless another
+    scores lower by more than `margin`. With an infinite margin the rule is the lead worker alone,
+    so a fit that considers it can never do worse than the best worker on its data."""
 
     workers: Mapping[str, WorkerFit]
     lead: str | None = None
     margin: float = math.inf  # scaled units; read only with a lead
+    unit: Unit = Unit.CHARACTER
 
-    def score(self, nll_per_character: Mapping[str, float], proposed_by: Collection[str]) -> float:
-        """A candidate's fused score (lower wins) from each judging worker's NLL per character."""
-        fits = {name: self.workers[name] for name in nll_per_character if name in self.workers}
+    def score(self, nll_per_unit: Mapping[str, float], proposed_by: Collection[str]) -> float:
+        """A candidate's fused score (lower wins) from each judging worker's NLL per unit."""
+        fits = {name: self.workers[name] for name in nll_per_unit if name in self.workers}
         total = sum(fit.weight for fit in fits.values())
         judged = 0.0
         if total > 0:
-            judged = sum(fit.weight * nll_per_character[name] / fit.scale for name, fit in fits.items() if fit.weight)
+            judged = sum(fit.weight * nll_per_unit[name] / fit.scale for name, fit in fits.items() if fit.weight)
             judged /= total
         return judged - sum(self.workers[name].prior for name in proposed_by if name in self.workers)
 
@@ -54,10 +63,11 @@ class SelectionRule:
         return own
 
 
-def per_character_nll(log_prob_sum: float, scored_tokens: int, text: str, ends_with_eos: bool) -> float:
-    """A score's negative log-likelihood per character of the candidate (its EOS counts as one);
-    infinite when the worker scored nothing, so that such a candidate is never preferred."""
-    characters = len(text) + (1 if ends_with_eos else 0)
-    if scored_tokens == 0 or characters == 0:
+def nll_per_unit(unit: Unit, log_prob_sum: float, scored_tokens: int, text: str, ends_with_eos: bool) -> float:
+    """A score's negative log-likelihood per token of the worker's, or per character of the
+    candidate (its EOS counts as one); infinite when the worker scored nothing, so that such a
+    candidate is never preferred."""
+    count = scored_tokens if unit == Unit.TOKEN else len(text) + (1 if ends_with_eos else 0)
+    if scored_tokens == 0 or count == 0:
         return math.inf
-    return -log_prob_sum / characters
+    return -log_prob_sum / count

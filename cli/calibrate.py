@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import random
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, WorkerFit, per_character_nll
+from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, Unit, WorkerFit, nll_per_unit
 from coolfusion.calibration.file import save_calibration
 from coolfusion.cli.eval import commit
 from coolfusion.cli.explore import Explored, load_explored, read_run
+from coolfusion.orchestrator.domain import StepCandidate, TreeNode
 from coolfusion.orchestrator.replay import Unexplored, branch_of, candidates_for, replay
 from coolfusion.orchestrator.strategy import DEFAULT, PAPER, RepetitionGuard, Strategy
 
@@ -29,6 +31,9 @@ POOLED = "pooled"
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, math.inf)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0)
+# Seeded random starting points besides the fixed ones: the right-answer count is a step function
+# of the parameters, and coordinate ascent from a few points stops on its plateaus.
+RANDOM_STARTS = 12
 # Fitted rules stop loops like the product's default does.
 GUARD = RepetitionGuard.STOP
 
@@ -84,7 +89,7 @@ def worker_sets(workers: Sequence[str]) -> list[tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class _Choice:
-    nll: tuple[float, ...]  # per worker of the set: NLL per character (unscaled; a lone candidate: empty)
+    nll: dict[Unit, tuple[float, ...]]  # per unit, per worker of the set: unscaled NLL (a lone candidate: empty)
     proposed: tuple[bool, ...]  # per worker of the set: whether it proposed this candidate
     node: int | None  # the compiled node it leads to, or None when the answer ends here
     right: bool = False  # the ended answer's correctness (an unexplored node counts as wrong)
@@ -118,46 +123,59 @@ def compile_tree(explored: Explored, workers: Sequence[str]) -> list[_Node]:
         elif node.answer_tokens[lead] >= explored.max_new_tokens:
             ended = _Node(right=right(node.text))
         else:
-            ended = _Node(choices=tuple(_choice(node, c, i) for c in candidates_for(node, workers)))
+            ended = _Node(choices=tuple(choice(node, c) for c in candidates_for(node, workers)))
         compiled[index_of[i]] = ended
         return index_of[i]
 
-    def _choice(node, candidate, i) -> _Choice:
-        scored = bool(candidate.scores)
-        nll = tuple(
-            per_character_nll(s.log_prob_sum, s.scored_tokens, candidate.text, candidate.ends_with_eos)
-            for s in (candidate.scores[w] for w in workers)
-        ) if scored else ()  # fmt: skip
+    def choice(node: TreeNode, candidate: StepCandidate) -> _Choice:
+        nll = {unit: _nlls(candidate, workers, unit) for unit in Unit} if candidate.scores else {}
         proposed = tuple(w in candidate.proposed_by for w in workers)
         branch = node.branches[branch_of(node, candidate)]
         if branch.answer is not None:
             return _Choice(nll, proposed, None, right(tree.answers[branch.answer].text))
-        return _Choice(nll, proposed, enter(branch.node))
+        return _Choice(nll, proposed, enter(branch.node or 0))
 
     enter(0)
     return compiled
 
 
+def _nlls(candidate: StepCandidate, workers: Sequence[str], unit: Unit) -> tuple[float, ...]:
+    return tuple(
+        nll_per_unit(unit, s.log_prob_sum, s.scored_tokens, candidate.text, candidate.ends_with_eos)
+        for s in (candidate.scores[w] for w in workers)
+    )
+
+
 @dataclass(frozen=True)
 class _Params:
-    """A point of the search: the rule's parameters for one worker set (scales fixed)."""
+    """A point of the search: the rule's parameters for one worker set."""
 
     lead: int | None  # index into the worker set
     margin: float
     weights: tuple[float, ...]
     priors: tuple[float, ...]
+    unit: Unit = Unit.TOKEN
+    scaled: bool = False  # whether each worker's NLL is divided by its spread (else by 1)
 
     def complexity(self) -> int:
-        """How far from the plain rule: a tie in accuracy goes to the simpler point."""
+        """How far from the plain rule (the product's default choice, nll_mean per token): a tie in
+        right answers goes to the simpler point."""
         return (
             sum(w != 1.0 for w in self.weights) + sum(p != 0.0 for p in self.priors)
-            + (self.lead is not None and not math.isinf(self.margin))
+            + (self.lead is not None and not math.isinf(self.margin)) + (self.unit != Unit.TOKEN) + self.scaled
         )  # fmt: skip
 
 
-def _walk(nodes: list[_Node], params: _Params, scales: tuple[float, ...]) -> bool:
+Spreads = dict[Unit, tuple[float, ...]]
+
+
+def _scales(params: _Params, spreads: Spreads) -> tuple[float, ...]:
+    return spreads[params.unit] if params.scaled else (1.0,) * len(params.weights)
+
+
+def _walk(nodes: list[_Node], params: _Params, spreads: Spreads) -> bool:
     """Whether the answer this rule reaches is right; mirrors SelectionRule.score and .choose."""
-    node = nodes[0]
+    node, scales = nodes[0], _scales(params, spreads)
     total = sum(params.weights)
     while node.choices:
         choices = node.choices
@@ -168,7 +186,7 @@ def _walk(nodes: list[_Node], params: _Params, scales: tuple[float, ...]) -> boo
             for c in choices:
                 judged = 0.0
                 if total > 0:
-                    judged = sum(w * x / s for w, x, s in zip(params.weights, c.nll, scales) if w) / total
+                    judged = sum(w * x / s for w, x, s in zip(params.weights, c.nll[params.unit], scales) if w) / total
                 scores.append(judged - sum(p for p, by in zip(params.priors, c.proposed) if by))
             best = min(range(len(scores)), key=lambda i: (scores[i], i))
             own = (
@@ -199,29 +217,35 @@ class Fit:
     unexplored: int  # answers some choice reached through a node the exploration did not visit
 
 
-def fit_rule(items: list[Explored], workers: tuple[str, ...]) -> Fit:
+def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> Fit:
     """The rule of the family (calibration/rule.py) with the most right answers on `items`, found by
-    coordinate ascent from every worker alone (a lead that never yields) and from the plain rule;
-    ties go to the simpler rule. Starting from each worker alone, the fit is never worse than the
-    best of them on these items."""
-    scales = tuple(_spread(items, w) for w in workers)
+    coordinate ascent from every worker alone (a lead that never yields), from the product's default
+    choice (NLL per token, unscaled), from per-character scaled scores and from seeded random
+    points; ties go to the simpler rule. Starting from each worker alone, the fit is never worse
+    than the best of them on these items."""
+    spreads = {unit: tuple(_spread(items, w, unit) for w in workers) for unit in Unit}
     trees = [compile_tree(e, workers) for e in items]
 
     def correct(params: _Params) -> int:
-        return sum(_walk(nodes, params, scales) for nodes in trees)
+        return sum(_walk(nodes, params, spreads) for nodes in trees)
 
     plain = _Params(None, math.inf, (1.0,) * len(workers), (0.0,) * len(workers))
-    starts = {f"{w} alone": replace(plain, lead=i) for i, w in enumerate(workers)} | {"plain": plain}
+    starts = {f"{w} alone": replace(plain, lead=i) for i, w in enumerate(workers)}
+    starts |= {"plain": plain, "per character, scaled": replace(plain, unit=Unit.CHARACTER, scaled=True)}
+    rng = random.Random(f"{seed}/{','.join(workers)}/{len(items)}")
+    starts |= {f"random {n}": _random_point(rng, len(workers)) for n in range(RANDOM_STARTS)}
     reached, best, best_key = {}, plain, (-1, 0)
     for label, start in starts.items():
         point, score = _ascend(start, correct, len(workers))
         reached[f"fit from {label}"] = score
         if (score, -point.complexity()) > best_key:
             best, best_key = point, (score, -point.complexity())
+    scales = _scales(best, spreads)
     rule = SelectionRule(
         {w: WorkerFit(scales[i], best.weights[i], best.priors[i]) for i, w in enumerate(workers)},
         None if best.lead is None else workers[best.lead],
         best.margin,
+        best.unit,
     )
     fitted = Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers))
     exact, unexplored = _replayed(items, workers, fitted)
@@ -234,7 +258,15 @@ def fit_rule(items: list[Explored], workers: tuple[str, ...]) -> Fit:
     return Fit(workers, rule, len(items), exact, reached, unexplored)
 
 
-def _ascend(start: _Params, correct, size: int) -> tuple[_Params, int]:
+def _random_point(rng: random.Random, size: int) -> _Params:
+    return _Params(
+        rng.choice([None, *range(size)]), rng.choice(MARGINS),
+        tuple(rng.choice(WEIGHTS) for _ in range(size)), tuple(rng.choice(PRIORS) for _ in range(size)),
+        rng.choice(list(Unit)), rng.choice([False, True]),
+    )  # fmt: skip
+
+
+def _ascend(start: _Params, correct: Callable[[_Params], int], size: int) -> tuple[_Params, int]:
     """Coordinate ascent: one parameter at a time, each value of its grid, while (right answers,
     simplicity) improves."""
     point, key = start, (correct(start), -start.complexity())
@@ -253,6 +285,9 @@ def _neighbours(point: _Params, size: int) -> Iterator[_Params]:
         yield replace(point, lead=lead)
     for margin in MARGINS:
         yield replace(point, margin=margin)
+    for unit in Unit:
+        for scaled in (False, True):
+            yield replace(point, unit=unit, scaled=scaled)
     for k in range(size):
         for weight in WEIGHTS:
             yield replace(point, weights=point.weights[:k] + (weight,) + point.weights[k + 1 :])
@@ -260,8 +295,8 @@ def _neighbours(point: _Params, size: int) -> Iterator[_Params]:
             yield replace(point, priors=point.priors[:k] + (prior,) + point.priors[k + 1 :])
 
 
-def _spread(items: list[Explored], worker: str) -> float:
-    """The worker's standard deviation of NLL per character over every candidate it scored: its
+def _spread(items: list[Explored], worker: str, unit: Unit) -> float:
+    """The worker's standard deviation of NLL per unit over every candidate it scored: its
     temperature, so that one scaled unit means as much for every worker."""
     values = [
         x
@@ -269,9 +304,10 @@ def _spread(items: list[Explored], worker: str) -> float:
         for node in e.tree.nodes
         for c in node.candidates
         if worker in c.scores
-        and math.isfinite(x := per_character_nll(c.scores[worker].log_prob_sum, c.scores[worker].scored_tokens, c.text, c.ends_with_eos))
+        and math.isfinite(x := nll_per_unit(unit, c.scores[worker].log_prob_sum, c.scores[worker].scored_tokens, c.text, c.ends_with_eos))
     ]  # fmt: skip
-    return statistics.pstdev(values) if len(values) > 1 and statistics.pstdev(values) > 0 else 1.0
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return spread if spread > 0 else 1.0
 
 
 def _replayed(items: list[Explored], workers: Sequence[str], strategy: Strategy) -> tuple[int, int]:
@@ -318,7 +354,7 @@ def _summary(fit: Fit) -> str:
 
 def describe_rule(rule: SelectionRule) -> str:
     """The rule in one line, e.g. 'lead gemma3, margin 1.5; qwen weight 2, prior 0.5'."""
-    parts = [f"lead {rule.lead}, margin {rule.margin:g}" if rule.lead else "no lead"]
+    parts = [f"lead {rule.lead}, margin {rule.margin:g}" if rule.lead else "no lead", f"per {rule.unit}"]
     parts += [
         f"{name} weight {fit.weight:g}, prior {fit.prior:g}, scale {fit.scale:.3g}"
         for name, fit in rule.workers.items()

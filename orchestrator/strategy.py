@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from coolfusion.calibration import Calibration, per_character_nll
+from coolfusion.calibration import Calibration, nll_per_unit
 from coolfusion.orchestrator.domain import CandidateScore, Prompt
 
 
@@ -75,11 +75,12 @@ class Strategy:
         """A candidate's fused score (lower is better) from every worker's score of it; `proposed_by`
         names the workers whose own candidate it is."""
         if self.calibration is not None:
+            rule = self.calibration.rule
             nlls = {
-                name: per_character_nll(s.log_prob_sum, s.scored_tokens, text, ends_with_eos)
+                name: nll_per_unit(rule.unit, s.log_prob_sum, s.scored_tokens, text, ends_with_eos)
                 for name, s in scores.items()
             }  # fmt: skip
-            return self.calibration.rule.score(nlls, proposed_by)
+            return rule.score(nlls, proposed_by)
         return self.fused_score({name: s.perplexity for name, s in scores.items()}, proposed_by)
 
     def rank(self, scores: Sequence[float], proposers: Sequence[Collection[str]]) -> list[int]:

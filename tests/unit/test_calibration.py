@@ -12,9 +12,10 @@ from coolfusion.calibration import (
     CalibrationError,
     FittedWorker,
     SelectionRule,
+    Unit,
     WorkerFit,
     load_calibration,
-    per_character_nll,
+    nll_per_unit,
 )
 from coolfusion.calibration.file import from_document, save_calibration, to_document
 from coolfusion.cli import tasks
@@ -55,14 +56,16 @@ def test_scales_weights_and_priors_shape_the_fused_score() -> None:
     assert SelectionRule(PAIR, lead="a", margin=0.0).choose([1.0, 2.0], [["b"], ["b"]]) == 0  # lead dropped
 
 
-def test_nll_is_per_character_and_an_eos_counts_as_one() -> None:
-    assert per_character_nll(-6.0, 3, " ab", False) == 2.0
-    assert per_character_nll(-6.0, 2, " a", True) == 2.0
-    assert per_character_nll(0.0, 0, "", False) == math.inf  # nothing scored is never preferred
+def test_nll_is_per_token_or_per_character_and_an_eos_counts_as_one_character() -> None:
+    assert nll_per_unit(Unit.CHARACTER, -6.0, 3, " ab", False) == 2.0
+    assert nll_per_unit(Unit.CHARACTER, -6.0, 2, " a", True) == 2.0
+    assert nll_per_unit(Unit.TOKEN, -6.0, 2, " a", True) == 3.0
+    assert nll_per_unit(Unit.TOKEN, 0.0, 0, "", False) == math.inf  # nothing scored is never preferred
 
 
 def _calibration(margin: float = math.inf) -> Calibration:
-    rule = SelectionRule({"a": WorkerFit(1.5, 2.0, 0.25), "b": WorkerFit(0.5, 0.0, 0.0)}, lead="b", margin=margin)
+    fits = {"a": WorkerFit(1.5, 2.0, 0.25), "b": WorkerFit(0.5, 0.0, 0.0)}
+    rule = SelectionRule(fits, lead="b", margin=margin, unit=Unit.TOKEN)
     return Calibration("x", (FittedWorker("a", "model-a"), FittedWorker("b", "model-b")), rule, "stop")
 
 
@@ -82,6 +85,7 @@ def test_a_calibration_file_reads_back_as_written(tmp_path, margin: float) -> No
         (lambda d: d["rule"].update(margin=-0.5), "margin must be >= 0"),
         (lambda d: d["workers"].append(dict(d["workers"][0])), "workers must be distinct"),
         (lambda d: d.update(repetition_guard="loud"), "repetition_guard is 'loud'"),
+        (lambda d: d["rule"].update(unit="byte"), "unit is 'byte'"),
         (lambda d: d["workers"][0].pop("model_id"), "missing or malformed field"),
     ],
 )
@@ -166,18 +170,20 @@ def test_a_fit_is_never_below_the_best_worker_alone_and_equals_its_replay() -> N
 def test_the_compiled_walk_chooses_as_replay_does_for_any_rule() -> None:
     items, workers = _specialists(40, seed=11), ("sure", "loose", "noisy")
     rng = random.Random(5)
-    scales = (0.7, 1.3, 2.0)
+    spreads = {Unit.TOKEN: (0.7, 1.3, 2.0), Unit.CHARACTER: (0.4, 0.9, 1.1)}
     compiled = [compile_tree(e, workers) for e in items]
     for _ in range(60):
         params = _Params(
             rng.choice([None, 0, 1, 2]), rng.choice([0.0, 0.3, 1.0, math.inf]),
             tuple(rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in workers), tuple(rng.choice([0.0, 0.25, 1.0]) for _ in workers),
+            rng.choice(list(Unit)), rng.choice([False, True]),
         )  # fmt: skip
+        scales = spreads[params.unit] if params.scaled else (1.0, 1.0, 1.0)
         rule = SelectionRule(
             {w: WorkerFit(scales[i], params.weights[i], params.priors[i]) for i, w in enumerate(workers)},
-            None if params.lead is None else workers[params.lead], params.margin,
+            None if params.lead is None else workers[params.lead], params.margin, params.unit,
         )  # fmt: skip
         strategy = Strategy(repetition_guard=RepetitionGuard.STOP, calibration=Calibration("r", (), rule, "stop"))
         for e, nodes in zip(items, compiled):
             text = replay(e.tree, workers, strategy, e.max_new_tokens).text
-            assert _walk(nodes, params, scales) == e.item.correct(e.item.read(text))
+            assert _walk(nodes, params, spreads) == e.item.correct(e.item.read(text))
