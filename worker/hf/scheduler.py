@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # A session's next call is a round trip through gRPC and the event loop, about a millisecond each
 # for a handful of sessions on a CPU; waiting up to a quarter of a pass for them costs at most a
-# quarter pass and saves whole passes run without them (README "Performance" has the figures).
+# quarter pass and saves whole passes run without them (docs/performance.md has the figures).
 _COALESCE_SHARE = 0.25
 _COALESCE_MAX_S = 0.05
 
