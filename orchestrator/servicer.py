@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 
+from coolfusion.client.version import PACKAGE_VERSION
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step, Usage
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
@@ -182,7 +183,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses)
+        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=PACKAGE_VERSION)
 
     async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
         request_id = uuid.uuid4().hex
