@@ -35,7 +35,7 @@ from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
 from coolfusion.cli.explore import add_explore_arguments, run_explore
 from coolfusion.cli.report import add_report_arguments, run_report
-from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, chat
+from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, __version__, chat
 from coolfusion.v1 import orchestrator_pb2
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coolfusion", description="Cool-Fusion: small LMs answer as one.")
+    parser.add_argument("--version", action="version", version=f"coolfusion {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(subparsers)
@@ -156,20 +157,22 @@ def add_workers(subparsers: Subparsers) -> None:
 
 def run_workers(args: argparse.Namespace) -> int:
     with FusionClient(args.orchestrator) as client:
-        statuses = client.list_workers(timeout_s=args.timeout_s)
+        listing = client.describe(timeout_s=args.timeout_s)
+    statuses = list(listing.workers)
     if args.json:
         print(json.dumps([json.loads(_to_json(status)) for status in statuses], indent=2))
     else:
+        print(f"orchestrator {args.orchestrator}, coolfusion {listing.orchestrator_version or 'unknown'}")
         print(workers_table(statuses))
     return 0
 
 
 def workers_table(statuses: list[orchestrator_pb2.WorkerStatus]) -> str:
-    rows = [("name", "serving", "model", "device", "dtype", "max ctx", "sessions", "address", "error")]
+    rows = [("name", "serving", "model", "version", "device", "dtype", "max ctx", "sessions", "address", "error")]
     for s in statuses:
         info = s.info
         rows.append((
-            s.name, "yes" if s.serving else "no", info.model_id, info.device, info.dtype,
+            s.name, "yes" if s.serving else "no", info.model_id, info.server_version, info.device, info.dtype,
             str(info.limits.max_context_tokens or ""), str(info.load.open_sessions) if s.serving else "",
             s.address, s.error,
         ))  # fmt: skip

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import grpc
 
+from coolfusion.client.version import PACKAGE_VERSION
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.calibrations import Calibrations
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
@@ -193,7 +194,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses)
+        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=PACKAGE_VERSION)
 
     async def ExploreFusion(
         self, request: orchestrator_pb2.ExploreFusionRequest, context: grpc.aio.ServicerContext

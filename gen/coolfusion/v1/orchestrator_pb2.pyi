@@ -260,10 +260,12 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., info: _Optional[_Union[_worker_pb2.GetInfoResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "orchestrator_version")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ORCHESTRATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    orchestrator_version: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ...) -> None: ...
 
 class ExploreFusionRequest(_message.Message):
     __slots__ = ("parameters", "max_nodes")

@@ -91,7 +91,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement")
+    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement", "server_version")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class GetInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer: TokenizerInfo
     protocol_version: str
@@ -108,7 +109,8 @@ class GetInfoResponse(_message.Message):
     device: str
     dtype: str
     placement: _containers.RepeatedCompositeFieldContainer[DevicePlacement]
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ...) -> None: ...
+    server_version: str
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class DevicePlacement(_message.Message):
     __slots__ = ("device", "parameter_share")
