@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,10 @@ def _fit_fields(fit: WorkerFit) -> dict[str, float]:
 def save_calibration(calibration: Calibration, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_document(calibration), indent=2) + "\n", encoding="utf-8")
+
+
+def shipped_calibrations() -> list[tuple[Path, Calibration]]:
+    """The calibrations that ship with coolfusion (calibration/fitted/, fitted for the presets on the
+    task families' tuning parts), with their paths."""
+    folder = Path(str(resources.files("coolfusion.calibration") / "fitted"))
+    return [(path, load_calibration(path)) for path in sorted(folder.glob("*.json"))]

@@ -95,12 +95,18 @@ def select_items(names: Sequence[str], split: str, offset: int, limit: int | Non
 
 def parse_strategies(text: str, args: argparse.Namespace) -> dict[str, orchestrator_pb2.FusionStrategy]:
     """--strategies as label -> strategy; without it, one unlabelled strategy from the single flags.
-    Each entry is `paper`, `default` or AGGREGATION[+GUARD]; --weight and --prompt-template apply to all."""
+    Each entry is `paper`, `default`, AGGREGATION[+GUARD] or calibration=NAME (a calibration the
+    orchestrator loaded); --prompt-template applies to all, --weight to all but calibrations."""
     base = strategy_from_args(args)
     if not text:
         return {"": base}
     strategies = {}
     for label in (entry for entry in text.split(",") if entry):
+        if label.startswith("calibration="):
+            calibrated = fusion_strategy(calibration=label.removeprefix("calibration="))
+            calibrated.prompt_templates.update(base.prompt_templates)
+            strategies[label] = calibrated
+            continue
         aggregation, _, guard = label.partition("+")
         aggregation, guard = NAMED_STRATEGIES.get(label, (aggregation, guard))
         try:
@@ -495,8 +501,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODE_KINDS), help="comma-separated subset of solo,cool,cool_r")
     parser.add_argument(
         "--strategies", default="",
-        help="comma-separated strategies to compare, each paper, default or AGGREGATION[+GUARD] "
-        "(e.g. nll_mean+stop); default: the single one the strategy flags give",
+        help="comma-separated strategies to compare, each paper, default, AGGREGATION[+GUARD] "
+        "(e.g. nll_mean+stop) or calibration=NAME; default: the single one the strategy flags give",
     )  # fmt: skip
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="answer length, tokens (default: each family's own)"
