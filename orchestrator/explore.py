@@ -67,10 +67,8 @@ class Explorer:
             await self._all(donors, lambda s: s.place("", self._deadline))
             frontier, visited = [0], 0
             while frontier and visited < self._request.max_nodes:
-                batch, frontier = (
-                    frontier[: self._request.max_nodes - visited],
-                    frontier[self._request.max_nodes - visited :],
-                )
+                room = self._request.max_nodes - visited
+                batch, frontier = frontier[:room], frontier[room:]
                 visited += len(batch)
                 await asyncio.gather(*(self._visit(i) for i in batch))
                 frontier += [child for i in batch for child in self._branch(self._nodes[i])]
@@ -155,7 +153,7 @@ class Explorer:
     async def _score_answers(self, donors: SessionGroup) -> list[TreeAnswer]:
         """Every answer scored whole after the bare prompt by every worker (what Cool+R ranks by)."""
         pairs = list(self._answer_of)
-        scores: dict[str, list] = {s.name: [] for s in donors.active}
+        scores: dict[str, list[CandidateScore]] = {s.name: [] for s in donors.active}
         for start in range(0, len(pairs), _ANSWERS_PER_CALL):
             scored = await self._all(
                 donors, partial(_score_whole, chunk=pairs[start : start + _ANSWERS_PER_CALL], deadline=self._deadline)
