@@ -12,7 +12,7 @@ import pytest
 from coolfusion.cli import eval as evaluation
 from coolfusion.cli import tasks
 from coolfusion.cli.eval import Mode
-from coolfusion.cli.prompts import EXAMPLES, STOP_STRINGS, gsm8k_prompt
+from coolfusion.cli.prompts import EXAMPLES, STOP_STRINGS, gsm8k_prompt, gsm8k_text
 from coolfusion.cli.tasks import TaskItem
 from coolfusion.cli.tasks.checks import Rule
 from coolfusion.client import FuseOptions
@@ -193,11 +193,13 @@ def test_decisions_keep_only_steps_whose_candidates_differed() -> None:
 def test_prompt_examples_end_in_their_marker_and_question_comes_last() -> None:
     for _, solution in EXAMPLES:
         assert solution.splitlines()[-1].startswith("#### ")
-    (turn,) = gsm8k_prompt("  How many pens?  ")
-    assert turn["role"] == "user"
-    # Ends with the question, so a base model (turn + blank line) continues where each example's solution starts.
-    assert turn["content"].endswith("\n\nQuestion: How many pens?")
-    assert turn["content"].count("Question:") == len(EXAMPLES) + 1
+    turns = gsm8k_prompt("  How many pens?  ")
+    assert [t["role"] for t in turns] == ["user", "assistant"] * len(EXAMPLES) + ["user"]
+    assert turns[-1]["content"] == "Question: How many pens?"  # the examples come first, as earlier turns
+    # A base model reads the contents as paragraphs: the plain text is the examples' layout, and it
+    # ends (turn + blank line) where each example's solution starts.
+    paragraphs = "\n\n".join(t["content"] for t in turns)
+    assert paragraphs == gsm8k_text("How many pens?")
 
 
 @pytest.mark.skipif(not GSM8K.is_file(), reason="the GSM8K test file is not beside the checkout")
