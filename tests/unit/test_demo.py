@@ -17,7 +17,7 @@ def test_the_items_are_the_first_two_held_out_of_each_family_then_gsm8k(tmp_path
     chosen = demo.demo_items(data, 0, 160, io.StringIO())
     expected = [item.id for name in tasks.FAMILIES for item in tasks.items(name, tasks.HELD_OUT)[:2]]
     assert [d.item.id for d in chosen] == [*expected, "0"]
-    assert chosen[0].shown == "The capital of Cambodia is ..." and chosen[0].stop == ("\n",)
+    assert chosen[0].shown == "The capital of Cambodia is ..." and chosen[0].stop == ("\n", ". ")
     assert (chosen[-1].shown, chosen[-1].max_new_tokens, chosen[-1].item.reference) == ("q0", 160, "0")
 
     out = io.StringIO()
@@ -36,7 +36,7 @@ def _step(winner: str, text: str, loser: str, loser_text: str) -> orchestrator_p
 def test_show_prints_each_models_answer_the_fused_segments_and_who_was_right() -> None:
     item = demo.DemoItem(tasks.items("facts", tasks.HELD_OUT)[0], "The capital of Cambodia is ...", 16, ("\n",))
     result = orchestrator_pb2.FuseResult(
-        text=" Phnom Penh.", source="fused",
+        text=" Phnom Penh.", source="fused", strategy=orchestrator_pb2.FusionStrategy(calibration="pooled-x"),
         trace=[_step("gemma3", " Phnom", "smollm2", " Siem"), _step("smollm2", " Penh.", "gemma3", " Penh")],
         rerank=[
             orchestrator_pb2.RerankEntry(source="fused", text=" Phnom Penh."),
@@ -48,7 +48,7 @@ def test_show_prints_each_models_answer_the_fused_segments_and_who_was_right() -
     right = demo.show(item, result, ["smollm2", "gemma3"], None, out)
     assert right == {"smollm2": False, "gemma3": True, "fused": True, "Cool+R": True}
     lines = out.getvalue().splitlines()
-    assert lines[1:3] == ["== facts, held-out item 0 (capital:Cambodia)", "The capital of Cambodia is ..."]
+    assert lines[1:3] == ["== facts, held-out item 0 (capital:Cambodia), pooled-x", "The capital of Cambodia is ..."]
     assert lines[3].split() == ["smollm2", "alone", "Siem", "Reap.", "wrong"]  # workers in their order
     assert lines[5].split() == ["fused", "[gemma3]", "Phnom[smollm2]", "Penh.", "right"]
     assert lines[6].split() == ["Cool+R", "(fused)", "Phnom", "Penh.", "right"]
