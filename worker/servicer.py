@@ -144,12 +144,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 open_sessions=load.open_sessions,
                 cached_tokens=load.cached_tokens,
                 evicted_sessions=load.evicted_sessions,
+                engine_requests=self._model.engine_requests,
             ),
             device=model.device,
             dtype=model.dtype,
             placement=[
                 worker_pb2.DevicePlacement(device=p.device, parameter_share=p.parameter_share) for p in model.placement
             ],
+            engine=model.engine,
         )
 
     async def OpenSession(
