@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -62,10 +64,10 @@ def gsm8k_text(characters: int) -> str:
     return text[:characters]
 
 
-def worker_argv(python: str, engine: str, model: str, kv_cache_gib: str) -> list[str]:
+def worker_argv(python: str, engine: str, model: str, kv_cache_gib: str, flags: list[str]) -> list[str]:
     argv = [python, "-m", "coolfusion.worker", "--preset", model, "--host", "127.0.0.1", "--port", "0"]
-    argv += ["--engine", engine, "--grace-s", "0"]
-    return argv + (["--kv-cache-gib", kv_cache_gib] if engine == "vllm" else [])
+    argv += ["--engine", engine, "--grace-s", "0", *flags]
+    return argv + (["--kv-cache-gib", kv_cache_gib] if engine == "vllm" and kv_cache_gib else [])
 
 
 @contextmanager
@@ -193,7 +195,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=PAIR[0], help="models benched worker by worker (comma-separated presets)")
     parser.add_argument("--vllm-python", default=str(REPOSITORY / ".venv-vllm" / "bin" / "python"))
-    parser.add_argument("--kv-cache-gib", default="1", help="the vLLM workers' KV cache (default: %(default)s)")
+    parser.add_argument(
+        "--kv-cache-gib",
+        default="1",
+        help="the vLLM workers' KV cache; empty: vLLM's own sizing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-flags", default="", help='flags for every worker, e.g. "--device cuda --dtype bfloat16" on a GPU'
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument("--decode-sessions", default="1,8,16")
@@ -206,7 +215,7 @@ def main() -> None:
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": {}, "fused": {}}
     for model in args.models.split(","):
         for engine in ENGINES:
-            argv = worker_argv(pythons[engine], engine, model, args.kv_cache_gib)
+            argv = worker_argv(pythons[engine], engine, model, args.kv_cache_gib, shlex.split(args.worker_flags))
             with workers({f"{engine}-{model}": argv}) as started:
                 [worker] = started.values()
                 figures = asyncio.run(bench_worker(worker.address, args.repeats, args.answer_tokens, levels))
@@ -214,11 +223,12 @@ def main() -> None:
             print(json.dumps({"model": model, "engine": engine, **figures}), flush=True)
     fused_levels = tuple(int(n) for n in args.fused_concurrency.split(",") if n)
     for engine in ENGINES if fused_levels else ():
-        argvs = {name: worker_argv(pythons[engine], engine, name, args.kv_cache_gib) for name in PAIR}
+        flags = shlex.split(args.worker_flags)
+        argvs = {name: worker_argv(pythons[engine], engine, name, args.kv_cache_gib, flags) for name in PAIR}
         with workers(argvs) as started:
             registry = ",".join(f"{name.split('-')[0]}={w.address}" for name, w in started.items())
             orchestrator = wait_ready(
-                launch("orchestrator", orchestrator_argv(), env={**_environment(), "COOLFUSION_WORKERS": registry}),
+                launch("orchestrator", orchestrator_argv(), env={**os.environ, "COOLFUSION_WORKERS": registry}),
                 120,
             )
             try:
@@ -231,12 +241,6 @@ def main() -> None:
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _environment() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 if __name__ == "__main__":

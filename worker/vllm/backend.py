@@ -74,7 +74,7 @@ def load_backend(settings: WorkerSettings) -> VLLMBackend:
         tensor_parallel_size=engine_settings.tensor_parallel_size,
         gpu_memory_utilization=engine_settings.gpu_memory_utilization,
         kv_cache_memory_bytes=None if kv_gib is None else int(kv_gib * _GIB),
-        block_size=block_size,  # type: ignore[arg-type]  # vLLM types it as a literal of its sizes
+        block_size=block_size,
         max_model_len=engine_settings.max_model_len,
         enable_prefix_caching=True,
         enforce_eager=on_cpu if engine_settings.enforce_eager is None else engine_settings.enforce_eager,
@@ -298,7 +298,7 @@ class VLLMBackend(ModelBackend):
             detokenize=False,  # texts are decoded here, with the worker's own tokenizer rules
             output_kind=self._final_only,
             skip_reading_prefix_cache=self._skip_cache,
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )
 
     def _segment_params(self, max_tokens: int) -> SamplingParams:
