@@ -24,22 +24,15 @@ from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 from in_process import address, start_local_orchestrator, start_tiny_worker
 from reference import ReferenceModel, reference_steps
-from tiny_models import VLLM_HEAD_DIM, build_tiny_model
+from tiny_models import CORPUS, VLLM_HEAD_DIM, build_tiny_model
 from vllm_workers import REPOSITORY, start_vllm_worker
 from worker_probes import tiny_references
 
 VLLM_FAMILY, TRANSFORMERS_FAMILY = "bpe", "metaspace"
 WORKERS = (VLLM_FAMILY, TRANSFORMERS_FAMILY)  # fusion order: the vLLM worker first
-PROMPTS = [
-    "Tom has 3 apples and buys 4 more. How many apples does Tom have now?",
-    "The weather today is",
-    "Question: what is 19 and 23?\nAnswer:",
-    "A train travels 60 miles per hour for 2 hours.",
-    "Every morning the baker makes 48 loaves of bread and sells",
-    "Sam had 25 dollars. He spent 9 dollars on lunch and",
-    "Birds sing in the trees while",
-    "The library opens at 9 and",
-]
+# The opening words of every third sentence the tiny tokenizers were trained on: prompts whose
+# greedy continuations mix words, digits and punctuation.
+PROMPTS = [" ".join(line.split()[:7]) for line in CORPUS.splitlines()[::3]]
 MAX_NEW_TOKENS = 24
 # vLLM's CPU blocks hold 32 tokens (worker/vllm/backend.py); contexts of whole blocks are those
 # whose every token the prefix cache supplies, the case the scores must repair.
@@ -98,12 +91,12 @@ def test_get_info_names_the_engine_and_its_device(vllm_worker: LocalProcess) -> 
 
 
 def _context_of(reference: ReferenceModel, tokens: int) -> str:
-    """A plain-text context of exactly `tokens` tokens: the prompts' text cut at the right length."""
-    text = " ".join(PROMPTS)
+    """A plain-text context of exactly `tokens` tokens: the tiny models' corpus cut at the right length."""
+    text = CORPUS
     for end in range(1, len(text) + 1):
         if len(reference.ids(text[:end], True)) == tokens and not text[end - 1].isspace():
             return text[:end]
-    pytest.fail(f"no prefix of the prompts has exactly {tokens} tokens")
+    pytest.fail(f"no prefix of the corpus has exactly {tokens} tokens")
 
 
 def test_cached_scores_equal_the_reference(vllm_worker: LocalProcess, references: dict[str, ReferenceModel]) -> None:
