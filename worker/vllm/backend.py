@@ -224,6 +224,8 @@ class VLLMBackend(ModelBackend):
                 if not pending:
                     params = self._segment_params(max_tokens - len(scan.tokens))
                     pending = list((await self._request(context_ids + scan.tokens, params)).outputs[0].token_ids)
+                    if not pending:  # vLLM returns every token it generated, EOS and stop ids included
+                        raise RuntimeError("vLLM ended a segment's request without a token")
                 for token in pending:
                     if (segment := scan.add(token)) is not None:
                         break
