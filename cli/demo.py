@@ -1,4 +1,4 @@
-"""`coolfusion demo`: the default pair on items taken by a fixed rule, each model's answer beside the fused one."""
+"""`coolfusion demo`: the trio on items taken by a fixed rule, each model's answer beside the fused one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from coolfusion.cli import render, tasks
-from coolfusion.cli.common import DEFAULT_LOG, default_spec, signals_interrupt, start_cluster
+from coolfusion.cli.common import DEFAULT_LOG, cluster_spec, signals_interrupt, start_cluster
 from coolfusion.cli.gsm8k import load_items
 from coolfusion.cli.prompts import STOP_STRINGS, gsm8k_prompt
 from coolfusion.cli.tasks import TaskItem
@@ -24,6 +24,9 @@ from coolfusion.v1 import orchestrator_pb2
 PER_FAMILY = 2
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
 DEFAULT_GSM8K = Path("../shared/data/gsm8k/test.jsonl")
+# Three tokenizer families with different strengths (facts, arithmetic, opposites), the workload
+# fusion is for; the orchestrator runs them with the calibration fitted for them.
+TRIO = ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ def show(
     texts = {entry.source: entry.text for entry in result.rerank}
     fused = texts.get("fused", result.text)
     labelled = "".join(render.label(run, palette) for run in _runs(render.segments(result.trace, fused))) or fused
-    print(f"\n== {item.family}, {item.split} item {item.index} ({item.id})\n{demo.shown}", file=out)
+    aggregation = orchestrator_pb2.Aggregation.Name(result.strategy.aggregation).removeprefix("AGGREGATION_")
+    strategy = result.strategy.calibration or aggregation.lower()
+    print(f"\n== {item.family}, {item.split} item {item.index} ({item.id}), {strategy}\n{demo.shown}", file=out)
     rows = [(f"{name} alone", texts[name], texts[name]) for name in workers if name in texts]
     rows += [("fused", fused, labelled), (f"Cool+R ({result.source})", result.text, result.text)]
     width = max(len(name) for name, _, _ in rows)
@@ -122,7 +127,10 @@ def tally_line(rights: list[dict[str, bool]]) -> str:
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="fuse the default pair on fixed items of each task family and a GSM8K question, end to end"
+        "demo", help="fuse the trio on fixed items of each task family and a GSM8K question, end to end"
+    )
+    parser.add_argument(
+        "--presets", default=",".join(TRIO), help="comma-separated model presets (default: %(default)s)"
     )
     parser.add_argument("--gsm8k", type=Path, default=DEFAULT_GSM8K, help="GSM8K JSONL (default: %(default)s)")
     parser.add_argument("--index", type=int, default=0, help="the GSM8K question's line in the file, from 0")
@@ -134,7 +142,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     items = demo_items(args.gsm8k, args.index, args.max_new_tokens, sys.stdout)
-    spec = default_spec()
+    spec = cluster_spec(args.presets, [])
     # https://no-color.org, as `coolfusion fuse` honours it.
     palette = render.Palette() if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else None
     print("the first start prepares (and converts) the models inside the workers: this can take minutes")

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 from google.protobuf import json_format
 
 from coolfusion.cli import quality, tasks
+from coolfusion.cli.cluster import DEFAULT_PRESETS
 from coolfusion.cli.common import (
     DEFAULT_LOG,
     add_strategy_flags,
     add_target_flags,
-    default_spec,
+    cluster_spec,
     signals_interrupt,
     start_cluster,
     strategy_from_args,
@@ -94,12 +95,18 @@ def select_items(names: Sequence[str], split: str, offset: int, limit: int | Non
 
 def parse_strategies(text: str, args: argparse.Namespace) -> dict[str, orchestrator_pb2.FusionStrategy]:
     """--strategies as label -> strategy; without it, one unlabelled strategy from the single flags.
-    Each entry is `paper`, `default` or AGGREGATION[+GUARD]; --weight and --prompt-template apply to all."""
+    Each entry is `paper`, `default`, AGGREGATION[+GUARD] or calibration=NAME (a calibration the
+    orchestrator loaded); --prompt-template applies to all, --weight to all but calibrations."""
     base = strategy_from_args(args)
     if not text:
         return {"": base}
     strategies = {}
     for label in (entry for entry in text.split(",") if entry):
+        if label.startswith("calibration="):
+            calibrated = fusion_strategy(calibration=label.removeprefix("calibration="))
+            calibrated.prompt_templates.update(base.prompt_templates)
+            strategies[label] = calibrated
+            continue
         aggregation, _, guard = label.partition("+")
         aggregation, guard = NAMED_STRATEGIES.get(label, (aggregation, guard))
         try:
@@ -302,10 +309,10 @@ def run(
         print(f"eval: every answer is already in {results_path}", file=sys.stderr)
         return records
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    _end_cut_line(results_path)
-    progress = _progress(sum(len(todo) for _, todo in jobs))
+    end_cut_line(results_path)
+    progress = progress_bar(sum(len(todo) for _, todo in jobs), "eval", "answer")
     with open(results_path, "a", encoding="utf-8") as out:
-        sink = _Sink(out, records, progress)
+        sink = Sink(out, records, progress)
         try:
             with ThreadPoolExecutor(max(1, concurrency)) as pool:
                 futures = [pool.submit(_answer_item, client, item, todo, modes, request, sink) for item, todo in jobs]
@@ -320,7 +327,7 @@ def run(
     return records
 
 
-class _Sink:
+class Sink:
     """Appends records from any thread: one line each, flushed, so an interrupted run keeps them."""
 
     def __init__(self, out: Any, records: list[dict[str, Any]], progress: Any):
@@ -336,7 +343,7 @@ class _Sink:
 
 
 def _answer_item(
-    client: Fuser, item: TaskItem, todo: list[Mode], modes: list[Mode], request: Request, sink: _Sink
+    client: Fuser, item: TaskItem, todo: list[Mode], modes: list[Mode], request: Request, sink: Sink
 ) -> None:
     done: set[str] = set()
     for mode in todo:
@@ -370,7 +377,7 @@ def record_invocation(path: Path, details: dict[str, Any]) -> None:
     path.write_text(json.dumps(run_file, indent=2) + "\n", encoding="utf-8")
 
 
-def _end_cut_line(path: Path) -> None:
+def end_cut_line(path: Path) -> None:
     """Ends a line an interrupted write left open, so the next record does not join it."""
     if not path.is_file():
         return
@@ -383,27 +390,32 @@ def _end_cut_line(path: Path) -> None:
 
 
 class _LineProgress:
-    """Without tqdm: one line per finished answer, with an ETA from the mean time so far."""
+    """Without tqdm: one line per finished unit, with an ETA from the mean time so far."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, desc: str, unit: str):
         self.total, self.done, self.started = total, 0, time.monotonic()
+        self.desc, self.unit = desc, unit
 
     def update(self, n: int) -> None:
         self.done += n
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done)
-        print(f"eval: {self.done}/{self.total} answers, {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {self.done}/{self.total} {self.unit}s, {elapsed:.0f} s, ETA {eta:.0f} s",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
 
     def close(self) -> None:
         pass
 
 
-def _progress(total: int) -> Any:
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr, or one line per update where tqdm is not installed."""
     try:
         from tqdm import tqdm  # installed with the worker extra; the client alone may lack it
     except ImportError:
-        return _LineProgress(total)
-    return tqdm(total=total, desc="eval", unit="answer", file=sys.stderr)
+        return _LineProgress(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
 # summary ------------------------------------------------------------------------------------------
@@ -460,9 +472,20 @@ def write_summary(family_reports: list[quality.FamilyReport], out_dir: Path) -> 
 # command line -------------------------------------------------------------------------------------
 
 
+def add_local_flags(parser: argparse.ArgumentParser) -> None:
+    """--orchestrator ADDR, or --local with the presets to start and where their logs go."""
+    add_target_flags(parser, "start a cluster of --presets here and stop it afterwards")
+    parser.add_argument(
+        "--presets",
+        default=",".join(DEFAULT_PRESETS),
+        help="--local: comma-separated model presets (default: the pair)",
+    )
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where a --local cluster's logs go")
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `coolfusion eval` (its parser is registered in main.py)."""
-    add_target_flags(parser, "start the default pair (smollm2, gemma3) here and stop it afterwards")
+    add_local_flags(parser)
     names = ", ".join(["gsm8k", *tasks.FAMILIES])
     parser.add_argument("--tasks", default="gsm8k", help=f"comma-separated task families: {names} (default: gsm8k)")
     parser.add_argument(
@@ -478,8 +501,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODE_KINDS), help="comma-separated subset of solo,cool,cool_r")
     parser.add_argument(
         "--strategies", default="",
-        help="comma-separated strategies to compare, each paper, default or AGGREGATION[+GUARD] "
-        "(e.g. nll_mean+stop); default: the single one the strategy flags give",
+        help="comma-separated strategies to compare, each paper, default, AGGREGATION[+GUARD] "
+        "(e.g. nll_mean+stop) or calibration=NAME; default: the single one the strategy flags give",
     )  # fmt: skip
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="answer length, tokens (default: each family's own)"
@@ -487,7 +510,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="items asked at the same time (default: 1)")
     parser.add_argument("--out", type=Path, default=Path("eval-results"), help="results folder (resumes what is there)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request, seconds")
-    parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where a --local cluster's logs go")
     add_strategy_flags(parser)
 
 
@@ -499,33 +521,32 @@ def run_eval(args: argparse.Namespace) -> int:
     strategies = parse_strategies(args.strategies, args)
     request = Request(args.max_new_tokens, args.timeout_s, strategies)
     kinds = parse_kinds(args.modes)
-    with _orchestrator(args) as (address, default_workers), FusionClient(address) as client:
+    with orchestrator_for(args) as (address, default_workers), FusionClient(address) as client:
         workers = [name for name in args.workers.split(",") if name] or default_workers(client)
-        if not workers:
-            raise SystemExit(f"coolfusion: no serving workers at {address}")
         modes = build_modes(kinds, workers, list(strategies))
-        invocation = _invocation(args, items, workers)
-        records = run(client, items, modes, args.out / "results.jsonl", request, args.concurrency, invocation)
+        asked = invocation(args, items, workers, modes=args.modes, strategies=args.strategies)
+        records = run(client, items, modes, args.out / "results.jsonl", request, args.concurrency, asked)
     print(write_summary(reports(records, items, modes, args.split), args.out))
     print(f"\nresults: {args.out / 'results.jsonl'}; tables: {args.out / 'summary.md'}")
     return 0
 
 
-def _invocation(args: argparse.Namespace, items: list[TaskItem], workers: list[str]) -> dict[str, Any]:
-    """Everything needed to ask the same questions again, beside the settings run.json compares."""
+def invocation(args: argparse.Namespace, items: list[TaskItem], workers: list[str], **asked: Any) -> dict[str, Any]:
+    """Everything needed to ask the same questions again, beside the settings run.json compares;
+    `asked` adds what the subcommand itself was asked for."""
     counts: dict[str, int] = {}
     for item in items:
         counts[item.family] = counts.get(item.family, 0) + 1
     return {
-        "command": ["coolfusion", *sys.argv[1:]], "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["coolfusion", *sys.argv[1:]], "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tasks": args.tasks, "split": args.split, "offset": args.offset, "limit": args.limit, "items": counts,
         "data": str(args.data) if "gsm8k" in counts else None, "arithmetic_seed": tasks.arithmetic.SEED,
         "split_rule": "per kind: shuffle with seed '<family>/<kind>', alternate tuning/held-out",
-        "workers": workers, "modes": args.modes, "strategies": args.strategies, "concurrency": args.concurrency,
+        "workers": workers, "concurrency": args.concurrency, **asked,
     }  # fmt: skip
 
 
-def _commit() -> str | None:
+def commit() -> str | None:
     """The repository's commit, with "+dirty" when the working tree differs; None outside a checkout."""
 
     def git(*argv: str) -> str:
@@ -539,17 +560,21 @@ def _commit() -> str | None:
 
 
 def _serving_workers(client: FusionClient) -> list[str]:
-    return [status.name for status in client.list_workers() if status.serving]
+    workers = [status.name for status in client.list_workers() if status.serving]
+    if not workers:
+        raise SystemExit(f"coolfusion: no serving workers at {client.address}")
+    return workers
 
 
 @contextlib.contextmanager
-def _orchestrator(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[FusionClient], list[str]]]]:
-    """The orchestrator to ask and how to name its workers by default: a given address, or a local cluster."""
+def orchestrator_for(args: argparse.Namespace) -> Iterator[tuple[str, Callable[[FusionClient], list[str]]]]:
+    """The orchestrator to ask and how to name its workers by default: a given address, or a local
+    cluster of --presets."""
     if not args.local:
         # Asked only when --workers is not given, so a finished run needs no orchestrator.
         yield args.orchestrator, _serving_workers
         return
-    spec = default_spec()
+    spec = cluster_spec(args.presets, [])
     with signals_interrupt():  # SIGTERM must unwind through the cluster's stop()
         cluster = start_cluster(spec, args.log, sys.stderr)
         try:

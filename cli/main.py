@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from coolfusion.cli import problems, render
 from coolfusion.cli.bench import add_bench_arguments, run_bench
+from coolfusion.cli.calibrate import add_calibrate_arguments, run_calibrate
 from coolfusion.cli.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
 from coolfusion.cli.common import (
     DEFAULT_LOG,
@@ -32,7 +33,9 @@ from coolfusion.cli.common import (
 )
 from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
-from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, chat
+from coolfusion.cli.explore import add_explore_arguments, run_explore
+from coolfusion.cli.report import add_report_arguments, run_report
+from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, __version__, chat
 from coolfusion.v1 import orchestrator_pb2
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coolfusion", description="Cool-Fusion: small LMs answer as one.")
+    parser.add_argument("--version", action="version", version=f"coolfusion {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(subparsers)
@@ -153,20 +157,22 @@ def add_workers(subparsers: Subparsers) -> None:
 
 def run_workers(args: argparse.Namespace) -> int:
     with FusionClient(args.orchestrator) as client:
-        statuses = client.list_workers(timeout_s=args.timeout_s)
+        listing = client.describe(timeout_s=args.timeout_s)
+    statuses = list(listing.workers)
     if args.json:
         print(json.dumps([json.loads(_to_json(status)) for status in statuses], indent=2))
     else:
+        print(f"orchestrator {args.orchestrator}, coolfusion {listing.orchestrator_version or 'unknown'}")
         print(workers_table(statuses))
     return 0
 
 
 def workers_table(statuses: list[orchestrator_pb2.WorkerStatus]) -> str:
-    rows = [("name", "serving", "model", "device", "dtype", "max ctx", "sessions", "address", "error")]
+    rows = [("name", "serving", "model", "version", "device", "dtype", "max ctx", "sessions", "address", "error")]
     for s in statuses:
         info = s.info
         rows.append((
-            s.name, "yes" if s.serving else "no", info.model_id, info.device, info.dtype,
+            s.name, "yes" if s.serving else "no", info.model_id, info.server_version, info.device, info.dtype,
             str(info.limits.max_context_tokens or ""), str(info.load.open_sessions) if s.serving else "",
             s.address, s.error,
         ))  # fmt: skip
@@ -237,6 +243,30 @@ def add_eval(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_eval)
 
 
+def add_explore(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "explore", help="every answer the workers' fusion could give per item, for calibrate and report"
+    )
+    add_explore_arguments(parser)
+    parser.set_defaults(run=run_explore)
+
+
+def add_calibrate(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit a selection rule per task family and for their mix, from explored tuning trees"
+    )
+    add_calibrate_arguments(parser)
+    parser.set_defaults(run=run_calibrate)
+
+
+def add_report(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="every worker alone, pair and trio under each strategy, replayed from explored trees"
+    )
+    add_report_arguments(parser)
+    parser.set_defaults(run=run_report)
+
+
 def add_problems(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("problems", help="write seeded arithmetic word problems, GSM8K JSONL, for eval")
     parser.add_argument(
@@ -269,6 +299,9 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_up,
     add_demo,
     add_eval,
+    add_explore,
+    add_calibrate,
+    add_report,
     add_problems,
     add_bench,
 )

@@ -122,13 +122,20 @@ _HEADER = (
 )
 
 
-def family_table(report: FamilyReport) -> str:
-    """A Markdown section: one row per mode, the oracle's row, then the disagreement rate."""
-    lines = [f"### {report.family} ({report.label})", "", _HEADER]
+def family_table(report: FamilyReport, seconds: bool = True) -> str:
+    """A Markdown section: one row per mode, the oracle's row, then the disagreement rate; without
+    the seconds column for answers that were replayed rather than asked."""
+    header = _HEADER if seconds else "\n".join(line.rsplit("|", 2)[0] + "|" for line in _HEADER.split("\n"))
+    lines = [f"### {report.family} ({report.label})", "", header]
+
+    def row(mode: str, tally: Tally, capture: str, one_right: str, spent: str) -> str:
+        line = _row(mode, tally, capture, one_right, spent)
+        return line if seconds else line.rsplit("|", 2)[0] + "|"
+
     for s in report.scores:
-        lines.append(_row(s.mode, s.accuracy, _capture(s), _count(s.one_right), _seconds(s.mean_seconds)))
+        lines.append(row(s.mode, s.accuracy, _capture(s), _count(s.one_right), _seconds(s.mean_seconds)))
     if report.oracle is not None and report.disagreement is not None:
-        lines.append(_row(ORACLE, report.oracle, "", "", ""))
+        lines.append(row(ORACLE, report.oracle, "", "", ""))
         d = report.disagreement
         lines += ["", f"Sources disagree on {d.hits} of {d.total} items: {d.describe()}."]
     return "\n".join(lines)

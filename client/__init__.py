@@ -10,6 +10,7 @@ from coolfusion.client.client import (
     FusionClient,
     InvalidArgumentError,
     NotFoundError,
+    OptionKeywords,
     PromptLike,
     ResourceExhaustedError,
     UnavailableError,
@@ -18,6 +19,9 @@ from coolfusion.client.client import (
     fusion_parameters,
     fusion_strategy,
 )
+from coolfusion.client.version import PACKAGE_VERSION
+
+__version__ = PACKAGE_VERSION
 
 __all__ = [
     "AGGREGATIONS",
@@ -29,9 +33,11 @@ __all__ = [
     "FusionClient",
     "InvalidArgumentError",
     "NotFoundError",
+    "OptionKeywords",
     "PromptLike",
     "ResourceExhaustedError",
     "UnavailableError",
+    "__version__",
     "chat",
     "error_from_rpc",
     "fusion_parameters",

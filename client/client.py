@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypedDict, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +17,9 @@ from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 PromptLike = str | Sequence[Mapping[str, str]]
 Metadata = tuple[tuple[str, str], ...]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+# Every call goes to the next of the addresses the target resolves to: with a headless Service
+# (`dns:///name.namespace.svc:port`) calls spread over its pods; with one address it changes nothing.
+_CHANNEL_OPTIONS = (("grpc.lb_policy_name", "round_robin"),)
 
 
 class CoolfusionError(Exception):
@@ -88,9 +92,46 @@ class FuseOptions:
         object.__setattr__(self, "stop", tuple(self.stop))
 
 
-def fusion_parameters(prompt: PromptLike, options: FuseOptions | None = None) -> orchestrator_pb2.FusionParameters:
+class OptionKeywords(TypedDict, total=False):
+    """FuseOptions' fields passed as keywords of `fuse`, `fuse_stream` and `fusion_parameters`: the
+    form before FuseOptions (coolfusion 0.1), deprecated since 0.2 (docs/client.md, "Compatibility")."""
+
+    workers: Iterable[str]
+    max_new_tokens: int
+    stop: Iterable[str]
+    segment_max_tokens: int
+    rerank: bool
+    trace: bool
+    strategy: orchestrator_pb2.FusionStrategy | None
+
+
+_OPTION_FIELDS = tuple(f.name for f in fields(FuseOptions))
+
+
+def resolve_options(options: FuseOptions | None, keywords: OptionKeywords, caller: str) -> FuseOptions | None:
+    """The options of a call made in either form: FuseOptions, or (deprecated) its fields as keywords."""
+    if not keywords:
+        return options
+    if unknown := [name for name in keywords if name not in _OPTION_FIELDS]:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None:
+        raise TypeError(f"{caller}() takes FuseOptions or its fields as keywords, not both")
+    spelled = ", ".join(f"{name}=..." for name in keywords)
+    warnings.warn(
+        f"{caller}(prompt, {spelled}) is deprecated since coolfusion 0.2 and may be removed in 0.3: "
+        f"pass {caller}(prompt, FuseOptions({spelled}))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    given: dict[str, Any] = dict(keywords)
+    return FuseOptions(**given)  # FuseOptions stores any iterable of names as a tuple
+
+
+def fusion_parameters(
+    prompt: PromptLike, options: FuseOptions | None = None, **keywords: Unpack[OptionKeywords]
+) -> orchestrator_pb2.FusionParameters:
     """Builds the request parameters for `prompt`; no options means the orchestrator's defaults throughout."""
-    options = options or FuseOptions()
+    options = resolve_options(options, keywords, "fusion_parameters") or FuseOptions()
     return orchestrator_pb2.FusionParameters(
         prompt=_prompt(prompt),
         workers=options.workers,
@@ -119,15 +160,17 @@ def fusion_strategy(
     repetition_guard: str = "",
     weights: Mapping[str, float] | None = None,
     prompt_templates: Mapping[str, str] | None = None,
+    calibration: str = "",
 ) -> orchestrator_pb2.FusionStrategy:
     """A FusionStrategy from the names used in docs and flags ("nll_mean", "stop"); "" leaves a
-    field to the orchestrator's default."""
+    field to the orchestrator's default. `calibration` names a fitted rule the orchestrator loaded."""
     try:
         return orchestrator_pb2.FusionStrategy(
             aggregation=f"AGGREGATION_{aggregation.upper()}" if aggregation else None,
             repetition_guard=f"REPETITION_GUARD_{repetition_guard.upper()}" if repetition_guard else None,
             worker_weights=weights or {},
             prompt_templates=prompt_templates or {},
+            calibration=calibration,
         )
     except ValueError as error:
         raise ValueError(f"unknown strategy option: {error}") from None
@@ -176,6 +219,10 @@ class _ClientBase:
     def _timeout(self, timeout_s: float | None) -> float:
         return self._timeout_s if timeout_s is None else timeout_s
 
+    def _call_metadata(self, metadata: Metadata) -> Metadata:
+        """The client's token, then the call's own metadata (a `traceparent` joins the caller's trace)."""
+        return self._metadata + tuple(metadata)
+
 
 class FusionClient(_ClientBase):
     """Blocking client; a context manager that closes its channel."""
@@ -192,9 +239,9 @@ class FusionClient(_ClientBase):
         """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
         super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
-            self._channel = grpc.secure_channel(address, self._credentials)
+            self._channel = grpc.secure_channel(address, self._credentials, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -204,11 +251,16 @@ class FusionClient(_ClientBase):
         options: FuseOptions | None = None,
         *,
         timeout_s: float | None = None,
+        metadata: Metadata = (),
+        **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
+        options = resolve_options(options, keywords, "fuse")
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            response = self._stub.Fuse(
+                request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
+            )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return response.result
@@ -219,10 +271,13 @@ class FusionClient(_ClientBase):
         options: FuseOptions | None = None,
         *,
         timeout_s: float | None = None,
+        metadata: Metadata = (),
+        **keywords: Unpack[OptionKeywords],
     ) -> Iterator[orchestrator_pb2.FuseStreamResponse]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
+        options = resolve_options(options, keywords, "fuse_stream")
         request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
-        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata))
         try:
             yield from call
         except grpc.RpcError as error:
@@ -230,14 +285,36 @@ class FusionClient(_ClientBase):
         finally:
             call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
 
-    def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
-        """The registered workers with their health and description."""
-        request = orchestrator_pb2.ListWorkersRequest()
+    def explore(
+        self,
+        prompt: PromptLike,
+        options: FuseOptions | None = None,
+        *,
+        max_nodes: int = 0,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FusionTree:
+        """Every answer a fusion with these options could give, for calibration (ExploreFusion);
+        `max_nodes` 0 takes the orchestrator's default."""
+        request = orchestrator_pb2.ExploreFusionRequest(
+            parameters=fusion_parameters(prompt, options), max_nodes=max_nodes
+        )
         try:
-            response = self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            response = self._stub.ExploreFusion(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return list(response.workers)
+        return response.tree
+
+    def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
+        """The registered workers with their health and description."""
+        return list(self.describe(timeout_s=timeout_s).workers)
+
+    def describe(self, *, timeout_s: float | None = None) -> orchestrator_pb2.ListWorkersResponse:
+        """The orchestrator's version and its registered workers, with their health and description."""
+        request = orchestrator_pb2.ListWorkersRequest()
+        try:
+            return self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
 
     def is_serving(self, *, timeout_s: float = 2.0) -> bool:
         """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""
@@ -273,9 +350,9 @@ class AsyncFusionClient(_ClientBase):
         """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
         super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
-            self._channel = grpc.aio.secure_channel(address, self._credentials)
+            self._channel = grpc.aio.secure_channel(address, self._credentials, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -285,11 +362,16 @@ class AsyncFusionClient(_ClientBase):
         options: FuseOptions | None = None,
         *,
         timeout_s: float | None = None,
+        metadata: Metadata = (),
+        **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
         """Runs one fusion to the end and returns its result."""
+        options = resolve_options(options, keywords, "fuse")
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = await self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            response = await self._stub.Fuse(
+                request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
+            )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return response.result
@@ -300,10 +382,13 @@ class AsyncFusionClient(_ClientBase):
         options: FuseOptions | None = None,
         *,
         timeout_s: float | None = None,
+        metadata: Metadata = (),
+        **keywords: Unpack[OptionKeywords],
     ) -> AsyncGenerator[orchestrator_pb2.FuseStreamResponse, None]:
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
+        options = resolve_options(options, keywords, "fuse_stream")
         request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
-        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata))
         try:
             async for event in call:
                 yield event
@@ -312,14 +397,38 @@ class AsyncFusionClient(_ClientBase):
         finally:
             call.cancel()
 
-    async def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
-        """The registered workers with their health and description."""
-        request = orchestrator_pb2.ListWorkersRequest()
+    async def explore(
+        self,
+        prompt: PromptLike,
+        options: FuseOptions | None = None,
+        *,
+        max_nodes: int = 0,
+        timeout_s: float | None = None,
+    ) -> orchestrator_pb2.FusionTree:
+        """Every answer a fusion with these options could give, for calibration (ExploreFusion);
+        `max_nodes` 0 takes the orchestrator's default."""
+        request = orchestrator_pb2.ExploreFusionRequest(
+            parameters=fusion_parameters(prompt, options), max_nodes=max_nodes
+        )
         try:
-            response = await self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            response = await self._stub.ExploreFusion(
+                request, timeout=self._timeout(timeout_s), metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return list(response.workers)
+        return response.tree
+
+    async def list_workers(self, *, timeout_s: float | None = None) -> list[orchestrator_pb2.WorkerStatus]:
+        """The registered workers with their health and description."""
+        return list((await self.describe(timeout_s=timeout_s)).workers)
+
+    async def describe(self, *, timeout_s: float | None = None) -> orchestrator_pb2.ListWorkersResponse:
+        """The orchestrator's version and its registered workers, with their health and description."""
+        request = orchestrator_pb2.ListWorkersRequest()
+        try:
+            return await self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
 
     async def is_serving(self, *, timeout_s: float = 2.0) -> bool:
         """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""

@@ -7,8 +7,10 @@ import asyncio
 import os
 from pathlib import Path
 
+from coolfusion.calibration import Calibration, load_calibration
 from coolfusion.orchestrator.admission import AdmissionLimits
-from coolfusion.orchestrator.registry import load_registry, workers_from_environment
+from coolfusion.orchestrator.calibrations import Calibrations
+from coolfusion.orchestrator.registry import WorkerEntry, load_registry, registry_calibrations, workers_from_environment
 from coolfusion.orchestrator.server import serve
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.orchestrator.strategy import Aggregation, RepetitionGuard, Strategy
@@ -52,6 +54,14 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         "--repetition-guard", type=RepetitionGuard, choices=list(RepetitionGuard),
         default=defaults.strategy.repetition_guard,
     )  # fmt: skip
+    strategy.add_argument(
+        "--calibration", action="append", type=Path, default=[], metavar="FILE",
+        help="a calibration file requests may name (repeatable; the registry's `calibrations` add more)",
+    )  # fmt: skip
+    strategy.add_argument(
+        "--default-calibration", metavar="NAME",
+        help="run requests that choose no aggregation with this calibration, where it fits their workers",
+    )  # fmt: skip
     add_security_flags(parser)
     args = parser.parse_args(argv)
     tls, auth_tokens = security_from_args(parser, args)
@@ -61,6 +71,8 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         parser.error(str(error))
     try:
         workers = load_registry(args.workers, workers_from_environment())
+        calibrations = _calibrations(args.calibration + registry_calibrations(args.workers), workers)
+        Calibrations(calibrations, args.default_calibration)  # refuses shared names and an unknown default
     except (OSError, ValueError) as error:
         parser.error(str(error))
     return OrchestratorSettings(
@@ -76,9 +88,21 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         metrics_port=args.metrics_port,
         tracing=tracing,
         strategy=Strategy(aggregation=args.aggregation, repetition_guard=args.repetition_guard),
+        calibrations=calibrations,
+        default_calibration=args.default_calibration,
         tls=tls,
         auth_tokens=auth_tokens,
     )
+
+
+def _calibrations(paths: list[Path], workers: list[WorkerEntry]) -> tuple[Calibration, ...]:
+    """The calibration files, each fitted for registered workers only."""
+    loaded = tuple(load_calibration(path) for path in paths)
+    registered = {w.name for w in workers}
+    for calibration in loaded:
+        if missing := [name for name in calibration.worker_names if name not in registered]:
+            raise ValueError(f"calibration {calibration.name!r} was fitted for unregistered workers {missing}")
+    return loaded
 
 
 def _admission(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AdmissionLimits:

@@ -16,7 +16,7 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    """README "Performance" has the measurements behind these defaults."""
+    """docs/performance.md has the measurements behind these defaults."""
 
     # Fusions running at once. Each holds a session on every worker; a batching worker advances
     # up to 16 sessions per pass by default, so more running fusions only queue inside the workers.

@@ -133,3 +133,53 @@ class RankedAnswer:
     text: str
     fused_score: float
     usage: Usage | None = None  # from the first ranking worker's scores
+
+
+# ---- the decision tree of a fusion (explore.py builds it, replay.py walks it) -------------------
+
+
+@dataclass(frozen=True)
+class TreeBranch:
+    """Where appending one candidate leads: the next node, or an answer that ends whatever the
+    strategy (EOS, a stop string, an empty segment), with why."""
+
+    node: int | None = None
+    answer: int | None = None
+    finish: Finish | None = None
+
+
+@dataclass
+class TreeNode:
+    """One answer-so-far and the step after it. `answer_tokens` is empty for a node never visited
+    (the node limit came first); `candidates` is empty too when every worker's answer was full."""
+
+    text: str
+    answer_tokens: dict[str, int] = field(default_factory=dict)
+    candidates: list[StepCandidate] = field(default_factory=list)
+    branches: list[TreeBranch] = field(default_factory=list)
+    repetition_cut: int | None = None  # where the repetition guard would cut `text`
+
+    @property
+    def visited(self) -> bool:
+        return bool(self.answer_tokens)
+
+
+@dataclass(frozen=True)
+class TreeAnswer:
+    """An answer some choice of candidates ends on, with each worker's score of it whole after the
+    bare prompt (what Cool+R ranks by)."""
+
+    text: str
+    ends_with_eos: bool
+    scores: dict[str, CandidateScore]
+
+
+@dataclass
+class FusionTree:
+    """Every answer a fusion of `workers` can give: nodes[0] is the empty answer."""
+
+    workers: list[str]
+    prompt_tokens: dict[str, int]
+    nodes: list[TreeNode]
+    answers: list[TreeAnswer]
+    complete: bool  # False when the node limit left a reachable node unvisited

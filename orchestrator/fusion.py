@@ -186,7 +186,7 @@ class FusionLoop:
         compute_ms = max(s.compute_ms for s in segments.values())
         if self._length_reached(self._sessions.lead.context_tokens):
             return self._finish(Finish.LENGTH)
-        candidates = _distinct_candidates(segments)
+        candidates = distinct_candidates(segments)
         score_ms = 0.0
         if len(candidates) > 1:
             started = time.perf_counter()
@@ -220,9 +220,9 @@ class FusionLoop:
         for name, (per_candidate, _) in answers.items():
             for candidate, score in zip(candidates, per_candidate):
                 candidate.scores[name] = score
-        for candidate in candidates:
-            perplexities = {name: s.perplexity for name, s in candidate.scores.items()}
-            candidate.fused_score = self._request.strategy.fused_score(perplexities, candidate.proposed_by)
+        strategy = self._request.strategy
+        for c in candidates:
+            c.fused_score = strategy.score(c.text, c.ends_with_eos, c.scores, c.proposed_by)
         return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:
@@ -246,13 +246,10 @@ class FusionLoop:
         return False
 
     def _cut_at_stop_string(self, previous_length: int) -> bool:
-        text = self._answer.text
-        longest = max((len(s) for s in self._request.stop_strings), default=0)
-        search_from = max(0, previous_length - longest + 1)
-        hits = [at for s in self._request.stop_strings if (at := text.find(s, search_from)) >= 0]
-        if hits:
-            self._answer.text = text[: min(hits)]
-        return bool(hits)
+        cut = stop_string_cut(self._answer.text, previous_length, self._request.stop_strings)
+        if cut is not None:
+            self._answer.text = self._answer.text[:cut]
+        return cut is not None
 
     def _cut_repetition(self) -> bool:
         start = repeated_tail(self._answer.text)
@@ -261,13 +258,7 @@ class FusionLoop:
         return start is not None
 
     def _winner_index(self, candidates: list[StepCandidate]) -> int:
-        """Lowest fused score, ties to the earliest worker's candidate; with the STEER guard, among
-        the candidates that would not make the answer repeat itself, when there are any."""
-        if self._request.strategy.repetition_guard == RepetitionGuard.STEER:
-            fresh = [i for i, c in enumerate(candidates) if repeated_tail(self._answer.text + c.text) is None]
-            if fresh and len(fresh) < len(candidates):
-                return min(fresh, key=lambda i: (candidates[i].fused_score, i))
-        return _lowest_score(candidates)
+        return winner_index(self._request.strategy, candidates, self._answer.text)
 
     def _finish(self, reason: Finish) -> bool:
         self._answer.finish = reason
@@ -340,26 +331,31 @@ async def _rank(
 ) -> tuple[list[RankedAnswer], list[Dropped]]:
     """Fused score (the strategy's aggregation; the paper's is mean perplexity) of each full answer
     across the workers still standing; best first, ties to the earlier entry (fused first, then
-    workers in order). Each answer's usage comes from the first scorer's scores: after the bare
-    prompt, a score's context length less the prompt is the answer's length in tokens."""
+    workers in order). Each distinct answer is scored once, so equal answers tie exactly. Each
+    answer's usage comes from the first scorer's scores: after the bare prompt, a score's context
+    length less the prompt is the answer's length in tokens."""
     failed = {d.worker for d in fused.dropped}
     scorers = [c for c in replica_sets if c.name not in failed]
     loop = FusionLoop(scorers, request, "rerank", deadline)
-    scores = await loop.score_full_answers([(a.text, a.finish == Finish.EOS) for _, a in entries])
+    keys = [(a.text, a.finish == Finish.EOS) for _, a in entries]
+    distinct = list(dict.fromkeys(keys))
+    scored = await loop.score_full_answers(distinct)
+    scores = {name: [per_answer[distinct.index(k)] for k in keys] for name, per_answer in scored.items()}
     counter = next(iter(scores))  # fan_out keeps worker order; some worker answered, or it raised
     prompt_tokens = loop.prompt_tokens(counter)
     ranked = []
     for i, (source, answer) in enumerate(entries):
-        perplexities = {name: per_answer[i].perplexity for name, per_answer in scores.items()}
         answer_tokens = scores[counter][i].context_tokens_with_text - prompt_tokens
         usage = Usage(counter, prompt_tokens, answer_tokens)
-        proposed_by = scores if source == "fused" else (source,)  # the fused answer is every scorer's
-        ranked.append(RankedAnswer(source, answer.text, request.strategy.fused_score(perplexities, proposed_by), usage))
-    order = sorted(range(len(ranked)), key=lambda i: (ranked[i].fused_score, i))
-    return [ranked[i] for i in order], loop.dropped
+        proposed_by = list(scores) if source == "fused" else [source]  # the fused answer is every scorer's
+        per_worker = {name: per_answer[i] for name, per_answer in scores.items()}
+        fused_score = request.strategy.score(answer.text, answer.finish == Finish.EOS, per_worker, proposed_by)
+        ranked.append((RankedAnswer(source, answer.text, fused_score, usage), proposed_by))
+    order = request.strategy.rank([r.fused_score for r, _ in ranked], [by for _, by in ranked])
+    return [ranked[i][0] for i in order], loop.dropped
 
 
-def _distinct_candidates(segments: dict[str, GeneratedSegment]) -> list[StepCandidate]:
+def distinct_candidates(segments: dict[str, GeneratedSegment]) -> list[StepCandidate]:
     """Distinct (text, ended-at-EOS) pairs in worker order."""
     candidates: dict[tuple[str, bool], StepCandidate] = {}
     for name, segment in segments.items():
@@ -371,10 +367,23 @@ def _distinct_candidates(segments: dict[str, GeneratedSegment]) -> list[StepCand
     return list(candidates.values())
 
 
-def _lowest_score(candidates: list[StepCandidate]) -> int:
-    """Lowest fused score; ties go to the earliest worker's candidate (strict comparison)."""
-    best = 0
-    for i, candidate in enumerate(candidates):
-        if candidate.fused_score < candidates[best].fused_score:
-            best = i
-    return best
+def stop_string_cut(text: str, previous_length: int, stop_strings: tuple[str, ...]) -> int | None:
+    """Where the answer is cut when a stop string appears in it since it was `previous_length`
+    characters long (one may straddle the join); None when none does."""
+    longest = max((len(s) for s in stop_strings), default=0)
+    search_from = max(0, previous_length - longest + 1)
+    hits = [at for s in stop_strings if (at := text.find(s, search_from)) >= 0]
+    return min(hits) if hits else None
+
+
+def winner_index(strategy: Strategy, candidates: list[StepCandidate], answer_text: str) -> int:
+    """The step's winner among candidates whose fused scores are filled in: the strategy's choice
+    (lowest score, ties to the earliest worker's candidate); with the STEER guard, among the
+    candidates that would not make the answer repeat itself, when there are any."""
+    pool = list(range(len(candidates)))
+    if strategy.repetition_guard == RepetitionGuard.STEER:
+        fresh = [i for i in pool if repeated_tail(answer_text + candidates[i].text) is None]
+        if fresh:
+            pool = fresh
+    chosen = strategy.rank([candidates[i].fused_score for i in pool], [candidates[i].proposed_by for i in pool])
+    return pool[chosen[0]]

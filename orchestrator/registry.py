@@ -149,9 +149,7 @@ def load_registry(path: Path | None, env_value: str | None = None) -> list[Worke
     """
     entries: list[WorkerEntry] = []
     if path is not None:
-        text = Path(path).read_text()
-        document = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        entries = parse_registry(document)
+        entries = parse_registry(_read_document(path))
     if env_value:
         pairs = [p.split("=", 1) for p in env_value.split(",") if p.strip()]
         if any(len(p) != 2 for p in pairs):
@@ -162,6 +160,21 @@ def load_registry(path: Path | None, env_value: str | None = None) -> list[Worke
     _check_files_readable(entries)
     _check_unique([e.name for e in entries])
     return entries
+
+
+def registry_calibrations(path: Path | None) -> list[Path]:
+    """The calibration files a registry file lists (`calibrations:`), relative to its folder."""
+    if path is None:
+        return []
+    listed = _read_document(path).get("calibrations", [])
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise RegistryError("the registry's 'calibrations' must be a list of file paths")
+    return [Path(path).parent / p for p in listed]
+
+
+def _read_document(path: Path) -> dict:
+    text = Path(path).read_text()
+    return json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
 
 
 def replica_set(entry: WorkerEntry) -> ReplicaSet:

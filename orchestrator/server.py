@@ -10,6 +10,7 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from coolfusion.orchestrator.admission import Admission, Overloaded
+from coolfusion.orchestrator.calibrations import CalibrationRefused, CalibrationUncheckable
 from coolfusion.orchestrator.metrics import OrchestratorMetrics
 from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAMES = [orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
 STATUS_CODES = {  # first match wins: the subclass comes before its base
     InvalidFusionRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    CalibrationRefused: grpc.StatusCode.INVALID_ARGUMENT,
+    CalibrationUncheckable: grpc.StatusCode.UNAVAILABLE,
     RejectedByAllWorkers: grpc.StatusCode.INVALID_ARGUMENT,
     NoWorkersLeft: grpc.StatusCode.UNAVAILABLE,
     RequestTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -5,26 +5,29 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TypeVar
 
 import grpc
 
+from coolfusion.client.version import PACKAGE_VERSION
 from coolfusion.orchestrator.admission import Admission
-from coolfusion.orchestrator.domain import ChatTurn, Finish, Prompt, Step, Usage
+from coolfusion.orchestrator.calibrations import Calibrations
+from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
+from coolfusion.orchestrator.explore import DEFAULT_MAX_NODES, Explorer, ExploreRequest
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
-from coolfusion.orchestrator.sessions import NoWorkersLeft
+from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sessions import Deadline, NoWorkersLeft
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
+from coolfusion.orchestrator.tree_proto import FINISH_PROTO, candidate_proto, tree_proto
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
-_FINISH = {
-    Finish.EOS: worker_pb2.FINISH_REASON_EOS,
-    Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH,
-    Finish.STOP: worker_pb2.FINISH_REASON_STOP,
-    Finish.REPETITION: worker_pb2.FINISH_REASON_REPETITION,
-}
+T = TypeVar("T")
 # A weight outside this range is a typo or an attempt to silence every other worker.
 _MAX_WEIGHT = 1e6
 # ListWorkers must answer quickly even when a worker hangs.
@@ -79,6 +82,11 @@ def _strategy(
     for name, weight in strategy.worker_weights.items():
         if not 0 < weight <= _MAX_WEIGHT:  # also refuses NaN
             raise InvalidFusionRequest(f"worker_weights[{name!r}] is {weight}; it must be in (0, {_MAX_WEIGHT:g}]")
+    if strategy.calibration and (strategy.aggregation or strategy.worker_weights):
+        raise InvalidFusionRequest(
+            f"strategy names calibration {strategy.calibration!r} together with an aggregation or worker_weights; "
+            "a calibration replaces both"
+        )
     for name, template in strategy.prompt_templates.items():
         if PROMPT_SLOT not in template or len(template) > limits.max_prompt_chars:
             raise InvalidFusionRequest(
@@ -106,11 +114,14 @@ def _enum_value(python_enum, proto_enum, prefix: str, number: int):
 
 
 def strategy_proto(strategy: Strategy) -> orchestrator_pb2.FusionStrategy:
+    """What ran: the calibration by name, or the aggregation and weights it replaces."""
+    calibrated = strategy.calibration is not None
     return orchestrator_pb2.FusionStrategy(
-        aggregation=f"AGGREGATION_{strategy.aggregation.name}",
-        worker_weights=dict(strategy.weights),
+        aggregation=None if calibrated else f"AGGREGATION_{strategy.aggregation.name}",
+        worker_weights={} if calibrated else dict(strategy.weights),
         repetition_guard=f"REPETITION_GUARD_{strategy.repetition_guard.name}",
         prompt_templates=dict(strategy.prompt_templates),
+        calibration=strategy.calibration.name if strategy.calibration else "",
     )
 
 
@@ -155,6 +166,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         # The operator's flags, then each registry entry's weight and template; requests override.
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
         self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
+        self._calibrations = Calibrations(settings.calibrations, settings.default_calibration)
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
@@ -182,9 +194,40 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses)
+        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=PACKAGE_VERSION)
+
+    async def ExploreFusion(
+        self, request: orchestrator_pb2.ExploreFusionRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ExploreFusionResponse:
+        """Maps every answer a fusion of the request's workers could give (docs/design.md section 3.7)."""
+        limits = self._settings.limits
+        max_nodes = _in_range("max_nodes", request.max_nodes, DEFAULT_MAX_NODES, limits.max_explore_nodes)
+        settings = self._settings
+
+        def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float):
+            limits = Deadline(deadline, settings.call_timeout_s, settings.busy_wait_s)
+            return Explorer(workers, ExploreRequest(fusion, max_nodes), limits).run()
+
+        tree = await self._serve(request.parameters, context, explore)
+        return orchestrator_pb2.ExploreFusionResponse(tree=tree_proto(tree))
 
     async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
+        settings = self._settings
+        return await self._serve(
+            parameters, context,
+            lambda workers, request, deadline: fuse(
+                workers, request, deadline, settings.call_timeout_s, on_step, busy_wait_s=settings.busy_wait_s
+            ),
+        )  # fmt: skip
+
+    async def _serve(
+        self,
+        parameters: orchestrator_pb2.FusionParameters,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[list[ReplicaSet], FusionRequest, float], Awaitable[T]],
+    ) -> T:
+        """Validates the parameters, waits for an admission slot and runs `work(workers, request,
+        deadline)` within the request's time budget (the caller's deadline, capped by ours)."""
         request_id = uuid.uuid4().hex
         request = parse_request(
             parameters, self._settings.limits, request_id, self._default_strategy, self._worker_names
@@ -193,6 +236,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             workers = self._pool.select(list(parameters.workers))
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
+        request = await self._calibrated(request, parameters.strategy, workers)
         remaining = context.time_remaining()
         budget = (
             self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
@@ -201,16 +245,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             async with self._admission.slot(wait_s=budget):
                 with observing(self._observer), self._observer.fusion(request_id):
-                    return await fuse(
-                        workers, request, deadline, self._settings.call_timeout_s, on_step,
-                        busy_wait_s=self._settings.busy_wait_s,
-                    )  # fmt: skip
+                    return await work(workers, request, deadline)
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;
                 # a caller's deadline cancels the call before this). Say so, not UNAVAILABLE.
                 raise RequestTimedOut(f"the request took longer than {budget:.0f} s") from error
             raise
+
+    async def _calibrated(
+        self, request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, workers: list[ReplicaSet]
+    ) -> FusionRequest:
+        """The request with the calibration it runs with, if any (calibrations.py decides which)."""
+        calibration = await self._calibrations.for_request(asked.calibration, bool(asked.aggregation), workers)
+        if calibration is None:
+            return request
+        guard = request.strategy.repetition_guard if asked.repetition_guard else None
+        overrides = StrategyOverrides(repetition_guard=guard, calibration=calibration)
+        return replace(request, strategy=request.strategy.overridden_by(overrides))
 
     async def _probe(self, entry: WorkerEntry) -> orchestrator_pb2.WorkerStatus:
         """Serving when any replica serves; the info is the first serving replica's."""
@@ -244,19 +296,7 @@ async def _probe_replica(client: WorkerClient) -> worker_pb2.GetInfoResponse | s
 def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
     return orchestrator_pb2.FuseStep(
         index=step.index,
-        candidates=[
-            orchestrator_pb2.StepCandidate(
-                text=c.text,
-                ends_with_eos=c.ends_with_eos,
-                proposed_by=c.proposed_by,
-                scores=[
-                    orchestrator_pb2.ModelScore(worker=name, perplexity=s.perplexity, scored_tokens=s.scored_tokens)
-                    for name, s in c.scores.items()
-                ],
-                fused_score=c.fused_score,
-            )
-            for c in step.candidates
-        ],
+        candidates=[candidate_proto(c) for c in step.candidates],
         winner_index=step.winner_index,
         winner_worker=step.winner.proposed_by[0],
         generate_ms=step.generate_ms,
@@ -275,7 +315,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         position += len(step.winner.text)
     return orchestrator_pb2.FuseResult(
         text=result.text,
-        finish_reason=_FINISH[result.finish],
+        finish_reason=FINISH_PROTO[result.finish],
         shares=list(shares.values()),
         dropped=[orchestrator_pb2.DroppedWorker(worker=d.worker, reason=d.reason, step=d.step) for d in result.dropped],
         timings=orchestrator_pb2.Timings(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coolfusion.calibration import Calibration
 from coolfusion.orchestrator.admission import AdmissionLimits
 from coolfusion.orchestrator.registry import WorkerEntry
 from coolfusion.orchestrator.strategy import DEFAULT, Strategy
@@ -27,6 +28,9 @@ class RequestLimits:
     max_prompt_chars: int = 65_536
     max_stop_strings: int = 8
     max_stop_chars: int = 64
+    # ExploreFusion visits at most this many nodes per request: a tree of short answers needs
+    # tens, and each node costs a step on every worker.
+    max_explore_nodes: int = 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class OrchestratorSettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     # How requests that do not say otherwise fuse; registry weights and templates apply on top.
     strategy: Strategy = DEFAULT
+    # Fitted selection rules requests may name (--calibration, the registry's `calibrations`), and
+    # the one that requests choosing no aggregation run with where it fits their workers.
+    calibrations: tuple[Calibration, ...] = ()
+    default_calibration: str | None = None
     # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
     # servers share one host in local clusters and tests, where a fixed port would collide;
     # the Kubernetes manifests turn it on (--metrics-port).

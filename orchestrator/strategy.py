@@ -6,10 +6,11 @@ from __future__ import annotations
 import enum
 import math
 import statistics
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from coolfusion.orchestrator.domain import Prompt
+from coolfusion.calibration import Calibration, nll_per_unit
+from coolfusion.orchestrator.domain import CandidateScore, Prompt
 
 
 class Aggregation(enum.StrEnum):
@@ -47,16 +48,49 @@ class Strategy:
     weights: Mapping[str, float] = field(default_factory=dict)  # worker name -> weight; missing = 1
     repetition_guard: RepetitionGuard = RepetitionGuard.OFF
     prompt_templates: Mapping[str, str] = field(default_factory=dict)  # worker name -> template
+    # A fitted selection rule (docs/design.md section 3.7); when set it replaces the aggregation
+    # and the weights. Only for the workers and models it was fitted for (calibrations.py checks).
+    calibration: Calibration | None = None
 
     def overridden_by(self, other: StrategyOverrides) -> Strategy:
-        """This strategy with every field `other` sets replaced (mappings: per worker)."""
+        """This strategy with every field `other` sets replaced (mappings: per worker). A request
+        that names an aggregation leaves any calibration behind; one that names a calibration
+        takes its repetition guard unless it names a guard too."""
+        calibration = other.calibration or (None if other.aggregation else self.calibration)
+        guard = other.repetition_guard or (
+            RepetitionGuard(other.calibration.repetition_guard) if other.calibration else self.repetition_guard
+        )
         return replace(
             self,
             aggregation=other.aggregation or self.aggregation,
             weights={**self.weights, **other.weights},
-            repetition_guard=other.repetition_guard or self.repetition_guard,
+            repetition_guard=guard,
             prompt_templates={**self.prompt_templates, **other.prompt_templates},
+            calibration=calibration,
         )
+
+    def score(
+        self, text: str, ends_with_eos: bool, scores: Mapping[str, CandidateScore], proposed_by: Collection[str]
+    ) -> float:
+        """A candidate's fused score (lower is better) from every worker's score of it; `proposed_by`
+        names the workers whose own candidate it is."""
+        if self.calibration is not None:
+            rule = self.calibration.rule
+            nlls = {
+                name: nll_per_unit(rule.unit, s.log_prob_sum, s.scored_tokens, text, ends_with_eos)
+                for name, s in scores.items()
+            }  # fmt: skip
+            return rule.score(nlls, proposed_by)
+        return self.fused_score({name: s.perplexity for name, s in scores.items()}, proposed_by)
+
+    def rank(self, scores: Sequence[float], proposers: Sequence[Collection[str]]) -> list[int]:
+        """Indices best first: the lowest score, ties to the earlier; a calibration with a lead
+        puts first what its rule chooses (the lead's own unless beaten by its margin)."""
+        order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+        if self.calibration is not None:
+            chosen = self.calibration.rule.choose(scores, proposers)
+            order = [chosen] + [i for i in order if i != chosen]
+        return order
 
     def fused_score(self, perplexities: Mapping[str, float], proposed_by: Collection[str] = ()) -> float:
         """One candidate's fused score from each worker's perplexity of it; lower is better.
@@ -88,6 +122,7 @@ class StrategyOverrides:
     weights: Mapping[str, float] = field(default_factory=dict)
     repetition_guard: RepetitionGuard | None = None
     prompt_templates: Mapping[str, str] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
 
 PAPER = Strategy()

@@ -1,4 +1,4 @@
-"""Worker micro-benchmarks, measured side by side in one run (README "Performance").
+"""Worker micro-benchmarks, measured side by side in one run (docs/performance.md).
 
 1. ScoreText of 3 candidates x ~16 tokens after a ~500-token cached context, against scoring the
    same candidates by recomputing the whole context (one batched forward, no cache).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the same `coolfusion bench` against a past revision and then the working tree, one after
-# the other on this machine, so that their figures can be set side by side (README "Performance").
+# the other on this machine, so that their figures can be set side by side (docs/performance.md).
 # The past revision runs from a temporary git worktree through a namespace layout on PYTHONPATH
 # (the installed package points at this working tree); it uses this virtualenv's libraries.
 #

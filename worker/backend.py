@@ -181,6 +181,12 @@ class ModelBackend(ABC):
     @abstractmethod
     def new_cache(self) -> SessionCache: ...
 
+    def release(self, cache: SessionCache) -> None:
+        """The cache's session is gone (closed, evicted, or its cache replaced): free what the cache
+        holds before returning, without waiting for model work, and let no other session read it.
+        A call still running on it may fail with SessionNotFound. Engines whose caches hold
+        nothing of their own need not override it."""
+
     @abstractmethod
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
         """Makes `cache` hold exactly `context_ids` (prefill), recomputing only past the first

@@ -181,11 +181,13 @@ class SessionStore:
         return Scored(timed.value, len(context_ids), timed.compute_ms)
 
     def close(self, session_id: str) -> bool:
-        """Forgets the session at once, even while a call on it is in flight (its result is then
-        discarded and its cache freed when the call ends)."""
-        closed = self._sessions.pop(session_id, None) is not None
+        """Forgets the session and releases its cache at once, never waiting for model work; a
+        call still in flight on it ends with SessionNotFound."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._backend.release(session.cache)
         self._on_change()
-        return closed
+        return session is not None
 
     def evict_idle(self) -> int:
         """Drops sessions idle for longer than the TTL; returns how many."""
@@ -212,6 +214,7 @@ class SessionStore:
         finally:
             session.reserved_tokens = 0
             if not self._limits.keep_kv_cache:
+                self._backend.release(session.cache)
                 session.cache = self._backend.new_cache()
             self._on_change()
 
@@ -298,6 +301,6 @@ class SessionStore:
             self._evict(victim.session_id, cause)
 
     def _evict(self, session_id: str, cause: str) -> None:
-        del self._sessions[session_id]
+        self._backend.release(self._sessions.pop(session_id).cache)
         self._evicted[cause] += 1
         self._on_change()

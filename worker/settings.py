@@ -48,7 +48,7 @@ class SessionLimits:
 @dataclass(frozen=True)
 class BatchLimits:
     """How much one forward pass of the continuous-batching scheduler may hold, and how many model
-    calls may wait (README "Performance" has the measurements behind the defaults)."""
+    calls may wait (docs/performance.md has the measurements behind the defaults)."""
 
     # Sessions (calls) advanced by one pass. Beyond ~16 a CPU pass costs about as much per
     # session as running them apart; a GPU takes far more (raise it there).

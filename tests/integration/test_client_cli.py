@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,50 @@ def test_workers_lists_both_workers(address: str) -> None:
     done = cli("workers", "--orchestrator", address, "--json")
     assert done.returncode == 0, done.stderr
     assert [(w["name"], w["serving"]) for w in json.loads(done.stdout)] == [("bpe", True), ("char", True)]
+
+
+def test_every_part_reports_the_package_version(address: str) -> None:
+    version = metadata.version("coolfusion")
+    assert cli("--version").stdout == f"coolfusion {version}\n"
+    with FusionClient(address, timeout_s=60) as client:
+        listing = client.describe()
+    assert listing.orchestrator_version == version
+    assert [w.info.server_version for w in listing.workers] == [version, version]
+    table = cli("workers", "--orchestrator", address).stdout.splitlines()
+    assert table[0] == f"orchestrator {address}, coolfusion {version}"
+    assert table[1].split()[:4] == ["name", "serving", "model", "version"] and version in table[2].split()
+
+
+def test_a_service_written_against_the_keyword_form_keeps_working(address: str) -> None:
+    """The form the README showed before FuseOptions: each FuseOptions field as a keyword."""
+
+    async def asynchronous() -> tuple[str, list[str]]:
+        async with AsyncFusionClient(address, timeout_s=60) as client:
+            with pytest.warns(DeprecationWarning, match="fuse_stream"):
+                events = [
+                    e
+                    async for e in client.fuse_stream(
+                        PROMPT, max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS
+                    )
+                ]
+            with pytest.warns(DeprecationWarning, match="FuseOptions"):
+                result = await client.fuse(PROMPT, max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS)
+            return result.text, [e.summary.text for e in events if e.HasField("summary")]
+
+    with FusionClient(address, timeout_s=60) as client:
+        expected = client.fuse(PROMPT, _LIMITS)
+        with pytest.warns(
+            DeprecationWarning,
+            match=r"fuse\(prompt, max_new_tokens=\.\.\., segment_max_tokens=\.\.\., trace=\.\.\.\) is deprecated",
+        ):
+            old = client.fuse(PROMPT, max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS, trace=True)
+        with pytest.warns(DeprecationWarning):
+            streamed = list(
+                client.fuse_stream(PROMPT, max_new_tokens=MAX_NEW_TOKENS, segment_max_tokens=SEGMENT_TOKENS)
+            )
+    assert old.text == expected.text and len(old.trace) > 0  # every keyword reached the request
+    assert streamed[-1].summary.text == expected.text
+    assert asyncio.run(asynchronous()) == (expected.text, [expected.text])
 
 
 def test_sync_client_fuse_stream_and_list_workers(address: str) -> None:

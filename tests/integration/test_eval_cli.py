@@ -98,7 +98,7 @@ def test_task_families_under_several_strategies_share_their_solo_answers(address
     assert len(records) == 2 * 2 * len(modes)
     assert {r["taken_from"] for r in records if r["mode"].startswith("solo")} == {"cool_r@paper"}
     run = json.loads((out / "run.json").read_text())
-    assert run["settings"]["families"]["arithmetic"] == {"rule": "number", "max_new_tokens": 8, "stop": ["\n"]}
+    assert run["settings"]["families"]["arithmetic"] == {"rule": "number", "max_new_tokens": 8, "stop": ["\n", ". "]}
     assert run["invocations"][0]["items"] == {"arithmetic": 2, "opposites": 2}
     summary = (out / "summary.md").read_text()
     assert "### arithmetic (tuning, items 0-1)" in summary and "### opposites (tuning, items 0-1)" in summary

@@ -4,6 +4,8 @@ they would alone; cancelled calls leave; closing and eviction never wait behind 
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 
 import pytest
 import torch
@@ -198,26 +200,109 @@ def test_calls_beyond_the_queue_bound_are_refused_at_once(tiny_model_dirs):
     assert len(refused) == 2 and "limit is 2" in str(refused[0])
 
 
-def test_close_does_not_wait_for_a_call_in_flight_and_eviction_spares_busy_sessions(tiny_model_dirs):
-    backend = backend_for(tiny_model_dirs, "char")
+class PassGate:
+    """Once closed, holds the model thread inside its next forward pass until opened: the model is
+    busy for as long as the test needs, however loaded the machine is. It starts open."""
+
+    def __init__(self, backend: TransformersBackend):
+        self._model = backend._model
+        self._forward = self._model.forward
+        self._opened = threading.Event()
+        self._opened.set()
+        self._entered = threading.Event()
+        self._model.forward = self._held  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._entered.clear()
+        self._opened.clear()
+
+    def _held(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        self._entered.set()
+        self._opened.wait()
+        return self._forward(feeds)
+
+    async def entered(self) -> None:
+        """Returns once the model thread is inside a pass (60 s only bounds a broken test's hang)."""
+        assert await asyncio.to_thread(self._entered.wait, 60), "the model thread never started a pass"
+
+    def open(self) -> None:
+        self._opened.set()
+
+
+def buffers_of(kv: SessionKV) -> list[weakref.ref]:
+    return [weakref.ref(buffer) for buffers in (kv._keys, kv._values) for buffer in buffers.values()]
+
+
+def test_closing_or_evicting_frees_the_cache_before_returning_while_the_model_thread_is_busy(tiny_model_dirs, family):
+    backend = backend_for(tiny_model_dirs, family)
+    fed: list[int] = []
+    backend.observe_passes(lambda stats: fed.append(stats.tokens))
+    prompt = " ".join(PROMPTS)
+    now = [0.0]
+    gate = PassGate(backend)
+
+    async def scenario() -> tuple[int, int]:
+        store = SessionStore(backend, SessionLimits(idle_ttl_s=10), clock=lambda: now[0])
+        for session_id, text in (("closed", prompt), ("evicted", prompt + " And then"), ("busy", PROMPTS[1])):
+            await store.open(session_id, PromptSpec(text=text), "")
+        closed, evicted = store._sessions["closed"].cache, store._sessions["evicted"].cache
+        closed_buffers, evicted_buffers = buffers_of(closed), buffers_of(evicted)
+        assert closed_buffers and evicted_buffers
+        gate.close()  # the next pass holds the model thread
+        busy = store._sessions["busy"]
+        call = asyncio.create_task(store.generate("busy", Expectation(len(busy.context_ids)), " and", 16, ()))
+        await gate.entered()
+        assert store.close("closed")
+        now[0] += 11  # past the idle TTL: "evicted" goes, "busy" is spared while its call runs
+        assert store.evict_idle() == 1 and list(store._sessions) == ["busy"]
+        # Released before close and eviction returned, while the model thread is inside a pass:
+        for kv, buffers in ((closed, closed_buffers), (evicted, evicted_buffers)):
+            assert kv.cached_tokens == 0 and kv not in backend._donors
+            assert all(buffer() is None for buffer in buffers)  # no reference is left anywhere
+        gate.open()
+        await call
+        fed.clear()
+        alone = await store.open("alone", PromptSpec(text=prompt), "")
+        return alone.context_tokens, sum(fed)
+
+    try:
+        alone, alone_fed = asyncio.run(scenario())
+    finally:
+        gate.open()
+        backend.shutdown()
+    assert alone_fed == alone  # nothing was left to copy the prompt from
+
+
+def test_a_call_in_flight_on_a_closed_session_ends_at_its_next_pass_and_frees_the_cache(tiny_model_dirs):
+    backend = backend_for(tiny_model_dirs, "char", max_tokens=4)  # the append below takes many passes
+    gate = PassGate(backend)
 
     async def scenario() -> None:
         store = SessionStore(backend, SessionLimits(max_sessions=1))
         opened = await store.open("busy", PromptSpec(text=PROMPTS[0]), "")
-        call = asyncio.create_task(store.generate("busy", Expectation(opened.context_tokens), "", 64, ()))
-        await asyncio.sleep(0)
+        kv = store._sessions["busy"].cache
+        gate.close()
+        call = asyncio.create_task(
+            store.generate("busy", Expectation(opened.context_tokens), " and then some more apples", 16, ())
+        )
+        await gate.entered()
         with pytest.raises(OverCapacity, match="busy sessions"):
             await store.open("other", PromptSpec(text=PROMPTS[1]), "")  # would need to evict "busy"
-        assert store.close("busy") is True  # at once, while the call runs
-        assert store.load().open_sessions == 0
-        await call  # the call in flight still ends normally
+        assert store.close("busy") is True  # at once, while the model thread runs this very call
+        assert store.load().open_sessions == 0 and kv not in backend._donors
+        gate.open()
+        with pytest.raises(SessionNotFound, match="closed"):
+            await call
+        assert kv.cached_tokens == 0 and not kv._keys  # freed as the call left
         with pytest.raises(SessionNotFound):
             await store.generate("busy", Expectation(opened.context_tokens), "", 4, ())
 
     try:
         asyncio.run(scenario())
     finally:
+        gate.open()
         backend.shutdown()
+    assert backend.queue_depth == 0
 
 
 def test_ragged_views_do_not_copy_session_caches():

@@ -63,3 +63,29 @@ def test_options_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.max_new_tokens = 9  # type: ignore[misc]
     assert dataclasses.replace(options, trace=True) == FuseOptions(max_new_tokens=8, trace=True)
+
+
+def test_the_keyword_form_before_fuse_options_builds_the_same_request_with_a_deprecation_warning() -> None:
+    strategy = fusion_strategy("nll_mean", "stop")
+    with pytest.warns(
+        DeprecationWarning, match=r"fusion_parameters\(prompt, workers=\.\.\., max_new_tokens=\.\.\., .*FuseOptions\("
+    ):
+        old = fusion_parameters("Hi", workers=["a"], max_new_tokens=64, stop=["\nQ:"], trace=True, strategy=strategy)
+    new = fusion_parameters("Hi", FuseOptions(workers=("a",), max_new_tokens=64, stop=("\nQ:",), trace=True,
+                                              strategy=strategy))  # fmt: skip
+    assert old == new
+
+
+def test_the_keyword_form_refuses_what_it_never_took() -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):
+        fusion_parameters("Hi", max_tokens=4)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="not both"):
+        fusion_parameters("Hi", FuseOptions(), max_new_tokens=4)
+
+
+def test_the_package_reports_its_installed_version() -> None:
+    from importlib import metadata
+
+    import coolfusion.client
+
+    assert coolfusion.client.__version__ == metadata.version("coolfusion") != "0+unknown"

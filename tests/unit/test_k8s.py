@@ -428,7 +428,7 @@ def test_prometheus_in_the_monitoring_namespace_may_scrape_every_metrics_port(re
 
 @needs_kubectl
 def test_the_monitoring_namespace_is_one_patch_away(tmp_path):
-    # The patch k8s/README.md documents, on top of an overlay.
+    # The patch docs/deployment.md documents, on top of an overlay.
     overlay = os.path.relpath(K8S / "overlays/demo", tmp_path)
     (tmp_path / "kustomization.yaml").write_text(f"""
 apiVersion: kustomize.config.k8s.io/v1beta1

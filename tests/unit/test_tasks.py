@@ -135,5 +135,25 @@ def test_matches_compares_normalised_text_and_numbers_numerically() -> None:
     assert not matches(Rule.NUMBER, None, ("12",))
 
 
+@pytest.mark.parametrize(
+    ("text", "answers", "prediction"),
+    [
+        (" English. To determine the official language of ...", ("English",), "english"),  # a chat model talks on
+        (" K. To determine the correct chemical symbol", ("K",), "k"),
+        (" Santiago, Chile", ("Santiago",), "santiago"),  # the first phrase answers
+        (" F. Scott Fitzgerald.", ("F. Scott Fitzgerald", "Fitzgerald"), "f scott fitzgerald"),  # initials kept whole
+        (" Washington, D.C. is the capital", ("Washington, D.C.", "Washington"), "washington"),
+        (" London, Paris", ("Paris",), "london"),  # only a first phrase counts, not a later one
+        (" Kenya rupee. Let's analyze", ("Kenyan shilling",), "kenya rupee"),
+        (" (Paris) is the answer", ("Paris",), "paris"),
+    ],
+)
+def test_a_text_answer_is_its_first_phrase_whatever_follows(
+    text: str, answers: tuple[str, ...], prediction: str
+) -> None:
+    assert read(Rule.TEXT, text, answers) == prediction
+    assert matches(Rule.TEXT, prediction, answers) == (prediction != "london" and prediction != "kenya rupee")
+
+
 def test_first_line_is_the_answer_before_the_continuation() -> None:
     assert first_line("  Rome.\nThe capital of Spain is Madrid.") == "Rome."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 
 import torch
 
@@ -22,6 +21,7 @@ from coolfusion.worker.backend import (
 )
 from coolfusion.worker.hf import loading, memory, placement
 from coolfusion.worker.hf.cpu_linear import compile_row_counts
+from coolfusion.worker.hf.donors import PromptDonors
 from coolfusion.worker.hf.jobs import GenerateJob, ScoreJob, SyncJob
 from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import HFModel
@@ -63,8 +63,8 @@ class TransformersBackend(ModelBackend):
             logger.info("compiled %d linear-layer kernels in %.1f s", kernels, time.perf_counter() - started)
         self._scheduler = Scheduler(model, limits)
         # Every live session's cache: a session being opened copies what another already holds
-        # of its prompt. Weak, so that closing or evicting a session still frees its cache.
-        self._caches: weakref.WeakSet[SessionKV] = weakref.WeakSet()
+        # of its prompt.
+        self._donors = PromptDonors()
 
     @property
     def description(self) -> ModelDescription:
@@ -87,12 +87,16 @@ class TransformersBackend(ModelBackend):
 
     def new_cache(self) -> SessionCache:
         cache = SessionKV()
-        self._caches.add(cache)
+        self._donors.add(cache)
         return cache
 
+    def release(self, cache: SessionCache) -> None:
+        kv = _kv(cache)
+        self._donors.withdraw(kv)  # first: no prefill copies from it after this
+        self._scheduler.release(kv)
+
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
-        # A snapshot: the set changes on this thread while the job runs on the model thread.
-        return await self._scheduler.run(SyncJob(_kv(cache), context_ids, list(self._caches)))
+        return await self._scheduler.run(SyncJob(_kv(cache), context_ids, self._donors))
 
     async def generate(
         self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]

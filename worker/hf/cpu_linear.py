@@ -13,7 +13,7 @@ that made two or three rows cost more than eight. So, on the CPU:
   (`padded_row_count`): oneDNN (and ideep in torch above it) compiles and caches a kernel per row
   count, each about half a MiB, up to 1,024 of each, and ragged batches would otherwise fill
   those caches with every count from 1 to the pass's token limit.
-`scripts/bench_worker.py` section 5 measures each against `nn.Linear` (README "Performance").
+`scripts/bench_worker.py` section 5 measures each against `nn.Linear` (docs/performance.md).
 """
 
 from __future__ import annotations

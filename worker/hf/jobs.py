@@ -9,25 +9,16 @@ from __future__ import annotations
 import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from coolfusion.worker.backend import CandidateText, TextScore, Timed
-from coolfusion.worker.hf.kv import SessionKV
+from coolfusion.worker.hf.donors import PromptDonors
+from coolfusion.worker.hf.kv import SessionKV, common_prefix_length
 from coolfusion.worker.hf.model import Feed, HFModel
 from coolfusion.worker.segments import SegmentScan
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """Number of leading ids that `a` and `b` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Job(ABC):
@@ -87,10 +78,10 @@ class Prefill:
     """Brings a session's cache to hold exactly `target`, feeding only what differs from what it
     holds, in chunks that fit each pass; the last chunk yields the logits after `target`."""
 
-    def __init__(self, kv: SessionKV, target: list[int], donors: Sequence[SessionKV] = ()):
+    def __init__(self, kv: SessionKV, target: list[int], donors: PromptDonors | None = None):
         self._kv = kv
         self._target = target
-        self._donors = donors
+        self._donors = donors  # other sessions, whose cached prompts this one may copy
         keep = common_prefix_length(kv.ids, target)
         if keep == len(target) == len(kv.ids) and kv.next_logits is not None:
             self._remaining: list[int] = []
@@ -105,7 +96,9 @@ class Prefill:
         return not self._remaining
 
     def feed(self, budget: int) -> Feed:
-        self._copy_from_donors()
+        # Checked before every chunk, since a donor may be prefilling the same text a pass ahead.
+        if self._donors is not None:
+            del self._remaining[: self._donors.copy_into(self._kv, self._target)]
         chunk = self._remaining[: max(budget, 1)]
         last = (len(chunk) - 1,) if len(chunk) == len(self._remaining) else ()
         return Feed(self._kv, len(self._kv.ids), chunk, last)
@@ -114,36 +107,19 @@ class Prefill:
         del self._remaining[: len(feed.tokens)]
         if self.done:
             self._kv.next_logits = logits[0]
-            self._donors = ()  # holding them would keep closed sessions' caches alive
-
-    def _copy_from_donors(self) -> None:
-        """Copies what another session already holds of the rest of `target` (its prompt, when
-        concurrent requests share one), checked before every chunk since a donor may be
-        prefilling the same text a pass ahead; the last token is always fed, for its logits."""
-        start, stop = len(self._kv.ids), len(self._target) - 1
-        best, end = None, start
-        for donor in self._donors:
-            if len(donor.ids) > end and donor.ids[start] == self._target[start] and donor is not self._kv:
-                shared = min(common_prefix_length(donor.ids, self._target), stop)
-                if shared > end:
-                    best, end = donor, shared
-        if best is not None:
-            self._kv.extend_from(best, end)
-            del self._remaining[: end - start]
 
 
 class SyncJob(Job):
     """Prefill only (OpenSession)."""
 
-    def __init__(self, kv: SessionKV, target: list[int], donors: Sequence[SessionKV] = ()):
+    def __init__(self, kv: SessionKV, target: list[int], donors: PromptDonors | None = None):
         super().__init__(kv)
         self._target = target
-        self._donors = donors  # other sessions, whose cached prompts this one may copy
+        self._donors = donors
         self._prefill: Prefill | None = None
 
     def start(self) -> None:
         self._prefill = Prefill(self.kv, self._target, self._donors)
-        self._donors = ()
         if self._prefill.done:
             self._finish(None)
 

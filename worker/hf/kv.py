@@ -28,6 +28,15 @@ ATTENTION_NAME = "coolfusion_ragged"
 _GROWTH_TOKENS = 64
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Number of leading ids that `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class SessionKV(SessionCache):
     """One session's keys and values for every layer, and the token ids they hold."""
 
@@ -36,6 +45,8 @@ class SessionKV(SessionCache):
         self.next_logits: torch.Tensor | None = None  # (vocab,): predicts the token after `ids`
         self._keys: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, capacity, head_dim)
         self._values: dict[int, torch.Tensor] = {}
+        # Its session is gone (closed or evicted): a call still queued or running on it stops.
+        self.closed = False
 
     @property
     def cached_tokens(self) -> int:
@@ -49,6 +60,11 @@ class SessionKV(SessionCache):
 
     def clear(self) -> None:
         self.crop(0)
+
+    def free(self) -> None:
+        """Drops the buffers themselves, not only the positions: their memory goes back at once."""
+        self.ids, self.next_logits = [], None
+        self._keys, self._values = {}, {}
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Stores `keys`/`values` (kv_heads, n, head_dim) at positions [start, start + n)."""

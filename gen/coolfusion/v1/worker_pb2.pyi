@@ -93,7 +93,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement", "engine")
+    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement", "server_version", "engine")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class GetInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer: TokenizerInfo
@@ -111,8 +112,9 @@ class GetInfoResponse(_message.Message):
     device: str
     dtype: str
     placement: _containers.RepeatedCompositeFieldContainer[DevicePlacement]
+    server_version: str
     engine: str
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ..., engine: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class DevicePlacement(_message.Message):
     __slots__ = ("device", "parameter_share")

@@ -1,0 +1,378 @@
+"""`coolfusion calibrate`: fits a selection rule (calibration/rule.py) for each task family and for
+their pooled mix, for every ordered set of two or more explored workers, by replaying the tuning
+trees of `coolfusion explore` (docs/design.md section 3.7); writes one calibration file per fit and
+fit.md, what every choice reached on the tuning items."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, Unit, WorkerFit, nll_per_unit
+from coolfusion.calibration.file import save_calibration
+from coolfusion.cli.eval import commit
+from coolfusion.cli.explore import Explored, load_explored, read_run
+from coolfusion.orchestrator.domain import StepCandidate, TreeNode
+from coolfusion.orchestrator.replay import Unexplored, branch_of, candidates_for, replay
+from coolfusion.orchestrator.strategy import DEFAULT, PAPER, RepetitionGuard, Strategy
+
+POOLED = "pooled"
+# The values the search tries, in scaled units (one unit: a worker's spread of NLL per character
+# on the tuning items). Coarse on purpose: a few hundred items per family cannot tell finer
+# steps apart, and a finer grid only fits their noise.
+MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, math.inf)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0)
+# Seeded random starting points besides the fixed ones: the right-answer count is a step function
+# of the parameters, and coordinate ascent from a few points stops on its plateaus.
+RANDOM_STARTS = 12
+# Fitted rules stop loops like the product's default does.
+GUARD = RepetitionGuard.STOP
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trees", type=Path, help="a `coolfusion explore --split tuning` folder")
+    parser.add_argument("--out", type=Path, default=Path("calibrations"), help="where the calibration files go")
+    parser.add_argument("--workers", default="", help="comma-separated workers to fit for (default: all explored)")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    run = read_run(args.trees)
+    explored = load_explored(args.trees)
+    if splits := {e.item.split for e in explored} - {"tuning"}:
+        raise SystemExit(f"coolfusion: calibrate fits on tuning items only; {args.trees} holds {sorted(splits)}")
+    workers = [w for w in args.workers.split(",") if w] or run["workers"]
+    fits = []
+    for scope, items in scopes(explored):
+        for chosen in worker_sets(workers):
+            started = time.monotonic()
+            fit = fit_rule(items, chosen)
+            calibration = _calibration(scope, fit, run, items)
+            save_calibration(calibration, args.out / f"{calibration.name}.json")
+            fits.append((scope, fit))
+            print(f"{calibration.name}: {_summary(fit)} ({time.monotonic() - started:.0f} s)", flush=True)
+    (args.out / "fit.md").write_text(fit_table(fits) + "\n", encoding="utf-8")
+    print(f"\n{len(fits)} calibrations and fit.md in {args.out}")
+    return 0
+
+
+def scopes(explored: list[Explored]) -> Iterator[tuple[str, list[Explored]]]:
+    """Each family's items, then all of them pooled (the mixed workload)."""
+    families = list(dict.fromkeys(e.item.family for e in explored))
+    for name in families:
+        yield name, [e for e in explored if e.item.family == name]
+    if len(families) > 1:
+        yield POOLED, explored
+
+
+def worker_sets(workers: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every ordered subset of two or more, in the explored order (its first worker is the lead
+    whose tokens count the answer's length)."""
+    return [s for size in range(2, len(workers) + 1) for s in itertools.combinations(workers, size)]
+
+
+# ---- replay, compiled for the search ---------------------------------------------------------
+#
+# The search replays thousands of candidate rules; replay() itself (orchestrator/replay.py)
+# rebuilds every step's candidates and scores each time. Compiled, a tree keeps per node only what
+# a fitted rule reads: each candidate's scaled scores, who proposed it, and where it leads. fit_rule
+# checks that the compiled replay of the rule it returns equals replay() on every item.
+
+
+@dataclass(frozen=True)
+class _Choice:
+    nll: dict[Unit, tuple[float, ...]]  # per unit, per worker of the set: unscaled NLL (a lone candidate: empty)
+    proposed: tuple[bool, ...]  # per worker of the set: whether it proposed this candidate
+    node: int | None  # the compiled node it leads to, or None when the answer ends here
+    right: bool = False  # the ended answer's correctness (an unexplored node counts as wrong)
+
+
+@dataclass(frozen=True)
+class _Node:
+    choices: tuple[_Choice, ...] = ()  # empty: entering this node ends the answer, `right` says how
+    right: bool = False
+
+
+def compile_tree(explored: Explored, workers: Sequence[str]) -> list[_Node]:
+    """The tree as a fusion of `workers` under a fitted rule (with GUARD) walks it; node 0 is the root."""
+    tree, item, lead = explored.tree, explored.item, workers[0]
+    compiled: list[_Node] = []
+    index_of: dict[int, int] = {}
+
+    def right(text: str) -> bool:
+        return item.correct(item.read(text))
+
+    def enter(i: int) -> int:
+        if i in index_of:
+            return index_of[i]
+        index_of[i] = len(compiled)
+        compiled.append(_Node())
+        node = tree.nodes[i]
+        if node.repetition_cut is not None:
+            ended = _Node(right=right(node.text[: node.repetition_cut]))
+        elif not node.visited:
+            ended = _Node(right=False)
+        elif node.answer_tokens[lead] >= explored.max_new_tokens:
+            ended = _Node(right=right(node.text))
+        else:
+            ended = _Node(choices=tuple(choice(node, c) for c in candidates_for(node, workers)))
+        compiled[index_of[i]] = ended
+        return index_of[i]
+
+    def choice(node: TreeNode, candidate: StepCandidate) -> _Choice:
+        nll = {unit: _nlls(candidate, workers, unit) for unit in Unit} if candidate.scores else {}
+        proposed = tuple(w in candidate.proposed_by for w in workers)
+        branch = node.branches[branch_of(node, candidate)]
+        if branch.answer is not None:
+            return _Choice(nll, proposed, None, right(tree.answers[branch.answer].text))
+        return _Choice(nll, proposed, enter(branch.node or 0))
+
+    enter(0)
+    return compiled
+
+
+def _nlls(candidate: StepCandidate, workers: Sequence[str], unit: Unit) -> tuple[float, ...]:
+    return tuple(
+        nll_per_unit(unit, s.log_prob_sum, s.scored_tokens, candidate.text, candidate.ends_with_eos)
+        for s in (candidate.scores[w] for w in workers)
+    )
+
+
+@dataclass(frozen=True)
+class _Params:
+    """A point of the search: the rule's parameters for one worker set."""
+
+    lead: int | None  # index into the worker set
+    margin: float
+    weights: tuple[float, ...]
+    priors: tuple[float, ...]
+    unit: Unit = Unit.TOKEN
+    scaled: bool = False  # whether each worker's NLL is divided by its spread (else by 1)
+
+    def complexity(self) -> int:
+        """How far from the plain rule (the product's default choice, nll_mean per token): a tie in
+        right answers goes to the simpler point."""
+        return (
+            sum(w != 1.0 for w in self.weights) + sum(p != 0.0 for p in self.priors)
+            + (self.lead is not None and not math.isinf(self.margin)) + (self.unit != Unit.TOKEN) + self.scaled
+        )  # fmt: skip
+
+
+Spreads = dict[Unit, tuple[float, ...]]
+
+
+def _scales(params: _Params, spreads: Spreads) -> tuple[float, ...]:
+    return spreads[params.unit] if params.scaled else (1.0,) * len(params.weights)
+
+
+def _walk(nodes: list[_Node], params: _Params, spreads: Spreads) -> bool:
+    """Whether the answer this rule reaches is right; mirrors SelectionRule.score and .choose."""
+    node, scales = nodes[0], _scales(params, spreads)
+    total = sum(params.weights)
+    while node.choices:
+        choices = node.choices
+        if len(choices) == 1:
+            chosen = choices[0]
+        else:
+            scores = []
+            for c in choices:
+                judged = 0.0
+                if total > 0:
+                    judged = sum(w * x / s for w, x, s in zip(params.weights, c.nll[params.unit], scales) if w) / total
+                scores.append(judged - sum(p for p, by in zip(params.priors, c.proposed) if by))
+            best = min(range(len(scores)), key=lambda i: (scores[i], i))
+            own = (
+                None
+                if params.lead is None
+                else next((i for i, c in enumerate(choices) if c.proposed[params.lead]), None)
+            )
+            pick = best if own is None or scores[best] < scores[own] - params.margin else own
+            chosen = choices[pick]
+        if chosen.node is None:
+            return chosen.right
+        node = nodes[chosen.node]
+    return node.right
+
+
+# ---- the search ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted rule for one worker set on one scope, and what each choice reached there."""
+
+    workers: tuple[str, ...]
+    rule: SelectionRule
+    items: int
+    correct: int
+    reached: dict[str, int]  # label -> correct answers on the tuning items (solo, paper, default, each start)
+    unexplored: int  # answers some choice reached through a node the exploration did not visit
+
+
+def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> Fit:
+    """The rule of the family (calibration/rule.py) with the most right answers on `items`, found by
+    coordinate ascent from every worker alone (a lead that never yields), from the product's default
+    choice (NLL per token, unscaled), from per-character scaled scores and from seeded random
+    points; ties go to the simpler rule. Starting from each worker alone, the fit is never worse
+    than the best of them on these items."""
+    spreads = {unit: tuple(_spread(items, w, unit) for w in workers) for unit in Unit}
+    trees = [compile_tree(e, workers) for e in items]
+
+    def correct(params: _Params) -> int:
+        return sum(_walk(nodes, params, spreads) for nodes in trees)
+
+    plain = _Params(None, math.inf, (1.0,) * len(workers), (0.0,) * len(workers))
+    starts = {f"{w} alone": replace(plain, lead=i) for i, w in enumerate(workers)}
+    starts |= {"plain": plain, "per character, scaled": replace(plain, unit=Unit.CHARACTER, scaled=True)}
+    rng = random.Random(f"{seed}/{','.join(workers)}/{len(items)}")
+    starts |= {f"random {n}": _random_point(rng, len(workers)) for n in range(RANDOM_STARTS)}
+    reached, best, best_key = {}, plain, (-1, 0)
+    for label, start in starts.items():
+        point, score = _ascend(start, correct, len(workers))
+        reached[f"fit from {label}"] = score
+        if (score, -point.complexity()) > best_key:
+            best, best_key = point, (score, -point.complexity())
+    scales = _scales(best, spreads)
+    rule = SelectionRule(
+        {w: WorkerFit(scales[i], best.weights[i], best.priors[i]) for i, w in enumerate(workers)},
+        None if best.lead is None else workers[best.lead],
+        best.margin,
+        best.unit,
+    )
+    fitted = Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers))
+    exact, unexplored = _replayed(items, workers, fitted)
+    if exact != best_key[0]:
+        raise AssertionError(f"compiled replay found {best_key[0]} right, replay() {exact}: the two disagree")
+    for name in workers:
+        reached[f"{name} alone"] = _replayed(items, [name], DEFAULT)[0]
+    reached["paper"] = _replayed(items, workers, PAPER)[0]
+    reached["default"] = _replayed(items, workers, DEFAULT)[0]
+    return Fit(workers, rule, len(items), exact, reached, unexplored)
+
+
+def _random_point(rng: random.Random, size: int) -> _Params:
+    return _Params(
+        rng.choice([None, *range(size)]), rng.choice(MARGINS),
+        tuple(rng.choice(WEIGHTS) for _ in range(size)), tuple(rng.choice(PRIORS) for _ in range(size)),
+        rng.choice(list(Unit)), rng.choice([False, True]),
+    )  # fmt: skip
+
+
+def _ascend(start: _Params, correct: Callable[[_Params], int], size: int) -> tuple[_Params, int]:
+    """Coordinate ascent: one parameter at a time, each value of its grid, while (right answers,
+    simplicity) improves."""
+    point, key = start, (correct(start), -start.complexity())
+    improved = True
+    while improved:
+        improved = False
+        for candidate in _neighbours(point, size):
+            candidate_key = (correct(candidate), -candidate.complexity())
+            if candidate_key > key:
+                point, key, improved = candidate, candidate_key, True
+    return point, key[0]
+
+
+def _neighbours(point: _Params, size: int) -> Iterator[_Params]:
+    for lead in [None, *range(size)]:
+        yield replace(point, lead=lead)
+    for margin in MARGINS:
+        yield replace(point, margin=margin)
+    for unit in Unit:
+        for scaled in (False, True):
+            yield replace(point, unit=unit, scaled=scaled)
+    for k in range(size):
+        for weight in WEIGHTS:
+            yield replace(point, weights=point.weights[:k] + (weight,) + point.weights[k + 1 :])
+        for prior in PRIORS:
+            yield replace(point, priors=point.priors[:k] + (prior,) + point.priors[k + 1 :])
+
+
+def _spread(items: list[Explored], worker: str, unit: Unit) -> float:
+    """The worker's standard deviation of NLL per unit over every candidate it scored: its
+    temperature, so that one scaled unit means as much for every worker."""
+    values = [
+        x
+        for e in items
+        for node in e.tree.nodes
+        for c in node.candidates
+        if worker in c.scores
+        and math.isfinite(x := nll_per_unit(unit, c.scores[worker].log_prob_sum, c.scores[worker].scored_tokens, c.text, c.ends_with_eos))
+    ]  # fmt: skip
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return spread if spread > 0 else 1.0
+
+
+def _replayed(items: list[Explored], workers: Sequence[str], strategy: Strategy) -> tuple[int, int]:
+    """(right answers, answers through an unexplored node) of replay() over the items."""
+    right = unexplored = 0
+    for e in items:
+        try:
+            text = replay(e.tree, workers, strategy, e.max_new_tokens).text
+        except Unexplored:
+            unexplored += 1
+            continue
+        right += e.item.correct(e.item.read(text))
+    return right, unexplored
+
+
+def _bare(rule: SelectionRule, workers: Sequence[str]) -> Calibration:
+    return Calibration("fit", tuple(FittedWorker(w, "") for w in workers), rule, GUARD.value)
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def _calibration(scope: str, fit: Fit, run: dict[str, Any], items: list[Explored]) -> Calibration:
+    families: dict[str, int] = {}
+    for e in items:
+        families[e.item.family] = families.get(e.item.family, 0) + 1
+    return Calibration(
+        name=f"{scope}-{'-'.join(fit.workers)}",
+        workers=tuple(FittedWorker(w, run["models"][w]) for w in fit.workers),
+        rule=fit.rule,
+        repetition_guard=GUARD.value,
+        fitted_on={"scope": scope, "split": "tuning", "items": families, "commit": commit()},
+        tuning={"items": fit.items, "correct": fit.correct, "unexplored": fit.unexplored, "reached": fit.reached},
+    )
+
+
+def _summary(fit: Fit) -> str:
+    best_solo = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+    return (
+        f"fitted {fit.correct}/{fit.items}, best alone {best_solo} {fit.reached[f'{best_solo} alone']}, "
+        f"paper {fit.reached['paper']}, default {fit.reached['default']}; {describe_rule(fit.rule)}"
+    )
+
+
+def describe_rule(rule: SelectionRule) -> str:
+    """The rule in one line, e.g. 'lead gemma3, margin 1.5; qwen weight 2, prior 0.5'."""
+    parts = [f"lead {rule.lead}, margin {rule.margin:g}" if rule.lead else "no lead", f"per {rule.unit}"]
+    parts += [
+        f"{name} weight {fit.weight:g}, prior {fit.prior:g}, scale {fit.scale:.3g}"
+        for name, fit in rule.workers.items()
+    ]
+    return "; ".join(parts)
+
+
+def fit_table(fits: list[tuple[str, Fit]]) -> str:
+    """fit.md: per scope and worker set, right answers of each worker alone, the paper's rule, the
+    default and the fitted rule on the tuning items."""
+    lines = [
+        "| scope | workers | items | best alone | paper | default | fitted | rule |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scope, fit in fits:
+        best = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+        lines.append(
+            f"| {scope} | {', '.join(fit.workers)} | {fit.items} | {best} {fit.reached[f'{best} alone']} "
+            f"| {fit.reached['paper']} | {fit.reached['default']} | **{fit.correct}** | {describe_rule(fit.rule)} |"
+        )
+    return "\n".join(lines)
