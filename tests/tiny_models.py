@@ -58,6 +58,10 @@ CHAT_TEMPLATE = (
 )
 
 HIDDEN = 64
+# Four heads of 16. vLLM's CPU attention serves head sizes of 32 and up, so the models that tests
+# serve through vLLM workers are built with heads of 32 (half as many) instead.
+HEAD_DIM = 16
+VLLM_HEAD_DIM = 32
 MAX_POSITIONS = 4096
 # The default init range (0.02) makes the argmax nearly constant; a wide one makes greedy
 # output vary with the prompt. Seed, range and boosts were tuned by greedy-decoding prompts.
@@ -144,7 +148,7 @@ TOKENIZERS = {
 }
 
 
-def _model(family: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+def _model(family: str, tokenizer: PreTrainedTokenizerFast, head_dim: int) -> PreTrainedModel:
     common = {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -152,14 +156,14 @@ def _model(family: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         "pad_token_id": tokenizer.pad_token_id,
         "hidden_size": HIDDEN,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "num_attention_heads": HIDDEN // head_dim,
         "max_position_embeddings": MAX_POSITIONS,
         "initializer_range": INIT_RANGE,
         "dtype": "float32",
         # Untied, so the output layer can be shaped without touching the input embeddings.
         "tie_word_embeddings": False,
     }
-    gated = {"intermediate_size": 2 * HIDDEN, "num_key_value_heads": 2}
+    gated = {"intermediate_size": 2 * HIDDEN, "num_key_value_heads": 2, "head_dim": head_dim}
     torch.manual_seed(SEED)
     if family == "bpe":
         return LlamaForCausalLM(LlamaConfig(**common, **gated))
@@ -168,8 +172,7 @@ def _model(family: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         config = Gemma3TextConfig(
             **common,
             **gated,
-            head_dim=HIDDEN // 4,
-            query_pre_attn_scalar=HIDDEN // 4,
+            query_pre_attn_scalar=head_dim,
             sliding_window=32,
             layer_types=["sliding_attention", "full_attention"],
         )
@@ -197,10 +200,11 @@ def _shape_output(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, wh
             weight[token_id] *= whitespace_boost
 
 
-def build_tiny_model(family: str, folder: pathlib.Path) -> pathlib.Path:
-    """Build the family's tokenizer and random model and save both under `folder`."""
+def build_tiny_model(family: str, folder: pathlib.Path, head_dim: int = HEAD_DIM) -> pathlib.Path:
+    """Build the family's tokenizer and random model (attention heads of `head_dim`) and save both
+    under `folder`."""
     tokenizer = TOKENIZERS[family]()
-    model = _model(family, tokenizer)
+    model = _model(family, tokenizer, head_dim)
     _shape_output(model, tokenizer, WHITESPACE_BOOST[family])
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -18,7 +18,7 @@ from coolfusion.serving.tracing import tracing_from_environment
 from coolfusion.worker.backend import ENGINES
 from coolfusion.worker.errors import StartupError
 from coolfusion.worker.hf.placement import check_device_map_flag, parse_max_memory
-from coolfusion.worker.settings import BatchLimits, SessionLimits, WorkerSettings
+from coolfusion.worker.settings import BatchLimits, SessionLimits, VLLMSettings, WorkerSettings
 
 T = TypeVar("T")
 
@@ -49,7 +49,13 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--cache-dir", type=Path, help="where GGUF conversions are kept")
-    parser.add_argument("--engine", default=defaults.engine, choices=ENGINES, help="the model backend")
+    parser.add_argument(
+        "--engine",
+        default=defaults.engine,
+        choices=ENGINES,
+        help="the model engine: transformers (exact, no extra install) or vllm (needs vllm installed)",
+    )
+    _add_vllm_flags(parser)
     parser.add_argument(
         "--max-batch-sessions", type=int, default=batch.max_sessions, help="sessions advanced by one forward pass"
     )
@@ -101,6 +107,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         metrics_port=args.metrics_port,
         tracing=tracing,
         engine=args.engine,
+        vllm=_vllm_settings(parser, args),
         batch=_batch_limits(parser, args),
         limits=SessionLimits(
             token_budget=args.token_budget,
@@ -112,6 +119,64 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
         tls=tls,
         auth_tokens=auth_tokens,
     )
+
+
+def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = VLLMSettings()
+    group = parser.add_argument_group("vLLM engine (--engine vllm)")
+    group.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=defaults.tensor_parallel_size,
+        help="GPUs that share the model's layers (default: %(default)s)",
+    )
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=defaults.gpu_memory_utilization,
+        help="share of each GPU's memory vLLM may take (default: %(default)s)",
+    )
+    group.add_argument("--block-size", type=int, help="tokens per KV block (default: 16 on a GPU, 32 on the CPU)")
+    group.add_argument("--max-model-len", type=int, help="the longest context served (default: the model's)")
+    group.add_argument(
+        "--kv-cache-gib", type=float, help="KV cache size in GiB (default: from --gpu-memory-utilization; 4 on the CPU)"
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run without compiling or CUDA graphs (default: eager on the CPU, compiled on a GPU)",
+    )
+
+
+def _vllm_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> VLLMSettings:
+    """The vLLM flags, checked; given with another engine they are an error, not silently ignored."""
+    settings = VLLMSettings(
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        enforce_eager=args.enforce_eager,
+    )
+    if args.engine != "vllm":
+        if settings != VLLMSettings():
+            parser.error("the vLLM flags (--tensor-parallel-size ... --enforce-eager) need --engine vllm")
+        return settings
+    for flag in ("device_map", "offload_dir"):
+        if getattr(args, flag):
+            parser.error(
+                f"--{flag.replace('_', '-')} is the transformers engine's; vLLM places a model with --tensor-parallel-size"
+            )
+    for flag in ("tensor_parallel_size", "block_size", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 < settings.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got {settings.gpu_memory_utilization}")
+    if settings.kv_cache_gib is not None and settings.kv_cache_gib <= 0:
+        parser.error(f"--kv-cache-gib must be positive, got {settings.kv_cache_gib}")
+    return settings
 
 
 def _checked(parse: Callable[[str], T]) -> Callable[[str], T]:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from coolfusion.worker.settings import WorkerSettings
 
 T = TypeVar("T")
-ENGINES = ("transformers",)
+# The engines a worker can serve a model with (docs/design.md section 4.7).
+ENGINES = ("transformers", "vllm")
 
 
 class Finish(enum.Enum):
@@ -111,6 +112,7 @@ class ModelDescription:
     dtype: str
     # Every device holding parameters, in the order the model uses them; empty when unknown.
     placement: tuple[DeviceShare, ...] = ()
+    engine: str = ""  # the engine serving the model: one of ENGINES
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,10 @@ def load_backend(settings: WorkerSettings) -> ModelBackend:
         from coolfusion.worker.hf.backend import load_backend as load_transformers  # heavy: torch, transformers
 
         return load_transformers(settings)
+    if settings.engine == "vllm":
+        from coolfusion.worker.vllm.backend import load_backend as load_vllm  # heavy: vllm, torch
+
+        return load_vllm(settings)
     raise ValueError(f"unknown engine {settings.engine!r}; known: {', '.join(ENGINES)}")
 
 
@@ -159,6 +165,12 @@ class ModelBackend(ABC):
     @abstractmethod
     def queue_depth(self) -> int:
         """Model calls waiting or running."""
+
+    @property
+    def engine_requests(self) -> int:
+        """Requests the engine holds unfinished; an engine that runs each call as one job has its
+        model calls waiting or running."""
+        return self.queue_depth
 
     @abstractmethod
     def render(self, prompt: PromptSpec) -> RenderedPrompt: ...

@@ -145,6 +145,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 open_sessions=load.open_sessions,
                 cached_tokens=load.cached_tokens,
                 evicted_sessions=load.evicted_sessions,
+                engine_requests=self._model.engine_requests,
             ),
             device=model.device,
             dtype=model.dtype,
@@ -152,6 +153,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 worker_pb2.DevicePlacement(device=p.device, parameter_share=p.parameter_share) for p in model.placement
             ],
             server_version=PACKAGE_VERSION,
+            engine=model.engine,
         )
 
     async def OpenSession(

@@ -63,6 +63,33 @@ class BatchLimits:
 
 
 @dataclass(frozen=True)
+class VLLMSettings:
+    """The vLLM engine's own settings (--engine vllm; docs/design.md section 4.7). The batch limits
+    and --dtype apply to it as to every engine."""
+
+    # One GPU per model pod is the product's layout; a model larger than one GPU spreads its
+    # layers' weights over this many GPUs (tensor parallelism).
+    tensor_parallel_size: int = 1
+    # vLLM's own default: the share of each GPU's memory it may take for weights, activations and
+    # the KV cache; the rest stays with the CUDA context and other processes.
+    gpu_memory_utilization: float = 0.9
+    # Tokens per KV block. Prefix caching reuses whole blocks only, so each call recomputes up to
+    # a block of its cached context: small blocks keep that short. None: 16 on a GPU (vLLM's
+    # default), 32 on the CPU, whose attention needs a multiple of 32 (its default of 128
+    # recomputed up to 127 tokens per call, 140 ms against about 60 ms for one token).
+    block_size: int | None = None
+    # The longest context served, tokens; None: the model's own.
+    max_model_len: int | None = None
+    # The KV cache's size, GiB. None: on a GPU, what gpu_memory_utilization leaves after the
+    # weights; on the CPU 4 GiB (about 90k tokens of SmolLM2-135M in float32), since vLLM's CPU
+    # default asks for most of the host's memory, which a host shared with other workers lacks.
+    kv_cache_gib: float | None = None
+    # None: eager on the CPU (it starts in 15-21 s; compiling took 74-173 s here for about the
+    # same speed), compiled with CUDA graphs on a GPU, where they pay.
+    enforce_eager: bool | None = None
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Everything the worker process needs, resolved from the command line."""
 
@@ -86,7 +113,10 @@ class WorkerSettings:
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
     limits: SessionLimits = SessionLimits()
     batch: BatchLimits = BatchLimits()
-    engine: str = "transformers"  # the model backend (worker/backend.py's load_backend)
+    # The model backend (worker/backend.py's load_backend): transformers is the exact reference
+    # and needs nothing else installed; vllm needs the vllm package (docs/design.md section 4.7).
+    engine: str = "transformers"
+    vllm: VLLMSettings = VLLMSettings()
     # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
     # servers share one host in local clusters and tests, where a fixed port would collide;
     # the Kubernetes manifests turn it on (--metrics-port).

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_SKIPPED_DIRS = {".git", ".venv", ".tools", "node_modules", "eval-results", ".pytest_cache", ".mypy_cache"}
+_SKIPPED_DIRS = {
+    ".git",
+    ".venv",
+    ".venv-vllm",
+    ".tools",
+    "node_modules",
+    "eval-results",
+    ".pytest_cache",
+    ".mypy_cache",
+}
 _FENCE = re.compile(r"^(```|~~~)")
 _INLINE_CODE = re.compile(r"`+[^`]*`+")
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

@@ -42,7 +42,7 @@ DEFAULT_GRACE_S = 20  # the CLIs' --grace-s default
 REGISTRY_PATH = "/etc/coolfusion/workers.yaml"
 GPU = "nvidia.com/gpu"
 
-RENDERS = ["overlays/demo", "overlays/gpu", "examples/external-worker", "examples/large-model"]
+RENDERS = ["overlays/demo", "overlays/gpu", "overlays/gpu-vllm", "examples/external-worker", "examples/large-model"]
 # Every kustomization directory that must be rendered (each one renders on its own).
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
 
@@ -515,8 +515,9 @@ def _gpu_quantities(deploy: dict) -> list:
 
 
 @needs_kubectl
-def test_gpu_overlay_workers_get_one_gpu():
-    docs = render("overlays/gpu")
+@pytest.mark.parametrize("rel", ["overlays/gpu", "overlays/gpu-vllm"])
+def test_gpu_overlay_workers_get_one_gpu(rel):
+    docs = render(rel)
     for d in workers(docs):
         c = main_container(d)
         assert str(c["resources"]["limits"][GPU]) == "1", d["metadata"]["name"]
@@ -584,8 +585,25 @@ def test_large_model_pod_holds_its_gpus_and_the_cpu_weights_max_memory_allows():
     assert any(t["key"] == GPU and t["operator"] == "Exists" for t in spec["tolerations"])
     assert large["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a rollout must not need more GPUs"
     # The default pair beside it keeps one GPU each.
-    others = [d for d in workers(docs) if d is not large]
+    others = [d for d in workers(docs) if d is not large and "--engine" not in main_container(d)["args"]]
     assert len(others) == 2 and all(_gpu_quantities(d) == [("worker", "limits", 1)] for d in others)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", ["overlays/gpu-vllm", "examples/large-model"])
+def test_vllm_workers_run_the_vllm_image_with_a_gpu_per_tensor_parallel_rank(rel):
+    from coolfusion.worker.__main__ import parse_settings  # torch-free: flag parsing only
+
+    vllm_workers = [d for d in workers(render(rel)) if arg_value(main_container(d)["args"], "--engine") == "vllm"]
+    assert vllm_workers, f"{rel} runs no vLLM worker"
+    for d in vllm_workers:
+        container = main_container(d)
+        settings = parse_settings(container["args"])  # the worker's own parser accepts the rendered flags
+        assert container["image"].startswith("coolfusion-worker-vllm:"), d["metadata"]["name"]
+        assert _gpu_quantities(d) == [("worker", "limits", settings.vllm.tensor_parallel_size)]
+        # The init container seeds the model cache from the transformers image, which converts presets.
+        [seed] = d["spec"]["template"]["spec"]["initContainers"]
+        assert seed["image"].startswith("coolfusion-worker:")
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -622,6 +640,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 DOCKERFILES = {
     # image -> (Dockerfile, console script, port, manifest holding its Deployment)
     "worker": (REPO / "worker/Dockerfile", "coolfusion-worker", WORKER_PORT, K8S / "worker/deployment.yaml"),
+    "worker-vllm": (REPO / "worker/vllm/Dockerfile", "coolfusion-worker", WORKER_PORT, K8S / "worker/deployment.yaml"),
     "orchestrator": (
         REPO / "orchestrator/Dockerfile",
         "coolfusion-orchestrator",
@@ -654,7 +673,8 @@ def test_dockerfile_expose_matches_manifest(name):
     container = main_container(deploy)
     assert serving_port(container) == port
     assert arg_value(container["args"], "--port") == str(port)
-    assert container["image"].split(":")[0].endswith(f"coolfusion-{name}")
+    # The vLLM worker shares the worker's manifest; components/vllm swaps its image (checked above).
+    assert container["image"].split(":")[0].endswith(f"coolfusion-{name.removesuffix('-vllm')}")
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

@@ -6,6 +6,7 @@ Every method here runs on the model thread, the only thread that touches session
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -13,11 +14,11 @@ from typing import Any
 
 import torch
 
-from coolfusion.worker.backend import CandidateText, Finish, Segment, TextScore, Timed
+from coolfusion.worker.backend import CandidateText, TextScore, Timed
 from coolfusion.worker.hf.donors import PromptDonors
 from coolfusion.worker.hf.kv import SessionKV, common_prefix_length
 from coolfusion.worker.hf.model import Feed, HFModel
-from coolfusion.worker.segments import segment_cut
+from coolfusion.worker.segments import SegmentScan
 
 
 class Job(ABC):
@@ -139,12 +140,11 @@ class GenerateJob(Job):
 
     def __init__(self, model: HFModel, kv: SessionKV, context_ids: list[int], max_tokens: int, stops: tuple[str, ...]):
         super().__init__(kv)
-        self._model = model
         self._context = context_ids
-        self._max_tokens = max_tokens
-        self._stops = stops
+        self._scan = SegmentScan(
+            functools.partial(model.decode_continuation, context_ids), model.stop_ids, max_tokens, stops
+        )
         self._prefill: Prefill | None = None
-        self._generated: list[int] = []
         self._pending: int | None = None  # the last token chosen, to be fed next pass
 
     @property
@@ -180,31 +180,16 @@ class GenerateJob(Job):
     def _choose(self, logits: torch.Tensor) -> None:
         """Takes the greedy token and decides whether the segment ended."""
         token = int(torch.argmax(logits))
-        if token in self._model.stop_ids:
-            self._finish(Segment(self._text(), Finish.EOS, len(self._generated) + 1))
-            return
-        self._generated.append(token)
-        text = self._text()
-        cut = segment_cut(text, self._stops)
-        if cut is not None:
-            self._finish(self._cut(text, *cut))
-        elif len(self._generated) == self._max_tokens:
-            # The last token was never fed, so the cache holds one token fewer than the text.
-            self._finish(Segment(text, Finish.LENGTH, len(self._generated)))
-        else:
+        segment = self._scan.add(token)
+        if segment is None:
             self._pending = token
-
-    def _text(self) -> str:
-        return self._model.decode_continuation(self._context, self._generated) if self._generated else ""
-
-    def _cut(self, text: str, end: int, reason: Finish) -> Segment:
-        # The last token crossed the cut and was never fed; earlier ones whose text ends past the
-        # cut (a multi-token whitespace run) are rolled back too.
-        kept = len(self._generated) - 1
-        while kept > 0 and len(self._model.decode_continuation(self._context, self._generated[:kept])) > end:
-            kept -= 1
-        self.kv.crop(len(self._context) + kept)
-        return Segment(text[:end], reason, len(self._generated))
+            return
+        if self._scan.cut:
+            # The last token crossed the cut and was never fed; earlier ones whose text ends past
+            # the cut are rolled back too. (At EOS or the cap the cache already holds what it should:
+            # the EOS, or the last token, was never fed.)
+            self.kv.crop(len(self._context) + self._scan.kept)
+        self._finish(segment)
 
 
 class ScoreJob(Job):

@@ -11,10 +11,7 @@ from coolfusion.worker.backend import ModelDescription, PromptSpec, RenderedProm
 from coolfusion.worker.hf import placement
 from coolfusion.worker.hf.cpu_linear import pack_linear_layers
 from coolfusion.worker.hf.kv import Piece, RaggedBatch, SessionKV, use_ragged_attention
-
-# Tokens of context decoded together with new tokens, so that tokenizers whose decode depends on
-# the previous token (SentencePiece leading spaces, multi-byte characters) give the right text.
-_DECODE_TAIL = 8
+from coolfusion.worker.hf.text import ModelText
 
 
 @dataclass(frozen=True)
@@ -48,8 +45,9 @@ class HFModel:
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.eos_id = self._primary_eos_id()
-        self.stop_ids = self._all_eos_ids()
+        self.text = ModelText(tokenizer, model.generation_config.eos_token_id, model_id)
+        self.eos_id = self.text.eos_id
+        self.stop_ids = self.text.stop_ids
         self.max_context_tokens = int(getattr(model.config, "max_position_embeddings", 2048))
         # Where the input embeddings compute (their weights may be offloaded, on the meta device).
         self.input_device = placement.execution_device(model, model.get_input_embeddings())
@@ -61,58 +59,34 @@ class HFModel:
 
     def describe(self, dtype: str) -> ModelDescription:
         tokenizer = self.tokenizer
-        eos_text = tokenizer.convert_ids_to_tokens(self.eos_id)
         return ModelDescription(
             model_id=self.model_id,
             tokenizer_family=type(tokenizer).__name__,
             vocab_size=len(tokenizer),
-            eos_text=eos_text if isinstance(eos_text, str) else "",
+            eos_text=self.text.eos_text,
             bos_text=str(tokenizer.bos_token or ""),
             has_chat_template=bool(tokenizer.chat_template),
             max_context_tokens=self.max_context_tokens,
             device=str(self.input_device),
             dtype=dtype,
             placement=self.placement,
+            engine="transformers",
         )
 
-    def _primary_eos_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = self.model.generation_config.eos_token_id
-            eos = eos[0] if isinstance(eos, list) else eos
-        if eos is None:
-            raise ValueError(f"model {self.model_id} has no EOS token")
-        return int(eos)
-
-    def _all_eos_ids(self) -> frozenset[int]:
-        configured = self.model.generation_config.eos_token_id
-        ids = configured if isinstance(configured, list) else [configured]
-        return frozenset(int(i) for i in ids if i is not None) | {self.eos_id}
-
-    # ---- text <-> tokens ------------------------------------------------------------------
+    # ---- text <-> tokens (docs/design.md sections 2.1 and 2.2) -----------------------------
 
     def render(self, prompt: PromptSpec) -> RenderedPrompt:
-        """The prompt as this model sees it (docs/design.md section 2.1)."""
-        if prompt.text is not None:
-            return RenderedPrompt(prompt.text, add_special_tokens=True)
-        messages = [{"role": t.role, "content": t.content} for t in prompt.chat]
-        if self.tokenizer.chat_template:
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            # The template already spells out its special tokens.
-            return RenderedPrompt(str(rendered), add_special_tokens=False)
-        # A base model has no template: the turns become plain paragraphs.
-        return RenderedPrompt("\n\n".join(t.content for t in prompt.chat) + "\n\n", add_special_tokens=True)
+        return self.text.render(prompt)
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return self.text.tokenize(text, add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+        return self.text.decode(ids)
 
     def decode_continuation(self, context_ids: list[int], new_ids: list[int]) -> str:
         """The text that `new_ids` add after `context_ids`."""
-        tail = context_ids[-_DECODE_TAIL:]
-        return self.decode(tail + new_ids)[len(self.decode(tail)) :]
+        return self.text.decode_continuation(context_ids, new_ids)
 
     # ---- forward --------------------------------------------------------------------------
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63oolfusion/v1/worker.proto\x12\rcoolfusion.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"@\n\x10\x43hatConversation\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.coolfusion.v1.ChatMessage\"Q\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1f.coolfusion.v1.ChatConversationH\x00\x42\x06\n\x04kind\"r\n\rTokenizerInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x10\n\x08\x65os_text\x18\x03 \x01(\t\x12\x10\n\x08\x62os_text\x18\x04 \x01(\t\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\"\xc4\x01\n\x0cWorkerLimits\x12\x1a\n\x12max_context_tokens\x18\x01 \x01(\r\x12\x1c\n\x14session_token_budget\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x18\n\x10idle_ttl_seconds\x18\x04 \x01(\x01\x12\x16\n\x0emax_candidates\x18\x05 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x06 \x01(\r\x12\x1a\n\x12max_segment_tokens\x18\x07 \x01(\r\"T\n\nWorkerLoad\x12\x15\n\ropen_sessions\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\x03 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xae\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12/\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1c.coolfusion.v1.TokenizerInfo\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.coolfusion.v1.WorkerLimits\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.coolfusion.v1.WorkerLoad\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x31\n\tplacement\x18\x08 \x03(\x0b\x32\x1e.coolfusion.v1.DevicePlacement\x12\x16\n\x0eserver_version\x18\t \x01(\t\":\n\x0f\x44\x65vicePlacement\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x17\n\x0fparameter_share\x18\x02 \x01(\x01\"d\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06prompt\x18\x02 \x01(\x0b\x32\x15.coolfusion.v1.Prompt\x12\x13\n\x0b\x61nswer_text\x18\x03 \x01(\t\"l\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\"\xca\x01\n\x16GenerateSegmentRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_context_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x61ppend_text\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x14\n\x0cstop_strings\x18\x05 \x03(\t\x12\"\n\x15\x65xpected_answer_chars\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_expected_answer_chars\"\xa1\x01\n\x17GenerateSegmentResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.coolfusion.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"0\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rends_with_eos\x18\x02 \x01(\x08\"_\n\x0e\x43\x61ndidateScore\x12\x15\n\rscored_tokens\x18\x01 \x01(\r\x12\x14\n\x0clog_prob_sum\x18\x02 \x01(\x01\x12 \n\x18\x63ontext_tokens_with_text\x18\x03 \x01(\r\"u\n\x10ScoreTextRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_context_tokens\x18\x02 \x01(\r\x12,\n\ncandidates\x18\x03 \x03(\x0b\x32\x18.coolfusion.v1.Candidate\"n\n\x11ScoreTextResponse\x12-\n\x06scores\x18\x01 \x03(\x0b\x32\x1d.coolfusion.v1.CandidateScore\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INISH_REASON_BOUNDARY\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x04\x12\x1c\n\x18\x46INISH_REASON_REPETITION\x10\x05\x32\xba\x03\n\rWorkerService\x12H\n\x07GetInfo\x12\x1d.coolfusion.v1.GetInfoRequest\x1a\x1e.coolfusion.v1.GetInfoResponse\x12T\n\x0bOpenSession\x12!.coolfusion.v1.OpenSessionRequest\x1a\".coolfusion.v1.OpenSessionResponse\x12`\n\x0fGenerateSegment\x12%.coolfusion.v1.GenerateSegmentRequest\x1a&.coolfusion.v1.GenerateSegmentResponse\x12N\n\tScoreText\x12\x1f.coolfusion.v1.ScoreTextRequest\x1a .coolfusion.v1.ScoreTextResponse\x12W\n\x0c\x43loseSession\x12\".coolfusion.v1.CloseSessionRequest\x1a#.coolfusion.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63oolfusion/v1/worker.proto\x12\rcoolfusion.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"@\n\x10\x43hatConversation\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.coolfusion.v1.ChatMessage\"Q\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1f.coolfusion.v1.ChatConversationH\x00\x42\x06\n\x04kind\"r\n\rTokenizerInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x10\n\x08\x65os_text\x18\x03 \x01(\t\x12\x10\n\x08\x62os_text\x18\x04 \x01(\t\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\"\xc4\x01\n\x0cWorkerLimits\x12\x1a\n\x12max_context_tokens\x18\x01 \x01(\r\x12\x1c\n\x14session_token_budget\x18\x02 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x03 \x01(\r\x12\x18\n\x10idle_ttl_seconds\x18\x04 \x01(\x01\x12\x16\n\x0emax_candidates\x18\x05 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x06 \x01(\r\x12\x1a\n\x12max_segment_tokens\x18\x07 \x01(\r\"m\n\nWorkerLoad\x12\x15\n\ropen_sessions\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\x04\x12\x18\n\x10\x65victed_sessions\x18\x03 \x01(\x04\x12\x17\n\x0f\x65ngine_requests\x18\x04 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xbe\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12/\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1c.coolfusion.v1.TokenizerInfo\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.coolfusion.v1.WorkerLimits\x12\'\n\x04load\x18\x05 \x01(\x0b\x32\x19.coolfusion.v1.WorkerLoad\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x31\n\tplacement\x18\x08 \x03(\x0b\x32\x1e.coolfusion.v1.DevicePlacement\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\":\n\x0f\x44\x65vicePlacement\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x17\n\x0fparameter_share\x18\x02 \x01(\x01\"d\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06prompt\x18\x02 \x01(\x0b\x32\x15.coolfusion.v1.Prompt\x12\x13\n\x0b\x61nswer_text\x18\x03 \x01(\t\"l\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\"\xca\x01\n\x16GenerateSegmentRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_context_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x61ppend_text\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x14\n\x0cstop_strings\x18\x05 \x03(\t\x12\"\n\x15\x65xpected_answer_chars\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_expected_answer_chars\"\xa1\x01\n\x17GenerateSegmentResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.coolfusion.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"0\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rends_with_eos\x18\x02 \x01(\x08\"_\n\x0e\x43\x61ndidateScore\x12\x15\n\rscored_tokens\x18\x01 \x01(\r\x12\x14\n\x0clog_prob_sum\x18\x02 \x01(\x01\x12 \n\x18\x63ontext_tokens_with_text\x18\x03 \x01(\r\"u\n\x10ScoreTextRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_context_tokens\x18\x02 \x01(\r\x12,\n\ncandidates\x18\x03 \x03(\x0b\x32\x18.coolfusion.v1.Candidate\"n\n\x11ScoreTextResponse\x12-\n\x06scores\x18\x01 \x03(\x0b\x32\x1d.coolfusion.v1.CandidateScore\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08*\xb0\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INISH_REASON_BOUNDARY\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x04\x12\x1c\n\x18\x46INISH_REASON_REPETITION\x10\x05\x32\xba\x03\n\rWorkerService\x12H\n\x07GetInfo\x12\x1d.coolfusion.v1.GetInfoRequest\x1a\x1e.coolfusion.v1.GetInfoResponse\x12T\n\x0bOpenSession\x12!.coolfusion.v1.OpenSessionRequest\x1a\".coolfusion.v1.OpenSessionResponse\x12`\n\x0fGenerateSegment\x12%.coolfusion.v1.GenerateSegmentRequest\x1a&.coolfusion.v1.GenerateSegmentResponse\x12N\n\tScoreText\x12\x1f.coolfusion.v1.ScoreTextRequest\x1a .coolfusion.v1.ScoreTextResponse\x12W\n\x0c\x43loseSession\x12\".coolfusion.v1.CloseSessionRequest\x1a#.coolfusion.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coolfusion.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2067
-  _globals['_FINISHREASON']._serialized_end=2243
+  _globals['_FINISHREASON']._serialized_start=2108
+  _globals['_FINISHREASON']._serialized_end=2284
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_CHATCONVERSATION']._serialized_start=91
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERLIMITS']._serialized_start=357
   _globals['_WORKERLIMITS']._serialized_end=553
   _globals['_WORKERLOAD']._serialized_start=555
-  _globals['_WORKERLOAD']._serialized_end=639
-  _globals['_GETINFOREQUEST']._serialized_start=641
-  _globals['_GETINFOREQUEST']._serialized_end=657
-  _globals['_GETINFORESPONSE']._serialized_start=660
-  _globals['_GETINFORESPONSE']._serialized_end=962
-  _globals['_DEVICEPLACEMENT']._serialized_start=964
-  _globals['_DEVICEPLACEMENT']._serialized_end=1022
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1024
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1124
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1126
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1234
-  _globals['_GENERATESEGMENTREQUEST']._serialized_start=1237
-  _globals['_GENERATESEGMENTREQUEST']._serialized_end=1439
-  _globals['_GENERATESEGMENTRESPONSE']._serialized_start=1442
-  _globals['_GENERATESEGMENTRESPONSE']._serialized_end=1603
-  _globals['_CANDIDATE']._serialized_start=1605
-  _globals['_CANDIDATE']._serialized_end=1653
-  _globals['_CANDIDATESCORE']._serialized_start=1655
-  _globals['_CANDIDATESCORE']._serialized_end=1750
-  _globals['_SCORETEXTREQUEST']._serialized_start=1752
-  _globals['_SCORETEXTREQUEST']._serialized_end=1869
-  _globals['_SCORETEXTRESPONSE']._serialized_start=1871
-  _globals['_SCORETEXTRESPONSE']._serialized_end=1981
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1983
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2024
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2026
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2064
-  _globals['_WORKERSERVICE']._serialized_start=2246
-  _globals['_WORKERSERVICE']._serialized_end=2688
+  _globals['_WORKERLOAD']._serialized_end=664
+  _globals['_GETINFOREQUEST']._serialized_start=666
+  _globals['_GETINFOREQUEST']._serialized_end=682
+  _globals['_GETINFORESPONSE']._serialized_start=685
+  _globals['_GETINFORESPONSE']._serialized_end=1003
+  _globals['_DEVICEPLACEMENT']._serialized_start=1005
+  _globals['_DEVICEPLACEMENT']._serialized_end=1063
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1065
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1165
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1167
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1275
+  _globals['_GENERATESEGMENTREQUEST']._serialized_start=1278
+  _globals['_GENERATESEGMENTREQUEST']._serialized_end=1480
+  _globals['_GENERATESEGMENTRESPONSE']._serialized_start=1483
+  _globals['_GENERATESEGMENTRESPONSE']._serialized_end=1644
+  _globals['_CANDIDATE']._serialized_start=1646
+  _globals['_CANDIDATE']._serialized_end=1694
+  _globals['_CANDIDATESCORE']._serialized_start=1696
+  _globals['_CANDIDATESCORE']._serialized_end=1791
+  _globals['_SCORETEXTREQUEST']._serialized_start=1793
+  _globals['_SCORETEXTREQUEST']._serialized_end=1910
+  _globals['_SCORETEXTRESPONSE']._serialized_start=1912
+  _globals['_SCORETEXTRESPONSE']._serialized_end=2022
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2024
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2065
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2067
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2105
+  _globals['_WORKERSERVICE']._serialized_start=2287
+  _globals['_WORKERSERVICE']._serialized_end=2729
 # @@protoc_insertion_point(module_scope)

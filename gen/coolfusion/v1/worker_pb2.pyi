@@ -77,21 +77,23 @@ class WorkerLimits(_message.Message):
     def __init__(self, max_context_tokens: _Optional[int] = ..., session_token_budget: _Optional[int] = ..., max_sessions: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ..., max_candidates: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_segment_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("open_sessions", "cached_tokens", "evicted_sessions")
+    __slots__ = ("open_sessions", "cached_tokens", "evicted_sessions", "engine_requests")
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVICTED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     open_sessions: int
     cached_tokens: int
     evicted_sessions: int
-    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., evicted_sessions: _Optional[int] = ...) -> None: ...
+    engine_requests: int
+    def __init__(self, open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., evicted_sessions: _Optional[int] = ..., engine_requests: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement", "server_version")
+    __slots__ = ("model_id", "tokenizer", "protocol_version", "limits", "load", "device", "dtype", "placement", "server_version", "engine")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,7 @@ class GetInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer: TokenizerInfo
     protocol_version: str
@@ -110,7 +113,8 @@ class GetInfoResponse(_message.Message):
     dtype: str
     placement: _containers.RepeatedCompositeFieldContainer[DevicePlacement]
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    engine: str
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., protocol_version: _Optional[str] = ..., limits: _Optional[_Union[WorkerLimits, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DevicePlacement, _Mapping]]] = ..., server_version: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class DevicePlacement(_message.Message):
     __slots__ = ("device", "parameter_share")

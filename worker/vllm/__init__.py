@@ -1,0 +1,1 @@
+"""The vLLM engine behind the worker seam (docs/design.md section 4.7)."""

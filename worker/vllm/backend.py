@@ -1,0 +1,349 @@
+"""The vLLM implementation of ModelBackend: one AsyncLLM per model, each call one or a few requests
+over the session's whole token sequence, its prefix read from vLLM's prefix cache
+(docs/design.md section 4.7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coolfusion.worker.backend import (
+    CandidateText,
+    DeviceShare,
+    ModelBackend,
+    ModelDescription,
+    PromptSpec,
+    RenderedPrompt,
+    Segment,
+    SessionCache,
+    TextScore,
+    Timed,
+)
+from coolfusion.worker.errors import OverCapacity, StartupError
+from coolfusion.worker.hf import loading
+from coolfusion.worker.hf.kv import common_prefix_length
+from coolfusion.worker.hf.text import ModelText
+from coolfusion.worker.segments import SegmentScan
+from coolfusion.worker.settings import BatchLimits, WorkerSettings
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+# The CPU's KV cache when --kv-cache-gib is not given (VLLMSettings.kv_cache_gib says why).
+_CPU_KV_CACHE_GIB = 4.0
+# vLLM's CPU attention needs blocks of a multiple of 32 tokens; GPUs take vLLM's default.
+_CPU_BLOCK_SIZE, _GPU_BLOCK_SIZE = 32, 16
+
+
+def load_backend(settings: WorkerSettings) -> VLLMBackend:
+    """Resolves the model folder, starts vLLM's engine process on it (15-21 s on the CPU, eager) and
+    reads the tokenizer from the same folder."""
+    folder = _model_folder(settings)
+    # The engine process is spawned, not forked: this process already runs gRPC's threads, which
+    # a fork would copy in an unknown state. Model hubs are never contacted (docs/design.md 7.1).
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, GenerationConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    on_cpu = current_platform.is_cpu()
+    engine_settings = settings.vllm
+    kv_gib = engine_settings.kv_cache_gib if engine_settings.kv_cache_gib is not None else None
+    if kv_gib is None and on_cpu:
+        kv_gib = _CPU_KV_CACHE_GIB
+    block_size = engine_settings.block_size or (_CPU_BLOCK_SIZE if on_cpu else _GPU_BLOCK_SIZE)
+    model_id = settings.preset or folder.name
+    args = AsyncEngineArgs(
+        model=str(folder),
+        tokenizer=str(folder),
+        served_model_name=[model_id],
+        dtype=settings.dtype,
+        seed=0,
+        tensor_parallel_size=engine_settings.tensor_parallel_size,
+        gpu_memory_utilization=engine_settings.gpu_memory_utilization,
+        kv_cache_memory_bytes=None if kv_gib is None else int(kv_gib * _GIB),
+        block_size=block_size,
+        max_model_len=engine_settings.max_model_len,
+        enable_prefix_caching=True,
+        enforce_eager=on_cpu if engine_settings.enforce_eager is None else engine_settings.enforce_eager,
+        max_num_seqs=settings.batch.max_sessions,
+        max_num_batched_tokens=settings.batch.max_tokens,
+        disable_log_stats=True,
+    )
+    started = time.monotonic()
+    try:
+        engine = AsyncLLM.from_engine_args(args)
+    except (RuntimeError, ValueError) as error:  # vLLM's own refusals: a size it cannot serve
+        raise StartupError(f"vLLM could not start on {folder}: {error}") from error
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        generation_eos = GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation_eos = None
+    text = ModelText(tokenizer, generation_eos, model_id)
+    tp = engine_settings.tensor_parallel_size
+    devices = ("cpu",) if on_cpu else tuple(f"{current_platform.device_type}:{i}" for i in range(tp))
+    description = ModelDescription(
+        model_id=model_id,
+        tokenizer_family=type(tokenizer).__name__,
+        vocab_size=len(tokenizer),
+        eos_text=text.eos_text,
+        bos_text=str(tokenizer.bos_token or ""),
+        has_chat_template=bool(tokenizer.chat_template),
+        max_context_tokens=int(engine.model_config.max_model_len),
+        device=devices[0],
+        dtype=str(engine.model_config.dtype).removeprefix("torch."),
+        # Tensor parallelism splits every layer's weights evenly over the GPUs.
+        placement=tuple(DeviceShare(device, 1 / len(devices)) for device in devices),
+        engine="vllm",
+    )
+    logger.info(
+        "vLLM engine on %s started in %.1f s: blocks of %d tokens, %s",
+        ", ".join(devices),
+        time.monotonic() - started,
+        block_size,
+        "eager" if args.enforce_eager else "compiled",
+    )
+    return VLLMBackend(engine, text, description, settings.batch, settings.limits.keep_kv_cache)
+
+
+def _model_folder(settings: WorkerSettings) -> Path:
+    """The safetensors folder of the preset or --model. vLLM reads folders; a GGUF file must have
+    been converted by the transformers engine first, which owns that conversion."""
+    try:
+        return loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
+    except ImportError as error:  # the conversion's own packages are the transformers engine's
+        source = settings.preset or settings.model
+        raise StartupError(
+            f"{source} has no converted folder yet and this environment cannot convert it ({error}); "
+            f"convert it once with the transformers engine (python -c 'from coolfusion.worker.hf.loading "
+            f'import prepare; prepare("{source}")\' where `make setup` installed it) and start again'
+        ) from error
+
+
+class VLLMSession(SessionCache):
+    """A session is, to vLLM, its token sequence: every call sends the whole of it and the prefix
+    cache supplies what an earlier call computed, so rolling back costs nothing. The keys and
+    values live in vLLM's blocks, shared with any request of the same prefix."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # the sequence the last call computed (the context, or it + kept tokens)
+        # (ids, token): the greedy token after `ids`, already computed by the last call (the token
+        # that ended its segment), so that the next segment after exactly `ids` starts from it.
+        self.lookahead: tuple[list[int], int] | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.ids)
+
+
+class VLLMBackend(ModelBackend):
+    """Text work runs on the caller's thread (the event loop), as in the transformers backend; model
+    work is vLLM requests, which its engine process batches across sessions."""
+
+    def __init__(
+        self, engine: AsyncLLM, text: ModelText, description: ModelDescription, limits: BatchLimits, keep_cache: bool
+    ):
+        from vllm.sampling_params import RequestOutputKind
+
+        self._engine = engine
+        self._text = text
+        self._description = description
+        self._limits = limits
+        self._calls = 0
+        # --no-cache: every request recomputes its whole prompt, the baseline the caches are
+        # measured against (docs/design.md section 4.3).
+        self._skip_cache = not keep_cache
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        # A segment can only end at a token whose text holds whitespace, or at EOS: generation
+        # stops there (the stop token is returned as the request's last token) and the segment
+        # rule decides. Tens of thousands of ids: each cap's parameters are built once and reused
+        # uncloned, since vLLM would otherwise deep-copy the list for every request.
+        self._stop_ids = sorted(set(text.ids_with_whitespace()) | text.stop_ids)
+        self._generate_params: dict[int, SamplingParams] = {}
+        self._score_params = self._params(max_tokens=1, prompt_logprobs=0)
+
+    @property
+    def description(self) -> ModelDescription:
+        return self._description
+
+    @property
+    def queue_depth(self) -> int:
+        return self._calls
+
+    @property
+    def engine_requests(self) -> int:
+        return int(self._engine.get_num_unfinished_requests())
+
+    def render(self, prompt: PromptSpec) -> RenderedPrompt:
+        return self._text.render(prompt)
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._text.tokenize(text, add_special_tokens)
+
+    def new_cache(self) -> SessionCache:
+        return VLLMSession()
+
+    async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
+        session = _session(cache)
+        if session.ids == context_ids and session.lookahead is not None:
+            return Timed(None, 0.0)
+        async with self._call() as started:
+            # A one-token request prefills the context into the prefix cache; its token is the
+            # first segment's first token.
+            output = await self._request(context_ids, self._segment_params(1))
+        session.ids, session.lookahead = list(context_ids), (list(context_ids), output.outputs[0].token_ids[0])
+        return Timed(None, _ms_since(started))
+
+    async def generate(
+        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
+    ) -> Timed[Segment]:
+        session = _session(cache)
+        scan = SegmentScan(
+            lambda new: self._text.decode_continuation(context_ids, new), self._text.stop_ids, max_tokens, stop_strings
+        )
+        pending: list[int] = []
+        if session.lookahead is not None and session.lookahead[0] == context_ids:
+            pending = [session.lookahead[1]]
+        session.lookahead = None
+        async with self._call() as started:
+            segment = None
+            while segment is None:
+                if not pending:
+                    params = self._segment_params(max_tokens - len(scan.tokens))
+                    pending = list((await self._request(context_ids + scan.tokens, params)).outputs[0].token_ids)
+                    if not pending:  # vLLM returns every token it generated, EOS and stop ids included
+                        raise RuntimeError("vLLM ended a segment's request without a token")
+                for token in pending:
+                    if (segment := scan.add(token)) is not None:
+                        break
+                pending = []
+        kept = context_ids + scan.tokens[: scan.kept]
+        session.ids = kept
+        if scan.cut and scan.kept == len(scan.tokens) - 1:
+            # The token that crossed the cut is the greedy token after the kept ones: if this
+            # segment wins and is appended as these very tokens, the next segment starts with it.
+            session.lookahead = (kept, scan.tokens[-1])
+        return Timed(segment, _ms_since(started))
+
+    async def score(
+        self, cache: SessionCache, context_ids: list[int], rows: list[list[int]], candidates: list[CandidateText]
+    ) -> Timed[list[TextScore]]:
+        _session(cache)
+        async with self._call() as started:
+            scores = await asyncio.gather(
+                *(self._score(context_ids, row, candidate) for row, candidate in zip(rows, candidates))
+            )
+        return Timed(list(scores), _ms_since(started))
+
+    async def _score(self, context_ids: list[int], row: list[int], candidate: CandidateText) -> TextScore:
+        """One candidate: its tokens' log-probabilities from the prompt log-probabilities of one
+        request over context + candidate, the prefix read from the cache."""
+        target = row + [self._text.eos_id] if candidate.ends_with_eos else row
+        # Position 0 has no prediction; a merge that rewrites the very first token is scored from 1.
+        start = max(common_prefix_length(context_ids, row), 1)
+        if start >= len(target):
+            return TextScore(0, 0.0, len(row))
+        output = await self._request(target, self._score_params)
+        # vLLM computes a prompt row only past the tokens its cache supplied: row k (predicting
+        # token k from position k - 1) is valid from k = cached + 1 on, the rows before hold
+        # whatever the buffer held. Tokens predicted from a cached position are asked for one by
+        # one instead: a request over the tokens before each, asking for that token's log-prob.
+        cached = output.num_cached_tokens or 0
+        assert output.prompt_logprobs is not None
+        valid_from = max(start, cached + 1)
+        total = sum(output.prompt_logprobs[k][target[k]].logprob for k in range(valid_from, len(target)))
+        repaired = await asyncio.gather(
+            *(self._token_log_prob(target[:k], target[k]) for k in range(start, valid_from))
+        )
+        return TextScore(len(target) - start, float(total + sum(repaired)), len(row))
+
+    async def _token_log_prob(self, prefix: list[int], token: int) -> float:
+        """log p(token | prefix): the prefix's last position is always computed, never cached."""
+        params = self._params(max_tokens=1, logprob_token_ids=[token])
+        output = await self._request(prefix, params)
+        logprobs = output.outputs[0].logprobs
+        assert logprobs is not None
+        return float(logprobs[0][token].logprob)
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+    def token_budget(self, headroom: float) -> int:
+        """What vLLM's KV cache holds: it sized the cache itself (--kv-cache-gib, or
+        --gpu-memory-utilization), so the headroom is vLLM's, not applied again. Sessions beyond it
+        would only push each other's blocks out of the prefix cache."""
+        cache = self._engine.vllm_config.cache_config
+        blocks, block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
+        logger.info("session token budget from vLLM's KV cache: %s blocks of %d tokens", f"{blocks:,}", block_size)
+        return blocks * block_size
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _params(self, **fields: object) -> SamplingParams:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=0.0,
+            detokenize=False,  # texts are decoded here, with the worker's own tokenizer rules
+            output_kind=self._final_only,
+            skip_reading_prefix_cache=self._skip_cache,
+            **fields,
+        )
+
+    def _segment_params(self, max_tokens: int) -> SamplingParams:
+        params = self._generate_params.get(max_tokens)
+        if params is None:
+            params = self._params(max_tokens=max_tokens, stop_token_ids=self._stop_ids, skip_clone=True)
+            self._generate_params[max_tokens] = params
+        return params
+
+    async def _request(self, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
+        """One request to the engine. A caller that goes away (a cancelled RPC) aborts it: vLLM's
+        generator aborts its request when the task awaiting it is cancelled."""
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for output in self._engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex):
+            final = output
+        if final is None:
+            raise RuntimeError("vLLM finished a request without an output")
+        return final
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[float]:
+        """Around a model call: the bound on calls waiting or running (docs/design.md section 4.3);
+        yields the start time. vLLM does not say when a request's first pass ran, so compute_ms
+        counts the call's whole time, its wait in vLLM's queue included."""
+        if self._calls >= self._limits.max_queued:
+            raise OverCapacity(
+                f"{self._calls} model calls are waiting or running; the limit is {self._limits.max_queued}"
+            )
+        self._calls += 1
+        try:
+            yield time.perf_counter()
+        finally:
+            self._calls -= 1
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _session(cache: SessionCache) -> VLLMSession:
+    if not isinstance(cache, VLLMSession):
+        raise TypeError(f"a {type(cache).__name__} is not this backend's session cache")
+    return cache
