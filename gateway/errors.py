@@ -27,6 +27,7 @@ _FROM_GRPC = {
 # The orchestrator names its own fields in INVALID_ARGUMENT messages; the OpenAI field each one is.
 # First match wins; "{prompt}" is `messages` or `prompt`, whichever the endpoint takes.
 _PARAMS = (
+    ("calibration", "calibration"),
     ("segment_max_tokens", "segment_max_tokens"),
     ("max_new_tokens", "max_tokens"),
     ("stop string", "stop"),

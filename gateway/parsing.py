@@ -68,7 +68,7 @@ def _options(body: dict[str, Any], default_max_tokens: int) -> FuseOptions:
     templates = _mapping(body, "prompt_templates", _text)
     strategy = fusion_strategy(
         _choice(body, "aggregation", AGGREGATIONS), _choice(body, "repetition_guard", REPETITION_GUARDS),
-        weights, templates,
+        weights, templates, _calibration(body),
     )  # fmt: skip
     return FuseOptions(
         workers=_names(body, "workers"),
@@ -272,6 +272,14 @@ def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
     value = body.get(name)
     if value is not None and value not in allowed:
         raise invalid(f"{name} is {value!r}; it must be one of {', '.join(allowed)}", name)
+    return value or ""
+
+
+def _calibration(body: dict[str, Any]) -> str:
+    """A calibration the orchestrator loaded, by name; it checks that the name exists and fits."""
+    value = body.get("calibration")
+    if value is not None and (not isinstance(value, str) or not value):
+        raise invalid(f"calibration is {value!r}; it must be the name of a loaded calibration", "calibration")
     return value or ""
 
 

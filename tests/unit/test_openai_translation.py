@@ -38,11 +38,12 @@ def test_a_chat_request_becomes_fusion_options():
         "worker_weights": {"a": 2},
         "prompt_templates": {"b": "Q: {prompt}\nA:"},
         "segment_max_tokens": 8,
+        "calibration": "pooled-a-b",
         "seed": 3,
         "user": "someone",
     }
     call = parse_chat(body)
-    strategy = fusion_strategy("robust", "steer", {"a": 2.0}, {"b": "Q: {prompt}\nA:"})
+    strategy = fusion_strategy("robust", "steer", {"a": 2.0}, {"b": "Q: {prompt}\nA:"}, "pooled-a-b")
     expected = FuseOptions(("a", "b"), 30, ("\n\n",), 8, rerank=True, strategy=strategy)
     assert call.options == expected and call.prompt == [{"role": "user", "content": "Hi"}]
     assert (call.stream, call.include_usage, call.prompt_param) == (False, False, "messages")
@@ -134,6 +135,7 @@ def test_what_fusion_cannot_honour_is_refused_by_name(extra, param):
         ({"worker_weights": {"a": float("nan")}}, "worker_weights"),
         ({"prompt_templates": {"a": 1}}, "prompt_templates"),
         ({"segment_max_tokens": 0}, "segment_max_tokens"),
+        ({"calibration": 3}, "calibration"),
         ({"model": ""}, "model"),
         ({"messages": []}, "messages"),
     ],
