@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, Self, TypedDict, Unpack
@@ -183,10 +183,8 @@ def _prompt(prompt: PromptLike) -> worker_pb2.Prompt:
     return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=turns))
 
 
-def _metadata(token: str | None) -> Metadata:
-    # Sent per call rather than as call credentials, which gRPC refuses on plaintext channels
-    # (a local cluster or a TLS-terminating proxy in front of the orchestrator).
-    return (("authorization", f"Bearer {token}"),) if token else ()
+# A bearer token, or a function that returns the token to send now (one that rotates).
+Token = str | Callable[[], str]
 
 
 def _credentials(
@@ -208,20 +206,25 @@ class _ClientBase:
         address: str,
         timeout_s: float,
         root_certificates: bytes | None,
-        token: str | None,
+        token: Token | None,
         client_certificate: tuple[bytes, bytes] | None,
     ):
         self.address = address
         self._timeout_s = timeout_s
         self._credentials = _credentials(root_certificates, client_certificate)
-        self._metadata = _metadata(token)
+        self._token = token
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self._timeout_s if timeout_s is None else timeout_s
 
-    def _call_metadata(self, metadata: Metadata) -> Metadata:
-        """The client's token, then the call's own metadata (a `traceparent` joins the caller's trace)."""
-        return self._metadata + tuple(metadata)
+    def _metadata(self, metadata: Metadata = ()) -> Metadata:
+        """The client's token, then the call's own metadata (a `traceparent` joins the caller's trace).
+
+        The token goes in each call's metadata rather than in call credentials, which gRPC refuses
+        on plaintext channels (a local cluster, or a TLS-terminating proxy in front of the orchestrator).
+        """
+        token = self._token() if callable(self._token) else self._token
+        return ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(metadata)
 
 
 class FusionClient(_ClientBase):
@@ -233,10 +236,11 @@ class FusionClient(_ClientBase):
         *,
         timeout_s: float = 600.0,
         root_certificates: bytes | None = None,
-        token: str | None = None,
+        token: Token | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
     ):
-        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
+        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS;
+        `token` is a bearer token, or a function returning the one to send (called before every call)."""
         super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
             self._channel = grpc.secure_channel(address, self._credentials, options=_CHANNEL_OPTIONS)
@@ -258,9 +262,7 @@ class FusionClient(_ClientBase):
         options = resolve_options(options, keywords, "fuse")
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = self._stub.Fuse(
-                request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
-            )
+            response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return response.result
@@ -277,7 +279,7 @@ class FusionClient(_ClientBase):
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
         options = resolve_options(options, keywords, "fuse_stream")
         request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
-        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata))
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         try:
             yield from call
         except grpc.RpcError as error:
@@ -312,7 +314,7 @@ class FusionClient(_ClientBase):
         """The orchestrator's version and its registered workers, with their health and description."""
         request = orchestrator_pb2.ListWorkersRequest()
         try:
-            return self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            return self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata())
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
@@ -320,7 +322,7 @@ class FusionClient(_ClientBase):
         """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""
         request = health_pb2.HealthCheckRequest()
         try:
-            response = self._health.Check(request, timeout=timeout_s, metadata=self._metadata)
+            response = self._health.Check(request, timeout=timeout_s, metadata=self._metadata())
         except grpc.RpcError:
             return False
         return response.status == _SERVING
@@ -344,10 +346,11 @@ class AsyncFusionClient(_ClientBase):
         *,
         timeout_s: float = 600.0,
         root_certificates: bytes | None = None,
-        token: str | None = None,
+        token: Token | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
     ):
-        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS."""
+        """`root_certificates` (PEM) turns on TLS; `client_certificate` is (chain, key) PEM for mutual TLS;
+        `token` is a bearer token, or a function returning the one to send (called before every call)."""
         super().__init__(address, timeout_s, root_certificates, token, client_certificate)
         if self._credentials:
             self._channel = grpc.aio.secure_channel(address, self._credentials, options=_CHANNEL_OPTIONS)
@@ -370,7 +373,7 @@ class AsyncFusionClient(_ClientBase):
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
             response = await self._stub.Fuse(
-                request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
+                request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata)
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
@@ -388,7 +391,7 @@ class AsyncFusionClient(_ClientBase):
         """Yields one event per chosen segment, then the summary; leaving the loop early cancels the fusion."""
         options = resolve_options(options, keywords, "fuse_stream")
         request = orchestrator_pb2.FuseStreamRequest(parameters=fusion_parameters(prompt, options))
-        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata))
+        call = self._stub.FuseStream(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         try:
             async for event in call:
                 yield event
@@ -426,7 +429,7 @@ class AsyncFusionClient(_ClientBase):
         """The orchestrator's version and its registered workers, with their health and description."""
         request = orchestrator_pb2.ListWorkersRequest()
         try:
-            return await self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            return await self._stub.ListWorkers(request, timeout=self._timeout(timeout_s), metadata=self._metadata())
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
@@ -434,7 +437,7 @@ class AsyncFusionClient(_ClientBase):
         """Whether the orchestrator's grpc.health.v1 check reports SERVING; False when it cannot be reached."""
         request = health_pb2.HealthCheckRequest()
         try:
-            response = await self._health.Check(request, timeout=timeout_s, metadata=self._metadata)
+            response = await self._health.Check(request, timeout=timeout_s, metadata=self._metadata())
         except grpc.RpcError:
             return False
         return response.status == _SERVING

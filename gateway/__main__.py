@@ -11,7 +11,8 @@ from coolfusion.gateway.server import serve
 from coolfusion.gateway.settings import GatewaySettings, HttpsFiles, OrchestratorTarget
 from coolfusion.serving.lifecycle import exit_with_parent
 from coolfusion.serving.logs import configure_logging
-from coolfusion.serving.security import add_security_flags, security_from_args
+from coolfusion.serving.security import TokenFile, add_security_flags, security_from_args
+from coolfusion.serving.tracing import tracing_from_environment
 
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
 
@@ -38,9 +39,17 @@ def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
     client.add_argument("--orchestrator-ca", type=Path, help="PEM CA bundle: call the orchestrator over TLS")
     client.add_argument("--orchestrator-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
     client.add_argument("--orchestrator-key", type=Path, help="PEM private key of --orchestrator-cert")
-    client.add_argument("--orchestrator-token-file", type=Path, help="bearer token to send to the orchestrator")
+    client.add_argument(
+        "--orchestrator-token-file",
+        type=Path,
+        help="bearer token to send to the orchestrator (its first line), re-read when it changes",
+    )
     args = parser.parse_args(argv)
     tls, auth_tokens = security_from_args(parser, args)  # validates the files; uvicorn reads them by path
+    try:
+        tracing = tracing_from_environment(os.environ)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         orchestrator = _orchestrator_target(args)
     except ValueError as error:
@@ -58,6 +67,7 @@ def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
         metrics_port=args.metrics_port,
         https=HttpsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None,
         auth_tokens=auth_tokens,
+        tracing=tracing,
     )
 
 
@@ -71,13 +81,9 @@ def _orchestrator_target(args: argparse.Namespace) -> OrchestratorTarget:
             _read(args.orchestrator_cert, "--orchestrator-cert"),
             _read(args.orchestrator_key, "--orchestrator-key"),
         )
-    token = None
-    if args.orchestrator_token_file:
-        token = _read(args.orchestrator_token_file, "--orchestrator-token-file").decode().strip()
-        if not token or any(c.isspace() for c in token):
-            raise ValueError(
-                f"--orchestrator-token-file {args.orchestrator_token_file}: needs one token, no whitespace"
-            )
+    token = (
+        TokenFile(args.orchestrator_token_file, "--orchestrator-token-file") if args.orchestrator_token_file else None
+    )
     return OrchestratorTarget(
         address=args.orchestrator or os.environ.get("COOLFUSION_ORCHESTRATOR") or DEFAULT_ORCHESTRATOR,
         root_certificates=_read(args.orchestrator_ca, "--orchestrator-ca") if args.orchestrator_ca else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -12,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,13 +27,15 @@ from coolfusion.gateway.parsing import FusionCall, parse_chat, parse_completion
 from coolfusion.gateway.responses import Reply
 from coolfusion.gateway.settings import GatewaySettings
 from coolfusion.gateway.streaming import completion_events, held_back_text
+from coolfusion.serving.security import TokenFile, accepts
+from coolfusion.serving.tracing import continue_trace, trace_headers
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # Probes (kubelet, load balancers) call these without a token; they reveal only up or down.
 HEALTH_PATHS = ("/health", "/health/ready")
-_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", *HEALTH_PATHS)
+_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", *HEALTH_PATHS)
 # A caller's X-Request-Id is kept when it looks like an id (the characters the workers accept).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # nginx's code for a request whose client closed the connection: recorded, never received.
@@ -65,6 +67,17 @@ class GatewayApi:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, parse_completion)
 
+    async def responses(self, request: Request) -> Response:
+        """The Responses API is not served (docs/http-api.md, "Not served"): a 404 that says where
+        to go instead, rather than the router's bare one."""
+        raise ApiError(
+            404,
+            f"{request.method} {request.url.path} is not served here: coolfusion answers through "
+            "POST /v1/chat/completions (and POST /v1/completions). The Responses API keeps conversation "
+            "state, tools and reasoning items that a fusion of models has no part in.",
+            code="unsupported_endpoint",
+        )
+
     async def health(self, request: Request) -> Response:
         """Liveness: the process answers HTTP."""
         return JSONResponse({"status": "ok"})
@@ -83,7 +96,9 @@ class GatewayApi:
         reply = Reply(request.state.request_id, call, int(time.time()))
         if call.stream:
             return await self._stream(request, reply, options, started)
-        fused = self._client.fuse(call.prompt, options, timeout_s=self._settings.request_timeout_s)
+        fused = self._client.fuse(
+            call.prompt, options, timeout_s=self._settings.request_timeout_s, metadata=trace_headers()
+        )
         result = await self._orchestrator(self._until_disconnected(request, fused), call.prompt_param)
         self._metrics.count_tokens(result)
         logger.info("fusion %s answered", result.request_id, extra={"request_id": reply.request_id})
@@ -92,7 +107,9 @@ class GatewayApi:
     async def _stream(self, request: Request, reply: Reply, options: FuseOptions, started: float) -> Response:
         """Waits for the first segment, so that a refused request still gets its HTTP status, then
         streams the rest."""
-        events = self._client.fuse_stream(reply.call.prompt, options, timeout_s=self._settings.request_timeout_s)
+        events = self._client.fuse_stream(
+            reply.call.prompt, options, timeout_s=self._settings.request_timeout_s, metadata=trace_headers()
+        )
         try:
             first = await self._orchestrator(self._until_disconnected(request, anext(events)), reply.call.prompt_param)
         except BaseException:
@@ -198,18 +215,26 @@ async def _unexpected(request: Request, error: Exception) -> Response:
 
 
 class RequestScope:
-    """Wraps every HTTP request: its id (X-Request-Id, kept from the caller when valid), the
-    bearer token check, metrics and one log line. A plain ASGI middleware: streams and their
-    cancellation pass through untouched."""
+    """Wraps every HTTP request: its id (X-Request-Id, kept from the caller when valid), its span
+    in the caller's trace, the bearer token check, metrics and one log line. A plain ASGI
+    middleware: streams and their cancellation pass through untouched."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, tokens: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, tokens: TokenFile | None, tracer: Tracer | None):
         self._app = app
         self._metrics = metrics
-        self._tokens = tuple(t.encode() for t in tokens)
+        self._tokens = tokens
+        self._tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        route, method = _route(scope["path"]), scope["method"]
+        attributes = {"http.request.method": method, "http.route": route, "url.path": scope["path"]}
+        with continue_trace(self._tracer, headers, f"{method} {route}", attributes) as span:
+            await self._serve(scope, receive, send, span)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, span: Span | None) -> None:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
@@ -232,26 +257,46 @@ class RequestScope:
         finally:
             self._metrics.in_flight.dec()
             self._record(scope, status, time.perf_counter() - started, request_id)
+            if span is not None:
+                _record_http_status(span, status, request_id)
 
     def _refusal(self, scope: Scope) -> ApiError | None:
         """Why the request is refused (401), or None: no tokens configured, a probe, or a valid token."""
-        if not self._tokens or scope["path"] in HEALTH_PATHS:
+        if self._tokens is None or scope["path"] in HEALTH_PATHS:
             return None
         values = [v for k, v in scope["headers"] if k == b"authorization"]
         scheme, _, presented = (values[0] if len(values) == 1 else b"").partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
             return ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'", code="missing_api_key")
-        # Every token is compared (no early exit), so timing does not reveal which one came close.
-        matches = [hmac.compare_digest(presented.strip(), token) for token in self._tokens]
-        return None if any(matches) else ApiError(401, "invalid bearer token", code="invalid_api_key")
+        return (
+            None
+            if accepts(self._tokens, presented.strip())
+            else ApiError(401, "invalid bearer token", code="invalid_api_key")
+        )
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         path, method = scope["path"], scope["method"]
-        route = path if path in _ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        route = _route(path)
         self._metrics.requests.labels(route, method, str(status)).inc()
         self._metrics.request_seconds.labels(route, method, str(status)).observe(seconds)
         if path not in HEALTH_PATHS:  # probes every few seconds would drown the log
             logger.info("%s %s %d %.3f s", method, path, status, seconds, extra={"request_id": request_id})
+
+
+def _route(path: str) -> str:
+    """The route a path belongs to, as metrics and spans name it (never the model a path names)."""
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "/v1/responses/{id}" if path.startswith("/v1/responses/") else "other"
+
+
+def _record_http_status(span: Span, status: int, request_id: str) -> None:
+    span.set_attribute("http.response.status_code", status)
+    span.set_attribute("coolfusion.request_id", request_id)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, str(status)))
 
 
 def _request_id(scope: Scope) -> str:
@@ -259,7 +304,9 @@ def _request_id(scope: Scope) -> str:
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-def build_app(settings: GatewaySettings, client: AsyncFusionClient, metrics: GatewayMetrics) -> ASGIApp:
+def build_app(
+    settings: GatewaySettings, client: AsyncFusionClient, metrics: GatewayMetrics, tracer: Tracer | None = None
+) -> ASGIApp:
     """The gateway's ASGI application."""
     api = GatewayApi(settings, client, metrics)
     routes = [
@@ -267,8 +314,11 @@ def build_app(settings: GatewaySettings, client: AsyncFusionClient, metrics: Gat
         Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/responses", api.responses, methods=["GET", "POST", "DELETE"]),
+        Route("/v1/responses/{rest:path}", api.responses, methods=["GET", "POST", "DELETE"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/health/ready", api.ready, methods=["GET"]),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, ClientGone: _client_gone, Exception: _unexpected}
-    return RequestScope(Starlette(routes=routes, exception_handlers=handlers), metrics, settings.auth_tokens)
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    return RequestScope(app, metrics, settings.auth_tokens, tracer)

@@ -18,6 +18,7 @@ from coolfusion.gateway.app import build_app
 from coolfusion.gateway.metrics import GatewayMetrics
 from coolfusion.gateway.settings import GatewaySettings
 from coolfusion.serving.metrics import start_metrics_endpoint
+from coolfusion.serving.tracing import start_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,14 @@ async def serve(settings: GatewaySettings) -> None:
     if settings.metrics_port is not None:
         endpoint = start_metrics_endpoint(metrics.registry, settings.host, settings.metrics_port)
     target = settings.orchestrator
+    token = target.token
     client = AsyncFusionClient(
         target.address, timeout_s=settings.request_timeout_s, root_certificates=target.root_certificates,
-        token=target.token, client_certificate=target.client_certificate,
+        token=(lambda: token.tokens()[0]) if token is not None else None, client_certificate=target.client_certificate,
     )  # fmt: skip
+    tracing = start_tracing(settings.tracing, "coolfusion-gateway")
     try:
-        server = _Server(uvicorn_config(settings, build_app(settings, client, metrics)))
+        server = _Server(uvicorn_config(settings, build_app(settings, client, metrics, tracing.tracer)))
         running = asyncio.create_task(server.serve())
         while not server.started and not running.done():
             await asyncio.sleep(0.05)
@@ -78,6 +81,7 @@ async def serve(settings: GatewaySettings) -> None:
         await running
     finally:
         await client.close()
+        await tracing.shutdown()  # exports the spans still buffered
         if endpoint is not None:
             await endpoint.stop()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coolfusion.serving.security import TokenFile
+from coolfusion.serving.tracing import TracingSettings
+
 
 @dataclass(frozen=True)
 class HttpsFiles:
@@ -22,7 +25,7 @@ class OrchestratorTarget:
     address: str = "127.0.0.1:50050"
     root_certificates: bytes | None = None  # PEM; set: TLS
     client_certificate: tuple[bytes, bytes] | None = field(default=None, repr=False)  # (chain, key) PEM
-    token: str | None = field(default=None, repr=False)
+    token: TokenFile | None = None  # its first token is sent, read again when the file changes
 
 
 @dataclass(frozen=True)
@@ -47,5 +50,6 @@ class GatewaySettings:
     # Prometheus endpoint on `host` (0: any free port); None serves none, as for the other servers.
     metrics_port: int | None = None
     https: HttpsFiles | None = None  # None: plain HTTP, for loopback or a mesh that encrypts
-    # Tokens callers must send as `Authorization: Bearer`; empty: no authentication. Kept out of repr.
-    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    tracing: TracingSettings = field(default_factory=TracingSettings)  # from the OTEL_* variables; off by default
+    # Tokens callers must send as `Authorization: Bearer`, re-read when their file changes; None: no authentication.
+    auth_tokens: TokenFile | None = field(default=None, repr=False)

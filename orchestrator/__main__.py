@@ -43,6 +43,12 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         "--busy-wait-s", type=float, default=defaults.busy_wait_s,
         help="how long a call may retry a busy worker before the request fails as overloaded",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=defaults.max_connection_age_s,
+        help="close each client connection after this long (calls in flight finish), so balancing clients re-resolve",
+    )
     parser.add_argument("--grace-s", type=float, default=defaults.grace_s, help="drain time on SIGTERM")
     parser.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on --host (0 picks a port); default: off")
@@ -82,6 +88,7 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         call_timeout_s=args.call_timeout_s,
         request_timeout_s=args.request_timeout_s,
         busy_wait_s=args.busy_wait_s,
+        max_connection_age_s=args.max_connection_age_s,
         admission=_admission(parser, args),
         grace_s=args.grace_s,
         log_json=args.log_json,

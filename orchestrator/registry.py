@@ -16,6 +16,7 @@ import yaml
 from coolfusion.orchestrator.replicas import ReplicaSet, fixed, resolve_dns, split_host_port
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, StrategyOverrides
 from coolfusion.orchestrator.worker_client import WorkerClient
+from coolfusion.serving.security import TokenFile
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Fusion streams candidates and traces; 16 MB bounds a misbehaving worker's answers.
@@ -63,11 +64,9 @@ class WorkerEntry:
     weight: float = 1.0  # its score's weight in the fused score
     prompt_template: str | None = None  # containing "{prompt}": the worker gets plain text
 
-    def read_token(self) -> str | None:
-        """The bearer token, read when a channel is made so that rotated Secrets are picked up."""
-        if not self.token_file:
-            return None
-        return Path(self.token_file).read_text().strip()
+    def token(self) -> TokenFile | None:
+        """The bearer token to send (the file's first line), read again whenever the file changes."""
+        return TokenFile(Path(self.token_file), f"worker {self.name}: token_file") if self.token_file else None
 
 
 def parse_registry(document: dict) -> list[WorkerEntry]:
@@ -184,8 +183,7 @@ def replica_set(entry: WorkerEntry) -> ReplicaSet:
 
 
 def _connect(entry: WorkerEntry, address: str) -> WorkerClient:
-    # The token is read per channel so that a rotated Secret reaches new pods.
-    return WorkerClient(entry.name, open_channel(entry, address), entry.read_token(), address)
+    return WorkerClient(entry.name, open_channel(entry, address), entry.token(), address)
 
 
 def _check_files_readable(entries: list[WorkerEntry]) -> None:

@@ -70,7 +70,9 @@ async def start_orchestrator(settings: OrchestratorSettings) -> RunningOrchestra
             *telemetry.interceptors(metrics.rpc),
             *security_interceptors(settings.auth_tokens),
             ErrorMappingInterceptor(STATUS_CODES),
-        ]
+        ],
+        # No grace limit: a connection past its age takes no new calls, and those in flight finish.
+        options=[("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000))],
     )
     pool = WorkerPool(settings.workers)
     admission = Admission(settings.admission, on_refused=lambda reason: metrics.fusions_refused.labels(reason).inc())

@@ -8,7 +8,7 @@ from coolfusion.calibration import Calibration
 from coolfusion.orchestrator.admission import AdmissionLimits
 from coolfusion.orchestrator.registry import WorkerEntry
 from coolfusion.orchestrator.strategy import DEFAULT, Strategy
-from coolfusion.serving.security import TlsServerSettings
+from coolfusion.serving.security import TlsServerSettings, TokenFile
 from coolfusion.serving.tracing import TracingSettings
 
 
@@ -47,6 +47,9 @@ class OrchestratorSettings:
     # How long a call may keep asking a busy worker (RESOURCE_EXHAUSTED) before the request fails
     # as overloaded; a busy worker is never dropped from a request.
     busy_wait_s: float = 30.0
+    # Each client connection is closed (gracefully: calls in flight finish) after this long, so
+    # that clients balancing over a headless Service resolve it again and find pods added since.
+    max_connection_age_s: float = 300.0
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     grace_s: float = 20.0
     log_json: bool | None = None
@@ -63,5 +66,5 @@ class OrchestratorSettings:
     metrics_port: int | None = None
     tracing: TracingSettings = field(default_factory=TracingSettings)  # from the OTEL_* variables; off by default
     tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
-    # Tokens the orchestrator's callers must send; empty: no authentication. Kept out of repr.
-    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Tokens the orchestrator's callers must send, re-read when their file changes; None: no authentication.
+    auth_tokens: TokenFile | None = field(default=None, repr=False)

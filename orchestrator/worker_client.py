@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.orchestrator.domain import CandidateScore, GeneratedSegment, OpenedSession, Prompt
 from coolfusion.orchestrator.observer import current_observer
+from coolfusion.serving.security import TokenFile
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 # Statuses that mean "this session's cache is gone or out of step": re-open it with the full text.
@@ -59,13 +60,16 @@ class SessionLost(Exception):
 class WorkerClient:
     """One registered worker (or one replica of it), as the fusion loop sees it."""
 
-    def __init__(self, name: str, channel: grpc.aio.Channel, token: str | None = None, address: str = ""):
+    def __init__(self, name: str, channel: grpc.aio.Channel, token: TokenFile | None = None, address: str = ""):
         self.name = name
         self.address = address  # the replica (pod) this client calls, for placement and logs
         self._channel = channel
         self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._token = token  # its first token is sent, read again when the file changes
+
+    def _auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token.tokens()[0]}"),) if self._token is not None else ()
 
     async def disconnect(self) -> None:
         """Closes the channel: the replica left, or the orchestrator stops."""
@@ -140,7 +144,7 @@ class WorkerClient:
         """`method(request)`, with its failure classified; `path` names it for metrics and traces."""
         try:
             with current_observer().worker_call(path, self.name, self.address) as trace_metadata:
-                metadata = (*(self._metadata or ()), *trace_metadata) or None
+                metadata = (*self._auth(), *trace_metadata) or None
                 return await method(request, timeout=max(timeout, 0.001), metadata=metadata)
         except grpc.aio.AioRpcError as error:
             reason = f"{error.code().name}: {error.details()}"

@@ -16,5 +16,6 @@ for package in worker orchestrator calibration gateway client cli serving; do
 done
 ln -s ../../gen/coolfusion/v1 "$root/v1"
 cd .typecheck
-exec "$python" -m mypy --config-file ../pyproject.toml -p coolfusion.worker -p coolfusion.orchestrator -p coolfusion.calibration -p coolfusion.gateway -p coolfusion.client \
+# The cache lives outside .typecheck/, which is laid out anew each time: later checks reuse it.
+exec "$python" -m mypy --config-file ../pyproject.toml --cache-dir ../.mypy_cache -p coolfusion.worker -p coolfusion.orchestrator -p coolfusion.calibration -p coolfusion.gateway -p coolfusion.client \
   -p coolfusion.cli -p coolfusion.serving "$@"

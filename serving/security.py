@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,18 +67,64 @@ def _read_pem(path: Path, flag: str) -> bytes:
     return data
 
 
-def read_tokens(path: Path) -> tuple[str, ...]:
-    """The accepted tokens, one per line (several during a rotation); blank lines are ignored."""
+def read_tokens(path: Path, flag: str = "--auth-token-file") -> tuple[str, ...]:
+    """The tokens in a file, one per line (several during a rotation); blank lines are ignored."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"--auth-token-file {path}: cannot read it ({error})") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({error})") from None
     tokens = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not tokens:
-        raise ValueError(f"--auth-token-file {path}: holds no token")
+        raise ValueError(f"{flag} {path}: holds no token")
     if any(" " in t or "\t" in t for t in tokens):
-        raise ValueError(f"--auth-token-file {path}: a token contains whitespace")
+        raise ValueError(f"{flag} {path}: a token contains whitespace")
     return tokens
+
+
+class TokenFile:
+    """Bearer tokens read from a file, one per line, and read again whenever the file changes
+    (another inode, size or modification time), so that rotating a token needs no restart. A
+    change that leaves the file unreadable or without a token keeps the tokens read before, and
+    is logged: a broken rotation never lets every caller in, nor locks every caller out. Neither
+    the tokens nor their count appear in its repr or in logs."""
+
+    def __init__(self, path: Path, flag: str = "--auth-token-file"):
+        """Reads the file now; ValueError names what is wrong with it (a usage error at start-up)."""
+        self.path = Path(path)
+        self._flag = flag
+        self._seen = _signature(self.path)  # taken first: a change made while reading is seen next time
+        self._tokens = read_tokens(self.path, flag)
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r})"
+
+    def tokens(self) -> tuple[str, ...]:
+        """The file's tokens now; one stat per call, a read only after a change."""
+        signature = _signature(self.path)
+        if signature != self._seen:
+            self._seen = signature
+            try:
+                self._tokens = read_tokens(self.path, self._flag)
+            except ValueError as error:
+                logger.error("%s; the tokens read before stay in use", error)
+            else:
+                logger.info("%s %s changed: re-read", self._flag, self.path)
+        return self._tokens
+
+
+def _signature(path: Path) -> tuple[int, ...] | None:
+    try:
+        stat = os.stat(path)  # follows links: a Kubernetes Secret volume swaps a symlink to rotate
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def accepts(token_file: TokenFile, presented: bytes) -> bool:
+    """Whether `presented` is one of the file's tokens; every token is compared (no early exit),
+    so timing does not reveal which one came close."""
+    matches = [hmac.compare_digest(presented, token.encode()) for token in token_file.tokens()]
+    return any(matches)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -87,10 +134,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     status message or a log line.
     """
 
-    def __init__(self, tokens: Iterable[str]):
-        self._tokens = tuple(t.encode() for t in tokens)
-        if not self._tokens:
-            raise ValueError("BearerTokenInterceptor needs at least one token")
+    def __init__(self, tokens: TokenFile):
+        self._tokens = tokens
 
     async def intercept_service(
         self,
@@ -115,10 +160,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, presented = values[0].partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             return _MISSING
-        candidate = presented.strip().encode()
-        # Every token is compared (no early exit), so timing does not reveal which one came close.
-        matches = [hmac.compare_digest(candidate, token) for token in self._tokens]
-        return None if any(matches) else _INVALID
+        return None if accepts(self._tokens, presented.strip().encode()) else _INVALID
 
 
 def _refusal(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
@@ -133,9 +175,9 @@ def _refusal(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHand
     )
 
 
-def security_interceptors(tokens: tuple[str, ...]) -> list[grpc.aio.ServerInterceptor]:
-    """The token check when tokens are configured; none (plaintext, open) by default."""
-    return [BearerTokenInterceptor(tokens)] if tokens else []
+def security_interceptors(tokens: TokenFile | None) -> list[grpc.aio.ServerInterceptor]:
+    """The token check when a token file is configured; none (plaintext, open) by default."""
+    return [BearerTokenInterceptor(tokens)] if tokens is not None else []
 
 
 def bind(server: grpc.aio.Server, address: str, tls: TlsServerSettings | None) -> int:
@@ -156,17 +198,17 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--auth-token-file",
         type=Path,
-        help="accepted bearer tokens, one per line; needed by all RPCs but health, reflection",
+        help="accepted bearer tokens, one per line, re-read when the file changes; needed by all RPCs but health, reflection",
     )
 
 
 def security_from_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[TlsServerSettings | None, tuple[str, ...]]:
-    """Reads the TLS files and tokens once; a bad flag or file ends start-up with a usage error."""
+) -> tuple[TlsServerSettings | None, TokenFile | None]:
+    """Reads the TLS files and the tokens; a bad flag or file ends start-up with a usage error."""
     try:
         tls = _tls_from_args(args)
-        tokens = read_tokens(args.auth_token_file) if args.auth_token_file else ()
+        tokens = TokenFile(args.auth_token_file) if args.auth_token_file else None
     except ValueError as error:
         parser.error(str(error))
     return tls, tokens

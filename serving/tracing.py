@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -107,6 +108,27 @@ def trace_headers() -> tuple[tuple[str, str], ...]:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return tuple(carrier.items())
+
+
+@contextmanager
+def continue_trace(
+    tracer: Tracer | None, carrier: Mapping[str, str], name: str, attributes: dict[str, str]
+) -> Iterator[Span | None]:
+    """Runs its body in the caller's trace, named by the W3C `traceparent` in `carrier` (request
+    headers, lower-case): inside a SERVER span of our own when tracing is on; otherwise with the
+    caller's span as the current one, so that outgoing calls still carry its `traceparent`."""
+    parent = _PROPAGATOR.extract(carrier)
+    if tracer is None:
+        token = otel_context.attach(parent)
+        try:
+            yield None
+        finally:
+            otel_context.detach(token)
+        return
+    with tracer.start_as_current_span(
+        name, context=parent, kind=SpanKind.SERVER, attributes=attributes, record_exception=False
+    ) as span:
+        yield span
 
 
 def record_status(span: Span, code: grpc.StatusCode) -> None:

@@ -77,9 +77,9 @@ def unused_address() -> str:
         return f"{LOOPBACK}:{s.getsockname()[1]}"
 
 
-def scrape(metrics_port: int) -> dict[tuple[str, frozenset], float]:
+def scrape(metrics_port: int, host: str = LOOPBACK) -> dict[tuple[str, frozenset], float]:
     """Every sample of the endpoint, by (name, labels)."""
-    with _DIRECT.open(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as response:
+    with _DIRECT.open(f"http://{host}:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coolfusion.serving.security import TlsServerSettings
+from coolfusion.serving.security import TlsServerSettings, TokenFile
 from coolfusion.serving.tracing import TracingSettings
 
 # The token budget where nothing sized it: an engine that cannot tell its free memory, and
@@ -123,5 +123,5 @@ class WorkerSettings:
     metrics_port: int | None = None
     tracing: TracingSettings = field(default_factory=TracingSettings)  # from the OTEL_* variables; off by default
     tls: TlsServerSettings | None = None  # None: plaintext, for loopback or a mesh that encrypts
-    # Accepted bearer tokens; empty: no authentication. Kept out of repr so settings can be logged.
-    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Accepted bearer tokens, re-read when their file changes; None: no authentication.
+    auth_tokens: TokenFile | None = field(default=None, repr=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -43,14 +44,14 @@ def cluster(tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(cluster, tmp_path_factory):
-    """The gateway's base URL (…/v1) and its metrics port."""
+    """The gateway's base URL (…/v1), its metrics port and its token file."""
     token_file = tmp_path_factory.mktemp("secrets") / "tokens"
     token_file.write_text("\n".join(TOKENS) + "\n")
     argv = gateway_argv(cluster.address, extra=["--auth-token-file", str(token_file), "--metrics-port", "0"])
     process = wait_ready(launch("gateway", argv), 60)
     try:
         metrics_port = next(int(m[1]) for line in process.log_lines if (m := re.search(r"metrics on \S+:(\d+)", line)))
-        yield f"http://{process.address}/v1", metrics_port
+        yield f"http://{process.address}/v1", metrics_port, token_file
     finally:
         stop_processes([process])
 
@@ -433,3 +434,76 @@ def test_the_gateway_stops_cleanly_on_sigterm(cluster):
     started = time.monotonic()
     stop_processes([process])
     assert process.process.returncode == 0 and time.monotonic() - started < 10
+
+
+# ---- other clients people point at an OpenAI-compatible server ---------------------------------
+
+
+def chat_model(base_url: str, max_tokens: int):
+    """LangChain's ChatOpenAI as its users configure it for a self-hosted server: greedy, no retries."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model="coolfusion", base_url=base_url, api_key=TOKENS[1], temperature=0, max_tokens=max_tokens,
+        max_retries=0, timeout=120,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )  # fmt: skip
+
+
+def test_langchain_chat_openai_invoke_stream_and_batch_equal_fuse(gateway, fusion):
+    llm = chat_model(gateway[0], max_tokens=24)
+    expected = fusion.fuse(MESSAGES, FuseOptions(max_new_tokens=24))
+    question = MESSAGES[0]["content"]
+    answer = llm.invoke(question)
+    assert answer.content == expected.text
+    assert (answer.usage_metadata["input_tokens"], answer.usage_metadata["output_tokens"]) == usage_of(expected)
+    assert "".join(chunk.content for chunk in llm.stream(question)) == expected.text
+    other = [{"role": "user", "content": "Name a colour."}]
+    answers = llm.batch([question, other[0]["content"]])
+    assert [a.content for a in answers] == [expected.text, fusion.fuse(other, FuseOptions(max_new_tokens=24)).text]
+
+
+def litellm_module():
+    # LiteLLM fetches its model price list from the network when imported, unless told not to.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def test_litellm_completion_and_stream_equal_fuse(gateway, fusion):
+    litellm = litellm_module()
+    expected = fusion.fuse(MESSAGES, FuseOptions(max_new_tokens=24))
+    call = {"model": "openai/coolfusion", "api_base": gateway[0], "api_key": TOKENS[1], "messages": MESSAGES}
+    answer = litellm.completion(**call, max_tokens=24, temperature=0, num_retries=0)
+    assert answer.choices[0].message.content == expected.text
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == usage_of(expected)
+    chunks = litellm.completion(**call, max_tokens=24, temperature=0, num_retries=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected.text
+
+
+def test_the_responses_api_is_a_404_naming_chat_completions(client):
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.responses.create(model="coolfusion", input="What is 100 minus 37?")
+    assert "POST /v1/chat/completions" in refused.value.message
+    assert refused.value.code == "unsupported_endpoint"
+    with pytest.raises(openai.NotFoundError, match="/v1/chat/completions"):
+        client.responses.retrieve("resp_123")
+
+
+def test_a_rotated_token_file_is_read_again_without_a_restart(gateway):
+    url, _, token_file = gateway
+    original = token_file.read_text()
+    fresh = token_file.with_name("tokens.new")
+    try:
+        fresh.write_text("rotated-in-token\n")
+        os.replace(fresh, token_file)  # as a Kubernetes Secret volume updates
+        with sdk(url, "rotated-in-token") as rotated:
+            assert rotated.models.list().data
+        with sdk(url, TOKENS[1]) as old, pytest.raises(openai.AuthenticationError):
+            old.models.list()
+    finally:
+        fresh.write_text(original)
+        os.replace(fresh, token_file)
+    with sdk(url, TOKENS[1]) as restored:
+        assert restored.models.list().data

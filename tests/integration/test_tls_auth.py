@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.cli.cluster import gateway_argv, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
 from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, UnavailableError
+from coolfusion.v1.orchestrator_pb2 import FuseResult
 
 WORKER_SERVICE_NAME = "bpe.workers.svc.cluster.local"  # as in a cluster: pods are dialled by IP
 CALLER_TOKEN = "caller-token-5f2d91"
@@ -228,12 +230,12 @@ def gateways(secured):
         stop_processes(processes)
 
 
-def openai_client(url: str, secured, with_client_certificate: bool = True) -> openai.OpenAI:
+def openai_client(url: str, secured, with_client_certificate: bool = True, token: str = GATEWAY_TOKEN) -> openai.OpenAI:
     context = ssl.create_default_context(cafile=str(secured["certs"] / "ca.crt"))
     if with_client_certificate:
         context.load_cert_chain(secured["certs"] / "client.crt", secured["certs"] / "client.key")
     http = openai.DefaultHttpxClient(verify=context, trust_env=False)
-    return openai.OpenAI(base_url=url, api_key=GATEWAY_TOKEN, max_retries=0, timeout=60, http_client=http)
+    return openai.OpenAI(base_url=url, api_key=token, max_retries=0, timeout=60, http_client=http)
 
 
 def test_the_openai_sdk_over_mutual_tls_with_tokens_at_every_hop(secured, gateways):
@@ -264,3 +266,53 @@ def test_the_gateway_never_logs_a_token(secured, gateways):
     logs = "".join(line for gateway in gateways for line in gateway.log_lines)
     assert "POST /v1/completions" in logs
     assert not any(secret in logs for secret in (*SECRETS, GATEWAY_TOKEN))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Writes a new file and renames it over `path`, as a Kubernetes Secret volume updates."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
+def fused_through(secured, token: str) -> FuseResult:
+    with client(secured, root_certificates=ca(secured), token=token) as c:
+        return c.fuse(PROMPT, FuseOptions(workers=("bpe",), max_new_tokens=4))
+
+
+def test_token_files_are_read_again_when_they_change_on_every_server(secured, gateways):
+    """A rotation with no restart: worker, orchestrator and gateway re-read their token files, and
+    so do the callers that send a token from a file (the registry's token_file, the gateway's
+    --orchestrator-token-file); a file left empty by a broken rotation keeps the tokens before."""
+    folder = secured["certs"]
+    rotated_worker, rotated_caller, rotated_gateway = "worker-token-9d1f", "caller-token-60ab", "gateway-token-e27c"
+    originals = {name: (folder / name).read_text() for name in ("worker-tokens", "new-token", "caller-tokens")}
+    originals["gateway-tokens"] = (folder / "gateway-tokens").read_text()
+    try:
+        # The worker: accept the new token beside the old, switch its caller, then drop the old.
+        replace_file(folder / "worker-tokens", f"{WORKER_TOKENS[1]}\n{rotated_worker}\n")
+        replace_file(folder / "new-token", rotated_worker + "\n")
+        replace_file(folder / "worker-tokens", rotated_worker + "\n")
+        assert not fused_through(secured, CALLER_TOKEN).dropped  # the orchestrator sends the new token
+        # The orchestrator: only the rotated caller token gets in now.
+        replace_file(folder / "caller-tokens", rotated_caller + "\n")
+        assert fused_through(secured, rotated_caller).text
+        with pytest.raises(CoolfusionError) as refused:
+            fused_through(secured, CALLER_TOKEN)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        # The gateway: its callers' token rotates; it sends the orchestrator the rotated caller token.
+        replace_file(folder / "gateway-tokens", rotated_gateway + "\n")
+        url = f"https://{gateways[0].address}/v1"
+        with openai_client(url, secured) as old, pytest.raises(openai.AuthenticationError):
+            old.models.list()
+        with openai_client(url, secured, token=rotated_gateway) as sdk:
+            assert sdk.completions.create(model="bpe", prompt=PROMPT, max_tokens=4).choices[0].text
+            replace_file(folder / "gateway-tokens", "\n")  # broken: no token at all
+            assert sdk.models.list().data  # the tokens read before stay in use
+    finally:
+        for name, text in originals.items():
+            replace_file(folder / name, text)
+    assert fused_through(secured, CALLER_TOKEN).text  # restored
+    logs = "".join(line for p in (*gateways, secured["orchestrator"], secured["worker"]) for line in p.log_lines)
+    assert "holds no token; the tokens read before stay in use" in logs
+    assert not any(t in logs for t in (rotated_worker, rotated_caller, rotated_gateway))

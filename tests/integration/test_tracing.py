@@ -3,11 +3,16 @@
 One fusion (two tiny-model workers and one registered worker that is gone) must give one trace:
 the caller's span, the orchestrator's Fuse span, a span per step, a client span per worker call,
 and the workers' own server spans joined to those calls through the W3C `traceparent` metadata.
+A request through the HTTP gateway adds the gateway's span between the HTTP caller's and the
+orchestrator's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +20,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from coolfusion.cli.cluster import gateway_argv, launch, stop_processes, wait_ready
 from coolfusion.serving.tracing import TracingSettings
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
@@ -28,6 +34,8 @@ FUSE = "coolfusion.v1.OrchestratorService/Fuse"
 GENERATE = "coolfusion.v1.WorkerService/GenerateSegment"
 OPEN = "coolfusion.v1.WorkerService/OpenSession"
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
+# Loopback only: an opener that ignores any proxy configured in the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True)
@@ -168,3 +176,87 @@ def test_worker_spans_are_children_of_the_orchestrators_calls(fusion):
         for span in served:
             assert span.parent in calls, f"{span.name} on {worker} has no caller span"
             assert calls[span.parent].name == span.name
+
+
+# ---- through the HTTP gateway -------------------------------------------------------------------
+
+HTTP_TRACE = "0af7651916cd43dd8448eb211c80319c"
+HTTP_SPAN = "b7ad6b7169203331"
+UNTRACED_GATEWAY_TRACE = "5c4e31a2b0d94f6e8a7b3c2d1e0f9a8b"
+
+
+def post_chat(base_url: str, trace_id: str, stream: bool) -> str:
+    """A chat completion sent as an HTTP caller in the middle of its own trace would send it."""
+    body = {"model": "coolfusion", "messages": [{"role": "user", "content": "Tom has 3 apples."}], "max_tokens": 8}
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        data=json.dumps(body | {"stream": stream}).encode(),
+        headers={"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{HTTP_SPAN}-01"},
+    )
+    with _DIRECT.open(request, timeout=120) as response:
+        return response.read().decode()
+
+
+async def traced_http_requests(tiny_model_dirs) -> list[ExportedSpan]:
+    collector = Collector()
+    receiver = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    endpoint = f"http://{LOOPBACK}:{receiver.add_insecure_port(f'{LOOPBACK}:0')}"
+    await receiver.start()
+
+    def tracing(service: str) -> TracingSettings:
+        return TracingSettings(("otlp",), endpoint, service)
+
+    workers = [await start_tiny_worker(tiny_model_dirs[f], f, tracing=tracing(f"worker-{f}")) for f in WORKERS]
+    orchestrator = await start_local_orchestrator(
+        {f: address(w) for f, w in zip(WORKERS, workers)}, tracing=tracing("orchestrator")
+    )
+    traced_env = dict(
+        os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_SERVICE_NAME="gateway"
+    )
+    untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    gateways = []
+    try:
+        for env in (traced_env, untraced_env):
+            gateways.append(wait_ready(launch("gateway", gateway_argv(address(orchestrator)), env=env), 60))
+        traced, untraced = (f"http://{g.address}" for g in gateways)
+        await asyncio.to_thread(post_chat, traced, HTTP_TRACE, False)
+        await asyncio.to_thread(post_chat, traced, CALLER_TRACE, True)
+        await asyncio.to_thread(post_chat, untraced, UNTRACED_GATEWAY_TRACE, False)
+    finally:
+        # SIGTERM: the gateway flushes its spans as it stops, to the collector on this event loop.
+        await asyncio.to_thread(stop_processes, gateways)
+        await orchestrator.stop(0)
+        for worker in workers:
+            await worker.stop(0)
+        await receiver.stop(0)
+    return collector.spans
+
+
+@pytest.fixture(scope="module")
+def http_spans(tiny_model_dirs):
+    return asyncio.run(traced_http_requests(tiny_model_dirs))
+
+
+@pytest.mark.parametrize(("trace_id", "stream"), [(HTTP_TRACE, False), (CALLER_TRACE, True)])
+def test_a_trace_started_by_an_http_caller_runs_through_gateway_orchestrator_and_every_worker(
+    http_spans, trace_id, stream
+):
+    spans = [s for s in http_spans if s.trace == trace_id]
+    [request] = [s for s in spans if s.service == "gateway"]
+    assert (request.name, request.span.kind, request.parent) == ("POST /v1/chat/completions", SERVER, HTTP_SPAN)
+    assert request.attributes["http.response.status_code"] == 200
+    [fusion] = named(spans, "coolfusion.v1.OrchestratorService/FuseStream" if stream else FUSE)
+    assert fusion.parent == request.id  # the gateway forwarded its own span as the parent
+    for worker in WORKERS:
+        calls = {s.id for s in spans if s.span.kind == CLIENT and s.attributes.get("coolfusion.worker") == worker}
+        served = [s for s in spans if s.service == f"worker-{worker}" and s.span.kind == SERVER]
+        assert served and all(s.parent in calls for s in served)
+
+
+def test_a_gateway_without_tracing_still_forwards_the_callers_traceparent(http_spans):
+    spans = [s for s in http_spans if s.trace == UNTRACED_GATEWAY_TRACE]
+    assert not [s for s in spans if s.service == "gateway"]
+    [fusion] = named(spans, FUSE)
+    assert fusion.parent == HTTP_SPAN  # the caller's span, passed through
+    assert {s.service for s in spans} == {"orchestrator", *(f"worker-{w}" for w in WORKERS)}

@@ -482,11 +482,13 @@ def test_stateless_tiers_have_service_hpa_pdb(rel, component, port):
 
 @needs_kubectl
 @pytest.mark.parametrize("rel", RENDERS)
-def test_the_gateway_calls_the_orchestrator_service(rel):
+def test_the_gateway_calls_every_orchestrator_pod_through_a_headless_service(rel):
     docs = render(rel)
     target = arg_value(main_container(gateway(docs))["args"], "--orchestrator")
-    host, _, port = target.rpartition(":")
+    assert target.startswith("dns:///")  # resolved by the gateway itself, one address per pod
+    host, _, port = target.removeprefix("dns:///").rpartition(":")
     service = by_name(docs, "Service")[host.split(".")[0]]
+    assert service["spec"].get("clusterIP") == "None"
     assert matches(service["spec"]["selector"], pod_labels(orchestrator(docs)))
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
 
@@ -732,3 +734,15 @@ def test_dockerignore_keeps_context_small():
     }
     for needed in (".venv", ".git", "node_modules", "**/__pycache__"):
         assert needed in patterns, needed
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_every_image_is_tagged_with_the_package_version(rel):
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for d in of_kind(render(rel), "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            name, _, tag = container["image"].rpartition(":")
+            if name.rsplit("/", 1)[-1].startswith("coolfusion-"):
+                assert tag == version, f"{d['metadata']['name']}: {container['image']}"

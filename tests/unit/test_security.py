@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.orchestrator.__main__ import parse_settings as orchestrator_settings
 from coolfusion.serving.lifecycle import add_health_and_reflection, set_serving
-from coolfusion.serving.security import TlsServerSettings, read_tokens, security_interceptors
+from coolfusion.serving.security import TlsServerSettings, TokenFile, read_tokens, security_interceptors
 from coolfusion.worker.__main__ import parse_settings as worker_settings
 
 OLD, NEW = "old-secret-token-4c1e", "new-secret-token-9b7a"  # two accepted tokens, as mid-rotation
@@ -42,7 +44,9 @@ def echo_service(calls: list[str]) -> grpc.GenericRpcHandler:
 async def call_all(metadata: tuple[tuple[str, str], ...] | None) -> dict[str, object]:
     """Starts a server that accepts OLD and NEW and calls each method once; results or status codes."""
     calls: list[str] = []
-    server = grpc.aio.server(interceptors=security_interceptors((OLD, NEW)))
+    folder = tempfile.TemporaryDirectory()
+    tokens = TokenFile(write(Path(folder.name) / "tokens", f"{OLD}\n{NEW}\n"))
+    server = grpc.aio.server(interceptors=security_interceptors(tokens))
     server.add_generic_rpc_handlers([echo_service(calls)])
     health = add_health_and_reflection(server, ["test.Echo"])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -63,6 +67,7 @@ async def call_all(metadata: tuple[tuple[str, str], ...] | None) -> dict[str, ob
             outcome["health"] = (await check(health_pb2.HealthCheckRequest(), timeout=5)).status
     finally:
         await server.stop(None)
+        folder.cleanup()
     outcome["ran"] = calls
     return outcome
 
@@ -102,7 +107,7 @@ def test_health_needs_no_token():
 
 
 def test_no_tokens_means_no_authentication():
-    assert security_interceptors(()) == []
+    assert security_interceptors(None) == []
 
 
 def test_token_file_takes_one_token_per_line(tmp_path):
@@ -116,15 +121,49 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def rotate(path: Path, text: str) -> None:
+    """A new file renamed over the old one, as a Kubernetes Secret volume updates."""
+    os.replace(write(path.with_name("rotating"), text), path)
+
+
+def test_a_token_file_is_read_again_when_it_changes(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path = write(tmp_path / "tokens", f"{OLD}\n")
+    tokens = TokenFile(path)
+    assert tokens.tokens() == (OLD,)
+    rotate(path, f"{OLD}\n{NEW}\n")
+    assert tokens.tokens() == (OLD, NEW)
+    rotate(path, f"{NEW}\n")
+    assert tokens.tokens() == (NEW,)
+    path.write_text(f"{WRONG}\n")  # rewritten in place: size or modification time tells
+    assert tokens.tokens() == (WRONG,)
+    assert "re-read" in caplog.text and not any(t in caplog.text for t in (OLD, NEW, WRONG))
+    assert OLD not in repr(tokens) and str(path) in repr(tokens)
+
+
+@pytest.mark.parametrize("broken", ["", "a token with spaces\n", None], ids=["empty", "whitespace", "deleted"])
+def test_a_broken_rotation_keeps_the_tokens_read_before(tmp_path, caplog, broken):
+    path = write(tmp_path / "tokens", f"{OLD}\n{NEW}\n")
+    tokens = TokenFile(path)
+    if broken is None:
+        path.unlink()
+    else:
+        rotate(path, broken)
+    assert tokens.tokens() == (OLD, NEW)  # never every caller in, nor every caller out
+    assert "the tokens read before stay in use" in caplog.text
+    rotate(path, f"{NEW}\n")
+    assert tokens.tokens() == (NEW,)
+
+
 def registry(tmp_path: Path) -> list[str]:
     return ["--workers", str(write(tmp_path / "workers.yaml", "workers: [{name: a, address: 'localhost:1'}]\n"))]
 
 
 def test_defaults_are_plaintext_without_authentication(tmp_path):
     settings = orchestrator_settings(registry(tmp_path))
-    assert settings.tls is None and settings.auth_tokens == ()
+    assert settings.tls is None and settings.auth_tokens is None
     settings = worker_settings(["--model", "m"])
-    assert settings.tls is None and settings.auth_tokens == ()
+    assert settings.tls is None and settings.auth_tokens is None
 
 
 def test_flags_are_read_into_the_settings_without_revealing_secrets(tmp_path):
@@ -138,7 +177,7 @@ def test_flags_are_read_into_the_settings_without_revealing_secrets(tmp_path):
     for settings in (orchestrator_settings([*registry(tmp_path), *flags]), worker_settings(["--model", "m", *flags])):
         assert settings.tls == TlsServerSettings(PEM.encode(), key.encode(), PEM.encode())
         assert settings.tls.mutual
-        assert settings.auth_tokens == (OLD, NEW)
+        assert settings.auth_tokens is not None and settings.auth_tokens.tokens() == (OLD, NEW)
         assert "secret-key-material" not in repr(settings) and OLD not in repr(settings)
 
 
