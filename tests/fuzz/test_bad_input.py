@@ -24,6 +24,11 @@ from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 WORKERS = ("bpe", "char")
 # Every call gets a deadline: a hang is a failure, reported as DEADLINE_EXCEEDED (not allowed below).
 CALL_TIMEOUT_S = 20.0
+# A whole fusion may be long and valid: the longest these strategies build is 256 one-token steps
+# over both tiny models (no max_new_tokens, segment_max_tokens=1), which took 16.5-17.3 s on the
+# 2-core development machine at a load average of 6-8, and failed 20 s at about 12. 120 s leaves
+# seven times that for a busier machine and still catches a hang.
+FUSION_TIMEOUT_S = 120.0
 # The statuses a caller can act on for bad input (the conventions' "Errors" section). UNAVAILABLE,
 # DEADLINE_EXCEEDED, INTERNAL and UNKNOWN are failures: they say "retry" or "server bug", not "fix
 # your request".
@@ -192,10 +197,10 @@ def assert_healthy(cluster: LocalCluster, worker, orchestrator, baseline: dict[s
         time.sleep(0.2)
 
 
-def check_status(call, request, what: str):
+def check_status(call, request, what: str, timeout_s: float = CALL_TIMEOUT_S):
     """Makes one call with a deadline; returns the response, or None for an allowed rejection."""
     try:
-        return call(request, timeout=CALL_TIMEOUT_S)
+        return call(request, timeout=timeout_s)
     except grpc.RpcError as error:
         assert error.code() in ALLOWED, (
             f"{what} answered {error.code().name}: {error.details()!r}\nrequest: {request!r:.600}"
@@ -344,7 +349,7 @@ def test_orchestrator_fuse_with_arbitrary_requests(cluster, worker, orchestrator
     @FUZZ
     @given(parameters=fusion_parameters)
     def fuse(parameters):
-        response = check_status(orchestrator.Fuse, opb.FuseRequest(parameters=parameters), "Fuse")
+        response = check_status(orchestrator.Fuse, opb.FuseRequest(parameters=parameters), "Fuse", FUSION_TIMEOUT_S)
         if response is not None:
             check_fuse_result(response.result, parameters)
 
@@ -385,7 +390,7 @@ def test_orchestrator_fuse_stream_with_arbitrary_requests(cluster, worker, orche
     @given(parameters=fusion_parameters)
     def fuse_stream(parameters):
         events = check_status(lambda r, timeout: list(orchestrator.FuseStream(r, timeout=timeout)),
-                              opb.FuseStreamRequest(parameters=parameters), "FuseStream")  # fmt: skip
+                              opb.FuseStreamRequest(parameters=parameters), "FuseStream", FUSION_TIMEOUT_S)  # fmt: skip
         if events is not None:
             assert events and all(e.WhichOneof("event") == "step" for e in events[:-1])
             assert events[-1].WhichOneof("event") == "summary"

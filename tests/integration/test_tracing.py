@@ -84,7 +84,24 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def traced_fusion(tiny_model_dirs) -> tuple[opb.FuseResult, dict[str, str], list[ExportedSpan]]:
+@dataclass
+class TracedServers:
+    """A collector on loopback, and tiny-model workers and an orchestrator exporting to it."""
+
+    collector: Collector
+    receiver: grpc.aio.Server
+    endpoint: str  # the collector's OTLP/gRPC address
+    workers: list
+    orchestrator: object
+
+    async def stop(self) -> None:
+        await self.orchestrator.stop(0)  # stopping flushes each server's spans to the collector
+        for worker in self.workers:
+            await worker.stop(0)
+        await self.receiver.stop(0)
+
+
+async def start_traced_servers(tiny_model_dirs, extra_workers: dict[str, str]) -> TracedServers:
     collector = Collector()
     receiver = grpc.aio.server()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
@@ -95,10 +112,17 @@ async def traced_fusion(tiny_model_dirs) -> tuple[opb.FuseResult, dict[str, str]
         return TracingSettings(("otlp",), endpoint, service)
 
     workers = [await start_tiny_worker(tiny_model_dirs[f], f, tracing=tracing(f"worker-{f}")) for f in WORKERS]
-    registry = {f: address(w) for f, w in zip(WORKERS, workers)} | {"gone": unused_address()}
+    registry = {f: address(w) for f, w in zip(WORKERS, workers)} | extra_workers
     orchestrator = await start_local_orchestrator(registry, tracing=tracing("orchestrator"))
+    return TracedServers(collector, receiver, endpoint, workers, orchestrator)
+
+
+async def traced_fusion(tiny_model_dirs) -> tuple[opb.FuseResult, dict[str, str], list[ExportedSpan]]:
+    gone = {"gone": unused_address()}  # a registered worker that is not there
+    servers = await start_traced_servers(tiny_model_dirs, gone)
+    registry = {f: address(w) for f, w in zip(WORKERS, servers.workers)} | gone
     try:
-        async with grpc.aio.insecure_channel(address(orchestrator)) as channel:
+        async with grpc.aio.insecure_channel(address(servers.orchestrator)) as channel:
             parameters = opb.FusionParameters(
                 prompt=worker_pb2.Prompt(text="Tom has 3 apples and buys 4 more."),
                 max_new_tokens=16,
@@ -108,11 +132,8 @@ async def traced_fusion(tiny_model_dirs) -> tuple[opb.FuseResult, dict[str, str]
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             response = await stub.Fuse(opb.FuseRequest(parameters=parameters), timeout=120, metadata=caller)
     finally:
-        await orchestrator.stop(0)  # stopping flushes each server's spans to the collector
-        for worker in workers:
-            await worker.stop(0)
-        await receiver.stop(0)
-    return response.result, registry, collector.spans
+        await servers.stop()
+    return response.result, registry, servers.collector.spans
 
 
 @pytest.fixture(scope="module")
@@ -198,27 +219,18 @@ def post_chat(base_url: str, trace_id: str, stream: bool) -> str:
 
 
 async def traced_http_requests(tiny_model_dirs) -> list[ExportedSpan]:
-    collector = Collector()
-    receiver = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
-    endpoint = f"http://{LOOPBACK}:{receiver.add_insecure_port(f'{LOOPBACK}:0')}"
-    await receiver.start()
-
-    def tracing(service: str) -> TracingSettings:
-        return TracingSettings(("otlp",), endpoint, service)
-
-    workers = [await start_tiny_worker(tiny_model_dirs[f], f, tracing=tracing(f"worker-{f}")) for f in WORKERS]
-    orchestrator = await start_local_orchestrator(
-        {f: address(w) for f, w in zip(WORKERS, workers)}, tracing=tracing("orchestrator")
-    )
+    servers = await start_traced_servers(tiny_model_dirs, {})
     traced_env = dict(
-        os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_SERVICE_NAME="gateway"
+        os.environ,
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=servers.endpoint,
+        OTEL_SERVICE_NAME="gateway",
     )
     untraced_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     gateways = []
     try:
         for env in (traced_env, untraced_env):
-            gateways.append(wait_ready(launch("gateway", gateway_argv(address(orchestrator)), env=env), 60))
+            gateways.append(wait_ready(launch("gateway", gateway_argv(address(servers.orchestrator)), env=env), 60))
         traced, untraced = (f"http://{g.address}" for g in gateways)
         await asyncio.to_thread(post_chat, traced, HTTP_TRACE, False)
         await asyncio.to_thread(post_chat, traced, CALLER_TRACE, True)
@@ -226,11 +238,8 @@ async def traced_http_requests(tiny_model_dirs) -> list[ExportedSpan]:
     finally:
         # SIGTERM: the gateway flushes its spans as it stops, to the collector on this event loop.
         await asyncio.to_thread(stop_processes, gateways)
-        await orchestrator.stop(0)
-        for worker in workers:
-            await worker.stop(0)
-        await receiver.stop(0)
-    return collector.spans
+        await servers.stop()
+    return servers.collector.spans
 
 
 @pytest.fixture(scope="module")
