@@ -301,7 +301,7 @@ class FusionClient(_ClientBase):
             parameters=fusion_parameters(prompt, options), max_nodes=max_nodes
         )
         try:
-            response = self._stub.ExploreFusion(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+            response = self._stub.ExploreFusion(request, timeout=self._timeout(timeout_s), metadata=self._metadata())
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return response.tree
@@ -415,7 +415,7 @@ class AsyncFusionClient(_ClientBase):
         )
         try:
             response = await self._stub.ExploreFusion(
-                request, timeout=self._timeout(timeout_s), metadata=self._metadata
+                request, timeout=self._timeout(timeout_s), metadata=self._metadata()
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
