@@ -34,6 +34,13 @@ PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0)
 # Seeded random starting points besides the fixed ones: the right-answer count is a step function
 # of the parameters, and coordinate ascent from a few points stops on its plateaus.
 RANDOM_STARTS = 12
+# A fitted rule is kept only where it wins under cross-validation: fitted without each fold of the
+# tuning items (item i is in fold i % FOLDS), it must answer that fold better, in total, than the
+# worker that is best alone without it. Else the calibration is that worker alone: a few items won
+# on the data a rule was fitted on are no evidence that it switches well elsewhere. Each fold's
+# search starts from fewer random points, to keep the five extra searches affordable.
+FOLDS = 5
+FOLD_RANDOM_STARTS = 4
 # Fitted rules stop loops like the product's default does.
 GUARD = RepetitionGuard.STOP
 
@@ -221,41 +228,86 @@ def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> 
     """The rule of the family (calibration/rule.py) with the most right answers on `items`, found by
     coordinate ascent from every worker alone (a lead that never yields), from the product's default
     choice (NLL per token, unscaled), from per-character scaled scores and from seeded random
-    points; ties go to the simpler rule. Starting from each worker alone, the fit is never worse
-    than the best of them on these items."""
+    points; ties go to the simpler rule. It is kept only if it also wins under cross-validation
+    (FOLDS), else the best worker alone stands. Starting from each worker alone, the fit is never
+    worse than the best of them on these items."""
     spreads = {unit: tuple(_spread(items, w, unit) for w in workers) for unit in Unit}
     trees = [compile_tree(e, workers) for e in items]
-
-    def correct(params: _Params) -> int:
-        return sum(_walk(nodes, params, spreads) for nodes in trees)
-
-    plain = _Params(None, math.inf, (1.0,) * len(workers), (0.0,) * len(workers))
-    starts = {f"{w} alone": replace(plain, lead=i) for i, w in enumerate(workers)}
-    starts |= {"plain": plain, "per character, scaled": replace(plain, unit=Unit.CHARACTER, scaled=True)}
     rng = random.Random(f"{seed}/{','.join(workers)}/{len(items)}")
-    starts |= {f"random {n}": _random_point(rng, len(workers)) for n in range(RANDOM_STARTS)}
-    reached, best, best_key = {}, plain, (-1, 0)
-    for label, start in starts.items():
-        point, score = _ascend(start, correct, len(workers))
-        reached[f"fit from {label}"] = score
-        if (score, -point.complexity()) > best_key:
-            best, best_key = point, (score, -point.complexity())
-    scales = _scales(best, spreads)
-    rule = SelectionRule(
-        {w: WorkerFit(scales[i], best.weights[i], best.priors[i]) for i, w in enumerate(workers)},
-        None if best.lead is None else workers[best.lead],
-        best.margin,
-        best.unit,
+    best, reached = _search(trees, spreads, _starts(rng, workers, RANDOM_STARTS), len(workers))
+    reached["cross-validated fitted"], reached["cross-validated best alone"] = _cross_validated(
+        trees, spreads, rng, workers
     )
-    fitted = Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers))
-    exact, unexplored = _replayed(items, workers, fitted)
-    if exact != best_key[0]:
-        raise AssertionError(f"compiled replay found {best_key[0]} right, replay() {exact}: the two disagree")
+    if reached["cross-validated fitted"] <= reached["cross-validated best alone"]:
+        best = _best_alone(trees, spreads, len(workers))
+    rule = _rule(best, spreads, workers)
+    exact, unexplored = _replayed(items, workers, Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers)))
+    if exact != _correct(trees, best, spreads):
+        raise AssertionError(f"compiled replay found {_correct(trees, best, spreads)} right, replay() {exact}")
     for name in workers:
         reached[f"{name} alone"] = _replayed(items, [name], DEFAULT)[0]
     reached["paper"] = _replayed(items, workers, PAPER)[0]
     reached["default"] = _replayed(items, workers, DEFAULT)[0]
     return Fit(workers, rule, len(items), exact, reached, unexplored)
+
+
+Compiled = list[list[_Node]]
+
+
+def _correct(trees: Compiled, params: _Params, spreads: Spreads) -> int:
+    return sum(_walk(nodes, params, spreads) for nodes in trees)
+
+
+def _alone(size: int, lead: int) -> _Params:
+    """A worker alone: the lead of a rule that never yields."""
+    return _Params(lead, math.inf, (1.0,) * size, (0.0,) * size)
+
+
+def _starts(rng: random.Random, workers: Sequence[str], random_starts: int) -> dict[str, _Params]:
+    size = len(workers)
+    plain = _Params(None, math.inf, (1.0,) * size, (0.0,) * size)
+    starts = {f"{name} alone": _alone(size, i) for i, name in enumerate(workers)}
+    starts |= {"plain": plain, "per character, scaled": replace(plain, unit=Unit.CHARACTER, scaled=True)}
+    return starts | {f"random {n}": _random_point(rng, size) for n in range(random_starts)}
+
+
+def _search(trees: Compiled, spreads: Spreads, starts: dict[str, _Params], size: int) -> tuple[_Params, dict[str, int]]:
+    """The best point coordinate ascent reaches from any start, and what each start reached."""
+    reached, best, best_key = {}, next(iter(starts.values())), (-1, 0)
+    for label, start in starts.items():
+        point, score = _ascend(start, lambda p: _correct(trees, p, spreads), size)
+        reached[f"fit from {label}"] = score
+        if (score, -point.complexity()) > best_key:
+            best, best_key = point, (score, -point.complexity())
+    return best, reached
+
+
+def _best_alone(trees: Compiled, spreads: Spreads, size: int) -> _Params:
+    """The worker with the most right answers alone (ties to the earliest)."""
+    return max((_alone(size, i) for i in range(size)), key=lambda p: _correct(trees, p, spreads))
+
+
+def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, workers: Sequence[str]) -> tuple[int, int]:
+    """Right answers on each fold of the rule fitted without it, and of the worker best alone
+    without it, summed over the folds. The spreads (unlabelled) come from all the items."""
+    fitted = alone = 0
+    for fold in range(FOLDS):
+        train = [t for i, t in enumerate(trees) if i % FOLDS != fold]
+        test = [t for i, t in enumerate(trees) if i % FOLDS == fold]
+        point, _ = _search(train, spreads, _starts(rng, workers, FOLD_RANDOM_STARTS), len(workers))
+        fitted += _correct(test, point, spreads)
+        alone += _correct(test, _best_alone(train, spreads, len(workers)), spreads)
+    return fitted, alone
+
+
+def _rule(params: _Params, spreads: Spreads, workers: Sequence[str]) -> SelectionRule:
+    scales = _scales(params, spreads)
+    return SelectionRule(
+        {w: WorkerFit(scales[i], params.weights[i], params.priors[i]) for i, w in enumerate(workers)},
+        None if params.lead is None else workers[params.lead],
+        params.margin,
+        params.unit,
+    )
 
 
 def _random_point(rng: random.Random, size: int) -> _Params:
@@ -354,6 +406,8 @@ def _summary(fit: Fit) -> str:
 
 def describe_rule(rule: SelectionRule) -> str:
     """The rule in one line, e.g. 'lead gemma3, margin 1.5; qwen weight 2, prior 0.5'."""
+    if rule.lead and math.isinf(rule.margin):
+        return f"{rule.lead} alone"
     parts = [f"lead {rule.lead}, margin {rule.margin:g}" if rule.lead else "no lead", f"per {rule.unit}"]
     parts += [
         f"{name} weight {fit.weight:g}, prior {fit.prior:g}, scale {fit.scale:.3g}"
@@ -364,15 +418,18 @@ def describe_rule(rule: SelectionRule) -> str:
 
 def fit_table(fits: list[tuple[str, Fit]]) -> str:
     """fit.md: per scope and worker set, right answers of each worker alone, the paper's rule, the
-    default and the fitted rule on the tuning items."""
+    default and the fitted rule on the tuning items, and the cross-validation that kept the rule
+    or the best worker alone."""
     lines = [
-        "| scope | workers | items | best alone | paper | default | fitted | rule |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scope | workers | items | best alone | paper | default | fitted | cross-validated: rule / best alone | rule |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for scope, fit in fits:
         best = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
         lines.append(
             f"| {scope} | {', '.join(fit.workers)} | {fit.items} | {best} {fit.reached[f'{best} alone']} "
-            f"| {fit.reached['paper']} | {fit.reached['default']} | **{fit.correct}** | {describe_rule(fit.rule)} |"
+            f"| {fit.reached['paper']} | {fit.reached['default']} | **{fit.correct}** "
+            f"| {fit.reached['cross-validated fitted']} / {fit.reached['cross-validated best alone']} "
+            f"| {describe_rule(fit.rule)} |"
         )
     return "\n".join(lines)

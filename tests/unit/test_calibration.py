@@ -187,3 +187,32 @@ def test_the_compiled_walk_chooses_as_replay_does_for_any_rule() -> None:
         for e, nodes in zip(items, compiled):
             text = replay(e.tree, workers, strategy, e.max_new_tokens).text
             assert _walk(nodes, params, spreads) == e.item.correct(e.item.read(text))
+
+
+def _coin_flips(count: int, seed: int = 7) -> list[Explored]:
+    """Arithmetic items where `sure` is right on 3 in 4 and `coin` on a random half, each candidate
+    scored at random by both: no rule can know when to trust `coin`, so any gain a fit finds on
+    these items is their noise."""
+    rng = random.Random(seed)
+    made = []
+    for item in tasks.items("arithmetic", "tuning")[:count]:
+        right, wrong = f" {item.reference}", f" {int(float(item.reference)) + 1}"
+        proposals = {"sure": right if rng.random() < 0.75 else wrong, "coin": right if rng.random() < 0.5 else wrong}
+        judged = {text: {w: rng.uniform(0.2, 2.0) for w in proposals} for text in (right, wrong)}
+        made.append(_one_step(item, proposals, judged))
+    return made
+
+
+def test_a_fit_that_only_wins_on_its_own_items_gives_way_to_the_best_worker_alone() -> None:
+    fit = fit_rule(_coin_flips(120), ("sure", "coin"))
+    searched = max(score for label, score in fit.reached.items() if label.startswith("fit from"))
+    assert searched > fit.reached["sure alone"]  # the search found a rule that wins on these items...
+    assert fit.reached["cross-validated fitted"] <= fit.reached["cross-validated best alone"]  # ...by chance
+    assert (fit.rule.lead, fit.rule.margin) == ("sure", math.inf)
+    assert fit.correct == fit.reached["sure alone"]
+
+
+def test_a_fit_that_wins_on_unseen_folds_is_kept() -> None:
+    fit = fit_rule(_specialists(80), ("sure", "loose", "noisy"))
+    assert fit.reached["cross-validated fitted"] > fit.reached["cross-validated best alone"]
+    assert not math.isinf(fit.rule.margin) or fit.rule.lead is None
