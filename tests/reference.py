@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -120,30 +121,48 @@ def reference_steps(
     their mean."""
     rendered = [m.render(prompt) for m in models]
     answer, steps = "", []
-    while True:
-        proposals = [m.segment(r + answer, s, segment_cap, stop_strings) for m, (r, s) in zip(models, rendered)]
-        segments = [(text, eos) for text, eos, _ in proposals]
-        candidates = list(dict.fromkeys(segments))  # distinct, in worker order
-        fused: list[float] = []
-        if len(candidates) > 1:
-            combine = aggregate or (lambda perplexities: sum(perplexities) / len(perplexities))
-            fused = [
-                combine([m.perplexity(r + answer, s, text, eos) for m, (r, s) in zip(models, rendered)])
-                for text, eos in candidates
-            ]
-        winner_index = min(range(len(candidates)), key=lambda i: (fused[i], i)) if fused else 0
-        steps.append(ReferenceStep(segments, [margin for _, _, margin in proposals], candidates, fused, winner_index))
-        winner = candidates[winner_index]
-        previous = len(answer)
-        answer += winner[0]
-        if winner[1]:
-            return answer, "eos", steps
-        hits = [answer.find(s, max(0, previous - len(s) + 1)) for s in stop_strings]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            return answer[: min(hits)], "stop", steps
-        if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
-            return answer, "length", steps
+    with ThreadPoolExecutor(len(models)) as pool:
+        while True:
+            step = _step(pool, models, rendered, answer, segment_cap, stop_strings, aggregate)
+            steps.append(step)
+            winner = step.candidates[step.winner]
+            previous = len(answer)
+            answer += winner[0]
+            if winner[1]:
+                return answer, "eos", steps
+            hits = [answer.find(s, max(0, previous - len(s) + 1)) for s in stop_strings]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                return answer[: min(hits)], "stop", steps
+            if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
+                return answer, "length", steps
+
+
+def _step(
+    pool: ThreadPoolExecutor,
+    models: list[ReferenceModel],
+    rendered: list[tuple[str, bool]],
+    answer: str,
+    segment_cap: int,
+    stop_strings: tuple[str, ...],
+    aggregate: Callable[[list[float]], float] | None,
+) -> ReferenceStep:
+    """One step. Each model's work runs in its own thread: no model waits for another's within a
+    step, and with one torch thread per Python thread (tests/conftest.py) the models use both cores
+    of an idle machine without the intra-op threads that stall on a busy one."""
+    contexts = [(r + answer, s) for r, s in rendered]
+    proposals = list(pool.map(lambda m, c: m.segment(c[0], c[1], segment_cap, stop_strings), models, contexts))
+    segments = [(text, eos) for text, eos, _ in proposals]
+    candidates = list(dict.fromkeys(segments))  # distinct, in worker order
+    fused: list[float] = []
+    if len(candidates) > 1:
+        per_model = list(
+            pool.map(lambda m, c: [m.perplexity(c[0], c[1], t, e) for t, e in candidates], models, contexts)
+        )
+        combine = aggregate or (lambda perplexities: sum(perplexities) / len(perplexities))
+        fused = [combine([scores[i] for scores in per_model]) for i in range(len(candidates))]
+    winner_index = min(range(len(candidates)), key=lambda i: (fused[i], i)) if fused else 0
+    return ReferenceStep(segments, [margin for _, _, margin in proposals], candidates, fused, winner_index)
 
 
 def reference_fuse(
