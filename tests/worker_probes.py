@@ -1,4 +1,4 @@
-"""Test helpers shared by the integration tests: tiny reference models, session counts, process memory."""
+"""Test helpers shared by the integration tests: the models, tiny reference models, session counts, process memory."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from coolfusion.cli.cluster import LocalProcess
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 from reference import ReferenceModel
+
+# The default pair of real models (the real_model tests), by the short names the tests use.
+REAL_PAIR = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
 
 
 def tiny_references(dirs: dict[str, Path], families: Iterable[str]) -> dict[str, ReferenceModel]:

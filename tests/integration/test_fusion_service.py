@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready
 from coolfusion.orchestrator.domain import Prompt
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import WorkerClient
@@ -30,15 +30,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dirs, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "cluster.log"
-    with LocalCluster({f: ["--model", str(tiny_model_dirs[f])] for f in FAMILIES}, log_path=log) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def orchestrator(cluster):
-    with grpc.insecure_channel(cluster.address) as channel:
+def orchestrator(tiny_trio):
+    with grpc.insecure_channel(tiny_trio.address) as channel:
         yield orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
@@ -208,23 +201,23 @@ def test_stream_sends_each_step_then_a_summary_equal_to_unary(orchestrator):
         assert {s.worker for s in winner.scores} == set(FAMILIES)
 
 
-def test_sessions_are_closed_after_requests_and_after_a_cancelled_stream(orchestrator, cluster):
+def test_sessions_are_closed_after_requests_and_after_a_cancelled_stream(orchestrator, tiny_trio):
     orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[2], max_new_tokens=8)), timeout=120)
-    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
+    assert wait_for_no_sessions(list(tiny_trio.workers.values())) == [0, 0, 0]
     stream = orchestrator.FuseStream(
         opb.FuseStreamRequest(parameters=parameters(PROMPTS[0], max_new_tokens=400)), timeout=120
     )
     next(stream)
-    assert any(open_sessions(cluster.workers.values()))
+    assert any(open_sessions(tiny_trio.workers.values()))
     stream.cancel()
-    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
+    assert wait_for_no_sessions(list(tiny_trio.workers.values())) == [0, 0, 0]
 
 
-def test_a_passed_deadline_fails_the_request_and_closes_its_sessions(orchestrator, cluster):
+def test_a_passed_deadline_fails_the_request_and_closes_its_sessions(orchestrator, tiny_trio):
     with pytest.raises(grpc.RpcError) as error:
         orchestrator.Fuse(opb.FuseRequest(parameters=parameters(PROMPTS[0], max_new_tokens=400)), timeout=1.0)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
+    assert wait_for_no_sessions(list(tiny_trio.workers.values())) == [0, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -262,10 +255,10 @@ def start_orchestrator(workers: dict[str, str], extra: list[str] = ()):
     return wait_ready(launch("orchestrator-2", orchestrator_argv(extra), env=env), 60)
 
 
-def test_the_orchestrators_own_request_timeout_is_deadline_exceeded(cluster):
+def test_the_orchestrators_own_request_timeout_is_deadline_exceeded(tiny_trio):
     """Without a caller deadline the orchestrator's --request-timeout-s applies; running out of
     time is DEADLINE_EXCEEDED (not UNAVAILABLE, which would read as "workers are down")."""
-    workers = {f: cluster.workers[f].address for f in FAMILIES}
+    workers = {f: tiny_trio.workers[f].address for f in FAMILIES}
     process = start_orchestrator(workers, ["--request-timeout-s", "1"])
     try:
         with grpc.insecure_channel(process.address) as channel:
@@ -276,13 +269,13 @@ def test_the_orchestrators_own_request_timeout_is_deadline_exceeded(cluster):
             assert "longer than 1 s" in error.value.details()
     finally:
         stop_processes([process])
-    assert wait_for_no_sessions(list(cluster.workers.values())) == [0, 0, 0]
+    assert wait_for_no_sessions(list(tiny_trio.workers.values())) == [0, 0, 0]
 
 
-def test_an_unreachable_worker_is_dropped_and_the_rest_still_fuse(cluster, references):
+def test_an_unreachable_worker_is_dropped_and_the_rest_still_fuse(tiny_trio, references):
     ghost = f"127.0.0.1:{free_port()}"
     process = start_orchestrator(
-        {"bpe": cluster.workers["bpe"].address, "ghost": ghost, "char": cluster.workers["char"].address}
+        {"bpe": tiny_trio.workers["bpe"].address, "ghost": ghost, "char": tiny_trio.workers["char"].address}
     )
     try:
         with grpc.insecure_channel(process.address) as channel:
@@ -301,11 +294,11 @@ def test_an_unreachable_worker_is_dropped_and_the_rest_still_fuse(cluster, refer
         stop_processes([process])
 
 
-def test_a_lost_session_is_reopened_with_the_full_text(cluster, references):
+def test_a_lost_session_is_reopened_with_the_full_text(tiny_trio, references):
     """Closes a worker's session behind the orchestrator's back mid-request: the answer is unchanged."""
 
     async def run() -> str:
-        channels = {f: grpc.aio.insecure_channel(cluster.workers[f].address) for f in FAMILIES}
+        channels = {f: grpc.aio.insecure_channel(tiny_trio.workers[f].address) for f in FAMILIES}
         clients = [WorkerClient(f, channels[f]) for f in FAMILIES]
         request = FusionRequest(Prompt(text=PROMPTS[0]), 24, (), 16, False, "lost-session-test")
         victim = worker_pb2_grpc.WorkerServiceStub(channels["bpe"])

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from coolfusion.cli.cluster import LocalCluster, gateway_argv, launch, stop_processes, wait_ready
+from coolfusion.cli.cluster import gateway_argv, launch, stop_processes, wait_ready
 from coolfusion.client import FuseOptions, FusionClient, fusion_strategy
 from coolfusion.v1 import worker_pb2
 
@@ -36,18 +36,11 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dirs, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "cluster.log"
-    with LocalCluster({f: ["--model", str(tiny_model_dirs[f])] for f in FAMILIES}, log_path=log) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster, tmp_path_factory):
+def gateway(tiny_trio, tmp_path_factory):
     """The gateway's base URL (…/v1), its metrics port and its token file."""
     token_file = tmp_path_factory.mktemp("secrets") / "tokens"
     token_file.write_text("\n".join(TOKENS) + "\n")
-    argv = gateway_argv(cluster.address, extra=["--auth-token-file", str(token_file), "--metrics-port", "0"])
+    argv = gateway_argv(tiny_trio.address, extra=["--auth-token-file", str(token_file), "--metrics-port", "0"])
     process = wait_ready(launch("gateway", argv), 60)
     try:
         metrics_port = next(int(m[1]) for line in process.log_lines if (m := re.search(r"metrics on \S+:(\d+)", line)))
@@ -69,8 +62,8 @@ def client(gateway):
 
 
 @pytest.fixture(scope="module")
-def fusion(cluster):
-    with FusionClient(cluster.address, timeout_s=120) as running:
+def fusion(tiny_trio):
+    with FusionClient(tiny_trio.address, timeout_s=120) as running:
         yield running
 
 
@@ -223,7 +216,7 @@ def test_a_repetition_cut_streams_only_what_the_answer_keeps(client, fusion):
     assert len([c for c in chunks if c.choices[0].text]) > 1
 
 
-def test_a_client_that_drops_a_stream_cancels_the_fusion(client, cluster, gateway):
+def test_a_client_that_drops_a_stream_cancels_the_fusion(client, tiny_trio, gateway):
     # Without the repetition guard and with the longest length allowed, the fusion would run on for
     # far longer than the test waits.
     stream = client.chat.completions.create(
@@ -231,18 +224,18 @@ def test_a_client_that_drops_a_stream_cancels_the_fusion(client, cluster, gatewa
     )
     role, text = next(stream), next(stream)
     assert role.choices[0].delta.role == "assistant" and text.choices[0].delta.content
-    workers = list(cluster.workers.values())
+    workers = list(tiny_trio.workers.values())
     assert all(open_sessions(workers)), "the fusion is running"
     stream.close()
     assert wait_for_no_sessions(workers, timeout_s=5) == [0] * len(FAMILIES)
     assert scrape(gateway[1]).get("coolfusion_gateway_client_disconnects_total", 0) >= 1
 
 
-def test_a_client_that_leaves_before_a_whole_answer_cancels_the_fusion(cluster, gateway):
+def test_a_client_that_leaves_before_a_whole_answer_cancels_the_fusion(tiny_trio, gateway):
     body = json.dumps({"model": "coolfusion", "prompt": TEXT, "max_tokens": 4096, "repetition_guard": "off"}).encode()
     host, port = gateway[0].removeprefix("http://").removesuffix("/v1").split(":")
     head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKENS[1]}\r\n"
-    workers = list(cluster.workers.values())
+    workers = list(tiny_trio.workers.values())
     with socket.create_connection((host, int(port)), timeout=30) as connection:
         connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 30
@@ -429,8 +422,8 @@ def scrape(port: int) -> dict:
     return samples
 
 
-def test_the_gateway_stops_cleanly_on_sigterm(cluster):
-    process = wait_ready(launch("short-lived-gateway", gateway_argv(cluster.address)), 60)
+def test_the_gateway_stops_cleanly_on_sigterm(tiny_trio):
+    process = wait_ready(launch("short-lived-gateway", gateway_argv(tiny_trio.address)), 60)
     started = time.monotonic()
     stop_processes([process])
     assert process.process.returncode == 0 and time.monotonic() - started < 10

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from load_driver import measure, tiny_cluster
+from load_driver import measure
 
 # With the driver's 5 s warm-up, 20 s of traffic; more only adds minutes to the suite.
 DURATION_S = 15.0
@@ -23,9 +23,8 @@ RSS_MARGIN_KIB = 16 * 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads memory from Linux's /proc")
-def test_concurrent_requests_all_complete_and_leave_no_sessions_or_memory_behind(tiny_model_dirs, tmp_path):
-    with tiny_cluster(tiny_model_dirs, 3, tmp_path / "cluster.log") as cluster:
-        run = measure(cluster, DURATION_S, CONCURRENCY)
+def test_concurrent_requests_all_complete_and_leave_no_sessions_or_memory_behind(tiny_trio):
+    run = measure(tiny_trio, DURATION_S, CONCURRENCY)
     print(run.report())
     assert run.load.errors == [] and run.load.dropped == []
     assert run.load.completed >= 2 * CONCURRENCY, "too few requests to say anything about load"

@@ -10,18 +10,17 @@ import grpc
 import pytest
 from near_ties import batched_logit_error
 
-from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 from coolfusion.worker.backend import ChatTurn, PromptSpec
 from coolfusion.worker.hf import loading
 from coolfusion.worker.hf.model import HFModel
 
-from worker_probes import wait_for_no_sessions
+from worker_probes import REAL_PAIR, wait_for_no_sessions
 
 pytestmark = pytest.mark.real_model
 
-PRESETS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
 QUESTIONS = [
     "What is the capital of France?",
     "Name a colour of the sky.",
@@ -36,22 +35,10 @@ QUESTIONS = [
 SESSIONS_CLOSED_WITHIN_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("logs") / "real-load.log", "a")  # noqa: SIM115 - closed below
-    threads = ["--threads", str(max(1, (os.cpu_count() or 2) // 2))]
-    processes = [launch(name, worker_argv(["--preset", p], threads), log) for name, p in PRESETS.items()]
-    try:
-        yield {process.name: wait_ready(process, 600) for process in processes}
-    finally:
-        stop_processes(processes)
-        log.close()
-
-
 @pytest.fixture
-def orchestrator(workers):
+def orchestrator(real_pair):
     """An orchestrator with its default limits over the two workers."""
-    env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in workers.items()))
+    env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in real_pair.workers.items()))
     process = wait_ready(launch("orchestrator", orchestrator_argv(), env=env), 60)
     try:
         yield process.address
@@ -77,13 +64,13 @@ async def burst(address: str, size: int) -> list[opb.FuseResult | grpc.aio.AioRp
         return list(await asyncio.gather(*(one(i) for i in range(size))))
 
 
-def test_a_burst_of_fusions_closes_every_session_within_seconds(workers, orchestrator):
+def test_a_burst_of_fusions_closes_every_session_within_seconds(real_pair, orchestrator):
     results = asyncio.run(burst(orchestrator, 16))
     assert all(isinstance(r, opb.FuseResult) and r.text and not r.dropped for r in results), results
-    assert wait_for_no_sessions(list(workers.values()), SESSIONS_CLOSED_WITHIN_S) == [0, 0]
+    assert wait_for_no_sessions(list(real_pair.workers.values()), SESSIONS_CLOSED_WITHIN_S) == [0, 0]
 
 
-def test_an_overload_burst_is_refused_or_fused_whole_never_degraded(workers, orchestrator):
+def test_an_overload_burst_is_refused_or_fused_whole_never_degraded(real_pair, orchestrator):
     results = asyncio.run(burst(orchestrator, 80))
     fused = [r for r in results if isinstance(r, opb.FuseResult)]
     refused = [r for r in results if not isinstance(r, opb.FuseResult)]
@@ -93,10 +80,10 @@ def test_an_overload_burst_is_refused_or_fused_whole_never_degraded(workers, orc
         assert not result.dropped, result.dropped  # no answer went on without a worker
     for error in refused:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
-    assert wait_for_no_sessions(list(workers.values()), SESSIONS_CLOSED_WITHIN_S) == [0, 0]
+    assert wait_for_no_sessions(list(real_pair.workers.values()), SESSIONS_CLOSED_WITHIN_S) == [0, 0]
 
 
-@pytest.mark.parametrize("preset", PRESETS.values())
+@pytest.mark.parametrize("preset", REAL_PAIR.values())
 def test_batched_logits_of_the_real_models_differ_from_alone_by_rounding_only(preset):
     """The batched-vs-alone logit error on these prompts: what a near-tie must fall within."""
     model = HFModel(*loading.load_model(loading.resolve_model_folder(preset=preset)), preset)

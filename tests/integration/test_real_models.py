@@ -9,16 +9,15 @@ import grpc
 import pytest
 import torch
 
-from coolfusion.cli.cluster import LocalCluster
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from coolfusion.worker.hf import loading
 
 from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
+from worker_probes import REAL_PAIR
 
 pytestmark = pytest.mark.real_model
 
-PRESETS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
 GSM8K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 INSTRUCTION = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
 
@@ -30,16 +29,9 @@ def gsm8k_prompt(index: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "real-cluster.log"
-    with LocalCluster({n: ["--preset", p] for n, p in PRESETS.items()}, log_path=log) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def references() -> dict[str, ReferenceModel]:
     models = {}
-    for name, preset in PRESETS.items():
+    for name, preset in REAL_PAIR.items():
         model, tokenizer = loading.load_model(loading.resolve_model_folder(preset=preset))
         models[name] = ReferenceModel(name, model, tokenizer)
     return models
@@ -51,13 +43,13 @@ def chat(text: str) -> worker_pb2.Prompt:
     )
 
 
-def test_both_default_models_produce_sensible_greedy_segments(cluster):
+def test_both_default_models_produce_sensible_greedy_segments(real_pair):
     prompts = {
         "smollm2": chat("What is the capital of France?"),
         "gemma3": worker_pb2.Prompt(text="Q: What is the capital of France?\nA: The capital of France is"),
     }
     for name, prompt in prompts.items():
-        with grpc.insecure_channel(cluster.workers[name].address) as channel:
+        with grpc.insecure_channel(real_pair.workers[name].address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             opened = stub.OpenSession(worker_pb2.OpenSessionRequest(prompt=prompt), timeout=60)
             context, text, append = opened.context_tokens, "", ""
@@ -76,9 +68,9 @@ def test_both_default_models_produce_sensible_greedy_segments(cluster):
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_fused_gsm8k_answer_equals_the_reference(cluster, references, index):
+def test_fused_gsm8k_answer_equals_the_reference(real_pair, references, index):
     prompt = gsm8k_prompt(index)
-    with grpc.insecure_channel(cluster.address) as channel:
+    with grpc.insecure_channel(real_pair.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = opb.FuseRequest(
             parameters=opb.FusionParameters(
@@ -91,9 +83,9 @@ def test_fused_gsm8k_answer_equals_the_reference(cluster, references, index):
     assert not result.dropped
 
 
-def test_smollm2_alone_equals_plain_transformers_greedy_generate(cluster, references):
+def test_smollm2_alone_equals_plain_transformers_greedy_generate(real_pair, references):
     prompt = [{"role": "user", "content": "Name three primary colours."}]
-    with grpc.insecure_channel(cluster.address) as channel:
+    with grpc.insecure_channel(real_pair.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         parameters = opb.FusionParameters(
             prompt=chat(prompt[0]["content"]), workers=["smollm2"], max_new_tokens=40, strategy=PAPER_STRATEGY

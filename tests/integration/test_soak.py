@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from load_driver import measure_soak, tiny_cluster
+from load_driver import measure_soak
 
 TOTAL = 1000
 CANCEL_EVERY = 10
@@ -19,9 +19,8 @@ RSS_MARGIN_KIB = 32 * 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads memory from Linux's /proc")
-def test_a_thousand_fusions_with_cancellations_leave_nothing_behind(tiny_model_dirs, tmp_path):
-    with tiny_cluster(tiny_model_dirs, 3, tmp_path / "cluster.log") as cluster:
-        run = measure_soak(cluster, TOTAL, CANCEL_EVERY)
+def test_a_thousand_fusions_with_cancellations_leave_nothing_behind(tiny_trio):
+    run = measure_soak(tiny_trio, TOTAL, CANCEL_EVERY)
     print(run.report())
     assert run.figures.errors == [] and run.figures.dropped == []
     assert run.figures.completed + run.figures.cancelled == TOTAL

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from coolfusion.cli.cluster import LocalCluster
 from coolfusion.client import FuseOptions, FusionClient, chat
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import worker_pb2
@@ -19,10 +18,8 @@ LOOPING = "a b a b a b a b a b a b"  # the metaspace model loops after it (see t
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dirs, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "cluster.log"
-    spec = {f: ["--model", str(tiny_model_dirs[f])] for f in FAMILIES}
-    with LocalCluster(spec, log_path=log) as cluster, FusionClient(cluster.address, timeout_s=120) as running:
+def client(tiny_trio):
+    with FusionClient(tiny_trio.address, timeout_s=120) as running:
         yield running
 
 
