@@ -9,8 +9,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from coolfusion.worker.backend import (
     TextScore,
     Timed,
 )
-from coolfusion.worker.errors import OverCapacity, StartupError
+from coolfusion.worker.errors import OverCapacity, SessionNotFound, StartupError
 from coolfusion.worker.hf import loading
 from coolfusion.worker.hf.kv import common_prefix_length
 from coolfusion.worker.hf.text import ModelText
@@ -44,6 +44,13 @@ _GIB = 1 << 30
 _CPU_KV_CACHE_GIB = 4.0
 # vLLM's CPU attention needs blocks of a multiple of 32 tokens; GPUs take vLLM's default.
 _CPU_BLOCK_SIZE, _GPU_BLOCK_SIZE = 32, 16
+# A session's request generates at most this many tokens; then the next segment starts another.
+# Long, since each new request pays vLLM's per-request costs again.
+_STREAM_TOKENS = 128
+# Tokens a session's request may compute past what its segments have read before it is aborted:
+# enough for the next segment's first word (about 1.3 tokens) when the caller appends its
+# segment and asks again at once, little compute lost when another worker's segment won instead.
+_AHEAD_TOKENS = 4
 
 
 def load_backend(settings: WorkerSettings) -> VLLMBackend:
@@ -134,16 +141,72 @@ def _model_folder(settings: WorkerSettings) -> Path:
         ) from error
 
 
+class TokenStream:
+    """One greedy request over a session's sequence, read in the background as its tokens arrive.
+    It runs on past the segment that asked for it, so that when that segment wins and is appended,
+    the next segment's tokens are already being computed: one request serves many chained segments
+    instead of one request per segment, each paying vLLM's per-request costs (docs/engines.md)."""
+
+    def __init__(self, prompt_ids: list[int], ahead: int):
+        self.ids = list(prompt_ids)  # the prompt, then every token received so far
+        self.prompt_length = len(prompt_ids)
+        self.read_to = len(prompt_ids)  # how far into `ids` a segment has read
+        self.ahead = ahead  # tokens it may run past `read_to` before it is aborted
+        self.done = False
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+
+    def continues(self, context_ids: list[int]) -> bool:
+        """Whether `context_ids` is this stream's prompt plus some of its tokens, with more to come."""
+        length = len(context_ids)
+        if length < self.prompt_length or (self.done and length >= len(self.ids)):
+            return False
+        return self.ids[:length] == context_ids
+
+    async def token_at(self, position: int) -> int | None:
+        """The token at `position` of the sequence, waiting for it; None once the request ended
+        before it (its token budget spent, or aborted)."""
+        self.read_to = max(self.read_to, position + 1)
+        while position >= len(self.ids):
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self.ids[position]
+
+    def receive(self, tokens: Sequence[int], finished: bool) -> None:
+        self.ids.extend(tokens)
+        self.done = self.done or finished
+        self._arrived.set()
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.done, self.error = True, self.error or error
+        self._arrived.set()
+
+    @property
+    def ran_ahead(self) -> bool:
+        """Whether it computed more than `ahead` tokens nobody read: its segment lost, or its caller left."""
+        return len(self.ids) - self.read_to > self.ahead
+
+    def stop(self) -> None:
+        """Aborts the request (vLLM aborts a request whose reading task is cancelled)."""
+        self.end()
+        if self.task is not None:
+            self.task.cancel()
+
+
 class VLLMSession(SessionCache):
-    """A session is, to vLLM, its token sequence: every call sends the whole of it and the prefix
-    cache supplies what an earlier call computed, so rolling back costs nothing. The keys and
-    values live in vLLM's blocks, shared with any request of the same prefix."""
+    """A session is, to vLLM, its token sequence: every request sends the whole of it and the
+    prefix cache supplies what an earlier request computed, so rolling back costs nothing. The keys
+    and values live in vLLM's blocks, shared with any request of the same prefix."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []  # the sequence the last call computed (the context, or it + kept tokens)
-        # (ids, token): the greedy token after `ids`, already computed by the last call (the token
-        # that ended its segment), so that the next segment after exactly `ids` starts from it.
-        self.lookahead: tuple[list[int], int] | None = None
+        self.stream: TokenStream | None = None  # the request generating after it, if still running
+        self.released = False  # the session is gone: it starts no more requests
 
     @property
     def cached_tokens(self) -> int:
@@ -168,13 +231,11 @@ class VLLMBackend(ModelBackend):
         # measured against (docs/design.md section 4.3).
         self._skip_cache = not keep_cache
         self._final_only = RequestOutputKind.FINAL_ONLY
-        # A segment can only end at a token whose text holds whitespace, or at EOS: generation
-        # stops there (the stop token is returned as the request's last token) and the segment
-        # rule decides. Tens of thousands of ids: each cap's parameters are built once and reused
-        # uncloned, since vLLM would otherwise deep-copy the list for every request.
-        self._stop_ids = sorted(set(text.ids_with_whitespace()) | text.stop_ids)
-        self._generate_params: dict[int, SamplingParams] = {}
-        self._score_params = self._params(max_tokens=1, prompt_logprobs=0)
+        self._delta = RequestOutputKind.DELTA
+        # Stream parameters per token budget, built once and reused uncloned (skip_clone): vLLM
+        # would otherwise deep-copy them for every request.
+        self._stream_params: dict[int, SamplingParams] = {}
+        self._score_params = self._params(max_tokens=1, prompt_logprobs=0, skip_clone=True)
 
     @property
     def description(self) -> ModelDescription:
@@ -197,15 +258,21 @@ class VLLMBackend(ModelBackend):
     def new_cache(self) -> SessionCache:
         return VLLMSession()
 
+    def release(self, cache: SessionCache) -> None:
+        session = _session(cache)
+        session.released = True
+        if session.stream is not None:
+            session.stream.stop()
+            session.stream = None
+
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
         session = _session(cache)
-        if session.ids == context_ids and session.lookahead is not None:
+        if session.ids == context_ids and session.stream is not None and session.stream.continues(context_ids):
             return Timed(None, 0.0)
         async with self._call() as started:
-            # A one-token request prefills the context into the prefix cache; its token is the
-            # first segment's first token.
-            output = await self._request(context_ids, self._segment_params(1))
-        session.ids, session.lookahead = list(context_ids), (list(context_ids), output.outputs[0].token_ids[0])
+            # The request that prefills the context goes on to generate the first segment's tokens.
+            await self._stream_for(session, context_ids).token_at(len(context_ids))
+        session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
 
     async def generate(
@@ -215,28 +282,20 @@ class VLLMBackend(ModelBackend):
         scan = SegmentScan(
             lambda new: self._text.decode_continuation(context_ids, new), self._text.stop_ids, max_tokens, stop_strings
         )
-        pending: list[int] = []
-        if session.lookahead is not None and session.lookahead[0] == context_ids:
-            pending = [session.lookahead[1]]
-        session.lookahead = None
         async with self._call() as started:
-            segment = None
+            stream = self._stream_for(session, context_ids)
+            position, segment = len(context_ids), None
             while segment is None:
-                if not pending:
-                    params = self._segment_params(max_tokens - len(scan.tokens))
-                    pending = list((await self._request(context_ids + scan.tokens, params)).outputs[0].token_ids)
-                    if not pending:  # vLLM returns every token it generated, EOS and stop ids included
-                        raise RuntimeError("vLLM ended a segment's request without a token")
-                for token in pending:
-                    if (segment := scan.add(token)) is not None:
-                        break
-                pending = []
-        kept = context_ids + scan.tokens[: scan.kept]
-        session.ids = kept
-        if scan.cut and scan.kept == len(scan.tokens) - 1:
-            # The token that crossed the cut is the greedy token after the kept ones: if this
-            # segment wins and is appended as these very tokens, the next segment starts with it.
-            session.lookahead = (kept, scan.tokens[-1])
+                token = await stream.token_at(position)
+                if token is None:  # the request ended (its budget spent, or it ran ahead): another
+                    if position == stream.prompt_length:
+                        raise RuntimeError("vLLM ended a request without a token")
+                    stream = self._stream_for(session, context_ids + scan.tokens)
+                    continue
+                segment = scan.add(token)
+                position += 1
+        # The segment rule, not vLLM, ends a segment: the request runs on after it (TokenStream).
+        session.ids = context_ids + scan.tokens[: scan.kept]
         return Timed(segment, _ms_since(started))
 
     async def score(
@@ -296,19 +355,54 @@ class VLLMBackend(ModelBackend):
     def _params(self, **fields: object) -> SamplingParams:
         from vllm import SamplingParams
 
+        fields = {"output_kind": self._final_only, **fields}
         return SamplingParams(
             temperature=0.0,
             detokenize=False,  # texts are decoded here, with the worker's own tokenizer rules
-            output_kind=self._final_only,
             skip_reading_prefix_cache=self._skip_cache,
             **fields,
         )
 
-    def _segment_params(self, max_tokens: int) -> SamplingParams:
-        params = self._generate_params.get(max_tokens)
+    def _stream_for(self, session: VLLMSession, context_ids: list[int]) -> TokenStream:
+        """The session's running request if it generates after `context_ids` (the last segment was
+        appended), else a new one over them, the old one aborted."""
+        if session.stream is not None and session.stream.continues(context_ids):
+            return session.stream
+        if session.released:
+            raise SessionNotFound("the session was closed while its call ran")
+        if session.stream is not None:
+            session.stream.stop()
+        stream = TokenStream(context_ids, _AHEAD_TOKENS)
+        budget = max(1, min(_STREAM_TOKENS, self._description.max_context_tokens - len(context_ids)))
+        stream.task = asyncio.create_task(self._read(stream, self._stream_params_for(budget)))
+        session.stream = stream
+        return stream
+
+    async def _read(self, stream: TokenStream, params: SamplingParams) -> None:
+        """Feeds `stream` the tokens of its request as vLLM computes them, until the request
+        finishes or runs ahead of its readers; closing vLLM's generator aborts the request."""
+        from vllm.inputs import TokensPrompt
+
+        outputs = self._engine.generate(
+            TokensPrompt(prompt_token_ids=stream.ids[: stream.prompt_length]), params, uuid.uuid4().hex
+        )
+        try:
+            async with aclosing(outputs):
+                async for output in outputs:
+                    stream.receive(output.outputs[0].token_ids, output.finished)
+                    if stream.ran_ahead:
+                        break
+        except Exception as error:  # noqa: BLE001 - handed to the segment waiting on it, which raises it
+            stream.end(error)
+        finally:
+            stream.end()
+
+    def _stream_params_for(self, budget: int) -> SamplingParams:
+        params = self._stream_params.get(budget)
         if params is None:
-            params = self._params(max_tokens=max_tokens, stop_token_ids=self._stop_ids, skip_clone=True)
-            self._generate_params[max_tokens] = params
+            # Every token as it is computed (DELTA), no stop ids: the segment rule reads them here.
+            params = self._params(max_tokens=budget, output_kind=self._delta, skip_clone=True)
+            self._stream_params[budget] = params
         return params
 
     async def _request(self, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
