@@ -64,13 +64,3 @@ class ModelText:
         """The text that `new_ids` add after `context_ids`."""
         tail = context_ids[-_DECODE_TAIL:]
         return self.decode(tail + new_ids)[len(self.decode(tail)) :]
-
-    def ids_with_whitespace(self) -> list[int]:
-        """Every id whose text, after a plain word, holds a whitespace character: the tokens at
-        which a segment may end (docs/design.md section 2.2)."""
-        after = self.tokenize("a", add_special_tokens=False)
-        base = len(self.decode(after))
-        texts = self.tokenizer.batch_decode(
-            [after + [token] for token in range(len(self.tokenizer))], clean_up_tokenization_spaces=False
-        )
-        return [token for token, text in enumerate(texts) if any(c.isspace() for c in text[base:])]
