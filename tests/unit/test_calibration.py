@@ -207,11 +207,11 @@ def test_the_compiled_walk_chooses_as_replay_does_for_any_rule() -> None:
         params = _Params(
             rng.choice([None, 0, 1, 2]), rng.choice([0.0, 0.3, 1.0, math.inf]),
             tuple(rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in workers), tuple(rng.choice([0.0, 0.25, 1.0]) for _ in workers),
-            rng.choice(list(Unit)), rng.choice([False, True]),
+            tuple(rng.choice([0.0, 0.5, 2.0]) for _ in workers), rng.choice(list(Unit)), rng.choice([False, True]),
         )  # fmt: skip
         scales = spreads[params.unit] if params.scaled else (1.0, 1.0, 1.0)
         rule = SelectionRule(
-            {w: WorkerFit(scales[i], params.weights[i], params.priors[i]) for i, w in enumerate(workers)},
+            {w: WorkerFit(scales[i], params.weights[i], params.priors[i], params.votes[i]) for i, w in enumerate(workers)},
             None if params.lead is None else workers[params.lead], params.margin, params.unit,
         )  # fmt: skip
         strategy = Strategy(repetition_guard=RepetitionGuard.STOP, calibration=Calibration("r", (), rule, "stop"))
