@@ -13,10 +13,7 @@ from typing import Any
 
 from coolfusion.calibration.rule import SelectionRule, Unit, WorkerFit
 
-# v2 added each worker's vote. A v1 file has none (its rule is v2's with every vote 0) and is still
-# read; a v2 file is refused by v1 readers, which would drop the votes and choose otherwise.
-FORMAT = "coolfusion.calibration/v2"
-FORMAT_V1 = "coolfusion.calibration/v1"
+FORMAT = "coolfusion.calibration/v1"
 GUARDS = ("off", "stop", "steer")
 
 
@@ -74,12 +71,11 @@ def load_calibration(path: Path) -> Calibration:
 
 
 def from_document(document: Mapping[str, Any]) -> Calibration:
-    if document.get("format") not in (FORMAT, FORMAT_V1):
-        raise CalibrationError(f"format is {document.get('format')!r}, expected {FORMAT!r} or {FORMAT_V1!r}")
-    voting = document["format"] == FORMAT
+    if document.get("format") != FORMAT:
+        raise CalibrationError(f"format is {document.get('format')!r}, expected {FORMAT!r}")
     try:
         workers = [
-            (FittedWorker(str(w["name"]), str(w["model_id"])), _fit(w, voting))
+            (FittedWorker(str(w["name"]), str(w["model_id"])), _fit(w))
             for w in document["workers"]
         ]  # fmt: skip
         name, rule = str(document["name"]), document["rule"]
@@ -109,15 +105,12 @@ def from_document(document: Mapping[str, Any]) -> Calibration:
     )
 
 
-def _fit(worker: Mapping[str, Any], voting: bool) -> WorkerFit:
-    vote = float(worker["vote"]) if voting else 0.0
-    fit = WorkerFit(float(worker["scale"]), float(worker["weight"]), float(worker["prior"]), vote)
+def _fit(worker: Mapping[str, Any]) -> WorkerFit:
+    fit = WorkerFit(float(worker["scale"]), float(worker["weight"]), float(worker["prior"]))
     if not (fit.scale > 0 and math.isfinite(fit.scale)):
         raise CalibrationError(f"worker {worker['name']!r}: scale must be positive and finite, got {fit.scale}")
     if not (fit.weight >= 0 and math.isfinite(fit.weight)) or not math.isfinite(fit.prior):
         raise CalibrationError(f"worker {worker['name']!r}: weight must be >= 0 and prior finite")
-    if not math.isfinite(fit.vote):
-        raise CalibrationError(f"worker {worker['name']!r}: vote must be finite, got {fit.vote}")
     return fit
 
 
@@ -138,7 +131,7 @@ def to_document(calibration: Calibration) -> dict[str, Any]:
 
 
 def _fit_fields(fit: WorkerFit) -> dict[str, float]:
-    return {"scale": fit.scale, "weight": fit.weight, "prior": fit.prior, "vote": fit.vote}
+    return {"scale": fit.scale, "weight": fit.weight, "prior": fit.prior}
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:

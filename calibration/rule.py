@@ -1,7 +1,6 @@
 """A selection rule fitted on labelled data: each worker's scores put on one scale, weighted, a
-prior for the candidates each worker proposed, a vote for the candidate each worker scores best,
-and optionally a lead worker whose candidate stands unless the others' evidence beats it by a
-margin (docs/design.md section 3.7)."""
+prior for the candidates each worker proposed, and optionally a lead worker whose candidate stands
+unless the others' evidence beats it by a margin (docs/design.md section 3.7)."""
 
 from __future__ import annotations
 
@@ -30,16 +29,12 @@ class WorkerFit:
     # Taken off the fused score of every candidate it proposed, in scaled units: how far a
     # worker's own choice is trusted beyond what the scores say.
     prior: float = 0.0
-    # Taken off the fused score of the one candidate of a step that this worker scores best, in
-    # scaled units: its ranking, which says as much for a sharp model as for a flat one, counted
-    # beyond its scores. Unlike the prior it can go to a peer's candidate over the worker's own.
-    vote: float = 0.0
 
 
 @dataclass(frozen=True)
 class SelectionRule:
     """Scores candidates by each worker's NLL per `unit`, scaled and weighted, less the priors of
-    their proposers and the votes of the workers that score them best among a step's, and picks the lowest, or, with a lead, the lead's own candidate unless another
+    their proposers, and picks the lowest, or, with a lead, the lead's own candidate unless another
     scores lower by more than `margin`. With an infinite margin the rule is the lead worker alone,
     so a fit that considers it can never do worse than the best worker on its data."""
 
@@ -57,17 +52,6 @@ class SelectionRule:
             judged = sum(fit.weight * nll_per_unit[name] / fit.scale for name, fit in fits.items() if fit.weight)
             judged /= total
         return judged - sum(self.workers[name].prior for name in proposed_by if name in self.workers)
-
-    def score_step(self, nlls: Sequence[Mapping[str, float]], proposers: Sequence[Collection[str]]) -> list[float]:
-        """Every candidate's fused score (lower wins) from each judging worker's NLL per unit of
-        it, less the votes: each worker's vote goes to the candidate it scores lowest (ties to the
-        earliest), and to none when it scored none of them."""
-        scores = [self.score(nll, by) for nll, by in zip(nlls, proposers)]
-        for name, fit in self.workers.items():
-            judged = [i for i, nll in enumerate(nlls) if math.isfinite(nll.get(name, math.inf))]
-            if fit.vote and judged:
-                scores[min(judged, key=lambda i: (nlls[i][name], i))] -= fit.vote
-        return scores
 
     def choose(self, scores: Sequence[float], proposers: Sequence[Collection[str]]) -> int:
         """The winner's index: the lowest score (ties to the earliest), unless the lead's own

@@ -12,7 +12,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,6 @@ POOLED = "pooled"
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, math.inf)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0)
-# A worker's vote (its best-scored candidate of a step), the same scaled units as a prior, on the
-# same grid: a vote is a prior that may go to a peer's candidate.
-VOTES = PRIORS
 # Seeded random starting points besides the fixed ones: the right-answer count is a step function
 # of the parameters, and coordinate ascent from a few points stops on its plateaus.
 RANDOM_STARTS = 12
@@ -109,9 +106,6 @@ class _Choice:
 class _Node:
     choices: tuple[_Choice, ...] = ()  # empty: entering this node ends the answer, `right` says how
     right: bool = False
-    # Per unit, per worker of the set: the choice it scores lowest, which its vote goes to (None:
-    # it scored none). Scaling does not move it, so it is found once here.
-    voted: dict[Unit, tuple[int | None, ...]] = field(default_factory=dict)
 
 
 def compile_tree(explored: Explored, workers: Sequence[str]) -> list[_Node]:
@@ -136,10 +130,7 @@ def compile_tree(explored: Explored, workers: Sequence[str]) -> list[_Node]:
         elif node.answer_tokens[lead] >= explored.max_new_tokens:
             ended = _Node(right=right(node.text))
         else:
-            choices = tuple(choice(node, c) for c in candidates_for(node, workers))
-            ended = _Node(
-                choices=choices, voted={unit: _voted(choices, unit) for unit in Unit} if len(choices) > 1 else {}
-            )
+            ended = _Node(choices=tuple(choice(node, c) for c in candidates_for(node, workers)))
         compiled[index_of[i]] = ended
         return index_of[i]
 
@@ -153,16 +144,6 @@ def compile_tree(explored: Explored, workers: Sequence[str]) -> list[_Node]:
 
     enter(0)
     return compiled
-
-
-def _voted(choices: Sequence[_Choice], unit: Unit) -> tuple[int | None, ...]:
-    """Each worker's vote: the choice it scores lowest, ties to the earliest; mirrors
-    SelectionRule.score_step."""
-    voted = []
-    for k in range(len(choices[0].nll[unit])):
-        judged = [i for i, c in enumerate(choices) if math.isfinite(c.nll[unit][k])]
-        voted.append(min(judged, key=lambda i: (choices[i].nll[unit][k], i)) if judged else None)
-    return tuple(voted)
 
 
 def _nlls(candidate: StepCandidate, workers: Sequence[str], unit: Unit) -> tuple[float, ...]:
@@ -180,7 +161,6 @@ class _Params:
     margin: float
     weights: tuple[float, ...]
     priors: tuple[float, ...]
-    votes: tuple[float, ...]
     unit: Unit = Unit.TOKEN
     scaled: bool = False  # whether each worker's NLL is divided by its spread (else by 1)
 
@@ -188,7 +168,7 @@ class _Params:
         """How far from the plain rule (the product's default choice, nll_mean per token): a tie in
         right answers goes to the simpler point."""
         return (
-            sum(w != 1.0 for w in self.weights) + sum(p != 0.0 for p in self.priors) + sum(v != 0.0 for v in self.votes)
+            sum(w != 1.0 for w in self.weights) + sum(p != 0.0 for p in self.priors)
             + (self.lead is not None and not math.isinf(self.margin)) + (self.unit != Unit.TOKEN) + self.scaled
         )  # fmt: skip
 
@@ -215,9 +195,6 @@ def _walk(nodes: list[_Node], params: _Params, spreads: Spreads) -> bool:
                 if total > 0:
                     judged = sum(w * x / s for w, x, s in zip(params.weights, c.nll[params.unit], scales) if w) / total
                 scores.append(judged - sum(p for p, by in zip(params.priors, c.proposed) if by))
-            for vote, voted in zip(params.votes, node.voted[params.unit]):
-                if vote and voted is not None:
-                    scores[voted] -= vote
             best = min(range(len(scores)), key=lambda i: (scores[i], i))
             own = (
                 None
@@ -283,12 +260,12 @@ def _correct(trees: Compiled, params: _Params, spreads: Spreads) -> int:
 
 def _alone(size: int, lead: int) -> _Params:
     """A worker alone: the lead of a rule that never yields."""
-    return _Params(lead, math.inf, (1.0,) * size, (0.0,) * size, (0.0,) * size)
+    return _Params(lead, math.inf, (1.0,) * size, (0.0,) * size)
 
 
 def _starts(rng: random.Random, workers: Sequence[str], random_starts: int) -> dict[str, _Params]:
     size = len(workers)
-    plain = _Params(None, math.inf, (1.0,) * size, (0.0,) * size, (0.0,) * size)
+    plain = _Params(None, math.inf, (1.0,) * size, (0.0,) * size)
     starts = {f"{name} alone": _alone(size, i) for i, name in enumerate(workers)}
     starts |= {"plain": plain, "per character, scaled": replace(plain, unit=Unit.CHARACTER, scaled=True)}
     return starts | {f"random {n}": _random_point(rng, size) for n in range(random_starts)}
@@ -326,7 +303,7 @@ def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, work
 def _rule(params: _Params, spreads: Spreads, workers: Sequence[str]) -> SelectionRule:
     scales = _scales(params, spreads)
     return SelectionRule(
-        {w: WorkerFit(scales[i], params.weights[i], params.priors[i], params.votes[i]) for i, w in enumerate(workers)},
+        {w: WorkerFit(scales[i], params.weights[i], params.priors[i]) for i, w in enumerate(workers)},
         None if params.lead is None else workers[params.lead],
         params.margin,
         params.unit,
@@ -337,7 +314,7 @@ def _random_point(rng: random.Random, size: int) -> _Params:
     return _Params(
         rng.choice([None, *range(size)]), rng.choice(MARGINS),
         tuple(rng.choice(WEIGHTS) for _ in range(size)), tuple(rng.choice(PRIORS) for _ in range(size)),
-        tuple(rng.choice(VOTES) for _ in range(size)), rng.choice(list(Unit)), rng.choice([False, True]),
+        rng.choice(list(Unit)), rng.choice([False, True]),
     )  # fmt: skip
 
 
@@ -368,8 +345,6 @@ def _neighbours(point: _Params, size: int) -> Iterator[_Params]:
             yield replace(point, weights=point.weights[:k] + (weight,) + point.weights[k + 1 :])
         for prior in PRIORS:
             yield replace(point, priors=point.priors[:k] + (prior,) + point.priors[k + 1 :])
-        for vote in VOTES:
-            yield replace(point, votes=point.votes[:k] + (vote,) + point.votes[k + 1 :])
 
 
 def _spread(items: list[Explored], worker: str, unit: Unit) -> float:
@@ -435,7 +410,7 @@ def describe_rule(rule: SelectionRule) -> str:
         return f"{rule.lead} alone"
     parts = [f"lead {rule.lead}, margin {rule.margin:g}" if rule.lead else "no lead", f"per {rule.unit}"]
     parts += [
-        f"{name} weight {fit.weight:g}, prior {fit.prior:g}, vote {fit.vote:g}, scale {fit.scale:.3g}"
+        f"{name} weight {fit.weight:g}, prior {fit.prior:g}, scale {fit.scale:.3g}"
         for name, fit in rule.workers.items()
     ]
     return "; ".join(parts)

@@ -221,8 +221,8 @@ class FusionLoop:
             for candidate, score in zip(candidates, per_candidate):
                 candidate.scores[name] = score
         strategy = self._request.strategy
-        for c, fused_score in zip(candidates, strategy.score_step(candidates)):
-            c.fused_score = fused_score
+        for c in candidates:
+            c.fused_score = strategy.score(c.text, c.ends_with_eos, c.scores, c.proposed_by)
         return max(compute_ms for _, compute_ms in answers.values())
 
     def _append(self, winner: StepCandidate) -> bool:

@@ -83,8 +83,8 @@ def candidates_for(node: TreeNode, workers: Sequence[str]) -> list[StepCandidate
 def _choose(strategy: Strategy, candidates: list[StepCandidate], answer_text: str) -> int:
     if len(candidates) == 1:
         return 0  # one distinct candidate wins unscored (docs/design.md section 2)
-    for c, fused_score in zip(candidates, strategy.score_step(candidates)):
-        c.fused_score = fused_score
+    for c in candidates:
+        c.fused_score = strategy.score(c.text, c.ends_with_eos, c.scores, c.proposed_by)
     return winner_index(strategy, candidates, answer_text)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from coolfusion.calibration import Calibration, nll_per_unit
-from coolfusion.orchestrator.domain import CandidateScore, Prompt, StepCandidate
+from coolfusion.orchestrator.domain import CandidateScore, Prompt
 
 
 class Aggregation(enum.StrEnum):
@@ -82,21 +82,6 @@ class Strategy:
             }  # fmt: skip
             return rule.score(nlls, proposed_by)
         return self.fused_score({name: s.perplexity for name, s in scores.items()}, proposed_by)
-
-    def score_step(self, candidates: Sequence[StepCandidate]) -> list[float]:
-        """Each of a step's candidates' fused scores (lower is better), read together: a
-        calibration's votes go to the candidate each worker scores best among them."""
-        if self.calibration is None:
-            return [self.score(c.text, c.ends_with_eos, c.scores, c.proposed_by) for c in candidates]
-        rule = self.calibration.rule
-        nlls = [
-            {
-                name: nll_per_unit(rule.unit, s.log_prob_sum, s.scored_tokens, c.text, c.ends_with_eos)
-                for name, s in c.scores.items()
-            }
-            for c in candidates
-        ]
-        return rule.score_step(nlls, [c.proposed_by for c in candidates])
 
     def rank(self, scores: Sequence[float], proposers: Sequence[Collection[str]]) -> list[int]:
         """Indices best first: the lowest score, ties to the earlier; a calibration with a lead

@@ -46,13 +46,13 @@ def cluster(tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration_files(cluster, tmp_path_factory):
-    """A trio rule with a lead, a margin and votes, a pair rule with a prior, and one fitted for another model."""
+    """A trio rule with a lead and a margin, a pair rule with a prior, and one fitted for another model."""
     with FusionClient(cluster.address) as client:
         models = {s.name: s.info.model_id for s in client.list_workers()}
     folder = tmp_path_factory.mktemp("calibrations")
     fits = {
         TRIO: SelectionRule(
-            {"bpe": WorkerFit(1.5, 1.0, 0.25, 0.25), "metaspace": WorkerFit(2.0, 2.0, 0.0), "char": WorkerFit(1.0, 0.5, 0.0, 0.5)},
+            {"bpe": WorkerFit(1.5, 1.0, 0.25), "metaspace": WorkerFit(2.0, 2.0, 0.0), "char": WorkerFit(1.0, 0.5, 0.0)},
             lead="metaspace", margin=0.5,
         ),
         PAIR: SelectionRule({"char": WorkerFit(1.0, 1.0, 0.5), "bpe": WorkerFit(1.0, 1.0, 0.0)}),

@@ -56,27 +56,6 @@ def test_scales_weights_and_priors_shape_the_fused_score() -> None:
     assert SelectionRule(PAIR, lead="a", margin=0.0).choose([1.0, 2.0], [["b"], ["b"]]) == 0  # lead dropped
 
 
-def test_each_worker_votes_for_the_candidate_it_scores_best_even_a_peers() -> None:
-    rule = SelectionRule({"a": WorkerFit(vote=0.75), "b": WorkerFit(vote=0.25), "c": WorkerFit(weight=0.0)})
-    nlls = [{"a": 2.0, "b": 1.0, "c": 0.0}, {"a": 1.0, "b": 1.0, "c": 5.0}, {"a": 3.0, "b": 2.0}]
-    plain = [rule.score(nll, by) for nll, by in zip(nlls, [["a"], ["b"], ["c"]])]
-    # a scores b's candidate best, b ties its own with a's (ties to the earliest), c has no vote.
-    assert rule.score_step(nlls, [["a"], ["b"], ["c"]]) == pytest.approx([plain[0] - 0.25, plain[1] - 0.75, plain[2]])
-    unscored = SelectionRule({"a": WorkerFit(weight=0.0, vote=1.0), "b": WorkerFit()})
-    nothing = [{"a": math.inf, "b": 1.0}, {"a": math.inf, "b": 2.0}]
-    assert unscored.score_step(nothing, [["a"], ["b"]]) == [1.0, 2.0]  # a scored neither: no vote
-
-
-def test_votes_let_two_agreeing_workers_overrule_a_lead_that_their_scores_alone_do_not() -> None:
-    nlls = [{"lead": 0.5, "x": 2.0, "y": 2.0}, {"lead": 1.5, "x": 1.0, "y": 1.0}]  # 1.5 against ~1.17
-    proposers = [["lead"], ["x", "y"]]
-    silent = {name: WorkerFit() for name in ("lead", "x", "y")}
-    voting = {**silent, "x": WorkerFit(vote=0.5), "y": WorkerFit(vote=0.5)}
-    for fits, winner in ((silent, 0), (voting, 1)):
-        rule = SelectionRule(fits, lead="lead", margin=0.5)
-        assert rule.choose(rule.score_step(nlls, proposers), proposers) == winner
-
-
 def test_nll_is_per_token_or_per_character_and_an_eos_counts_as_one_character() -> None:
     assert nll_per_unit(Unit.CHARACTER, -6.0, 3, " ab", False) == 2.0
     assert nll_per_unit(Unit.CHARACTER, -6.0, 2, " a", True) == 2.0
@@ -84,8 +63,8 @@ def test_nll_is_per_token_or_per_character_and_an_eos_counts_as_one_character() 
     assert nll_per_unit(Unit.TOKEN, 0.0, 0, "", False) == math.inf  # nothing scored is never preferred
 
 
-def _calibration(margin: float = math.inf, vote: float = 0.5) -> Calibration:
-    fits = {"a": WorkerFit(1.5, 2.0, 0.25, vote), "b": WorkerFit(0.5, 0.0, 0.0)}
+def _calibration(margin: float = math.inf) -> Calibration:
+    fits = {"a": WorkerFit(1.5, 2.0, 0.25), "b": WorkerFit(0.5, 0.0, 0.0)}
     rule = SelectionRule(fits, lead="b", margin=margin, unit=Unit.TOKEN)
     return Calibration("x", (FittedWorker("a", "model-a"), FittedWorker("b", "model-b")), rule, "stop")
 
@@ -94,14 +73,6 @@ def _calibration(margin: float = math.inf, vote: float = 0.5) -> Calibration:
 def test_a_calibration_file_reads_back_as_written(tmp_path, margin: float) -> None:
     save_calibration(_calibration(margin), tmp_path / "x.json")
     assert load_calibration(tmp_path / "x.json") == _calibration(margin)
-
-
-def test_a_first_format_file_reads_as_a_rule_without_votes() -> None:
-    document = to_document(_calibration(vote=0.0))
-    document["format"] = "coolfusion.calibration/v1"
-    for worker in document["workers"]:
-        del worker["vote"]
-    assert from_document(document) == _calibration(vote=0.0)
 
 
 @pytest.mark.parametrize(
@@ -116,8 +87,6 @@ def test_a_first_format_file_reads_as_a_rule_without_votes() -> None:
         (lambda d: d.update(repetition_guard="loud"), "repetition_guard is 'loud'"),
         (lambda d: d["rule"].update(unit="byte"), "unit is 'byte'"),
         (lambda d: d["workers"][0].pop("model_id"), "missing or malformed field"),
-        (lambda d: d["workers"][0].pop("vote"), "missing or malformed field"),  # v2 writes every vote
-        (lambda d: d["workers"][0].update(vote=math.inf), "vote must be finite"),
     ],
 )
 def test_a_malformed_calibration_is_refused_saying_what_is_wrong(tmp_path, change, says: str) -> None:
@@ -207,11 +176,11 @@ def test_the_compiled_walk_chooses_as_replay_does_for_any_rule() -> None:
         params = _Params(
             rng.choice([None, 0, 1, 2]), rng.choice([0.0, 0.3, 1.0, math.inf]),
             tuple(rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in workers), tuple(rng.choice([0.0, 0.25, 1.0]) for _ in workers),
-            tuple(rng.choice([0.0, 0.5, 2.0]) for _ in workers), rng.choice(list(Unit)), rng.choice([False, True]),
+            rng.choice(list(Unit)), rng.choice([False, True]),
         )  # fmt: skip
         scales = spreads[params.unit] if params.scaled else (1.0, 1.0, 1.0)
         rule = SelectionRule(
-            {w: WorkerFit(scales[i], params.weights[i], params.priors[i], params.votes[i]) for i, w in enumerate(workers)},
+            {w: WorkerFit(scales[i], params.weights[i], params.priors[i]) for i, w in enumerate(workers)},
             None if params.lead is None else workers[params.lead], params.margin, params.unit,
         )  # fmt: skip
         strategy = Strategy(repetition_guard=RepetitionGuard.STOP, calibration=Calibration("r", (), rule, "stop"))
