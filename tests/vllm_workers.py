@@ -39,4 +39,7 @@ def start_vllm_worker(name: str, model_dir: Path, extra: Sequence[str] = ()) -> 
     cli.cluster.stop_processes."""
     argv = [vllm_python(), "-m", "coolfusion.worker", "--engine", "vllm", "--model", str(model_dir)]
     argv += ["--host", "127.0.0.1", "--port", "0", "--grace-s", "0", "--kv-cache-gib", KV_CACHE_GIB, *extra]
-    return wait_ready(launch(name, argv), READY_TIMEOUT_S)
+    # The tests share the host's cores with other workers and pytest: vLLM's own binding, which
+    # keeps a core free and holds up there, rather than the worker's default of every core.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "auto", **os.environ}
+    return wait_ready(launch(name, argv, env=env), READY_TIMEOUT_S)

@@ -1,13 +1,15 @@
 """The vLLM engine's session request (worker/vllm/backend.py's TokenStream): which contexts it
-continues, how a segment waits for its tokens, and when it counts as run ahead. No vLLM needed."""
+continues, how a segment waits for its tokens, and when it counts as run ahead; and where its CPU
+threads run. No vLLM needed."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
-from coolfusion.worker.vllm.backend import TokenStream
+from coolfusion.worker.vllm.backend import TokenStream, bind_compute_threads_to_every_core
 
 PROMPT = [5, 6, 7]
 
@@ -68,3 +70,20 @@ def test_it_runs_ahead_only_past_what_segments_read() -> None:
     assert stream.ran_ahead  # 3 unread
     asyncio.run(stream.token_at(len(PROMPT) + 1))  # a segment read up to token 9
     assert not stream.ran_ahead
+
+
+def test_cpu_threads_are_bound_to_every_core_of_the_process_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 1, 2})
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    bind_compute_threads_to_every_core()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1,2,3"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    bind_compute_threads_to_every_core()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
