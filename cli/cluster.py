@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self, TextIO
@@ -102,6 +102,12 @@ def orchestrator_argv(extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "coolfusion.orchestrator", "--host", "127.0.0.1", "--port", "0", *extra]
 
 
+def orchestrator_env(workers: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with COOLFUSION_WORKERS naming `workers` (name -> address): how a
+    local orchestrator learns its workers."""
+    return {**os.environ, "COOLFUSION_WORKERS": ",".join(f"{name}={address}" for name, address in workers.items())}
+
+
 def gateway_argv(orchestrator: str, port: int = 0, extra: Sequence[str] = ()) -> list[str]:
     host = ["--host", "127.0.0.1", "--port", str(port)]
     return [sys.executable, "-m", "coolfusion.gateway", *host, "--orchestrator", orchestrator, *extra]
@@ -138,7 +144,7 @@ class LocalCluster:
                 self.workers[name] = launch(name, worker_argv(model_args, [*threads, *self._worker_flags]), self._log)
             for worker in self.workers.values():
                 wait_ready(worker, self._ready_timeout_s)
-            env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in self.workers.items()))
+            env = orchestrator_env({name: worker.address for name, worker in self.workers.items()})
             argv = orchestrator_argv(self._orchestrator_flags)
             self.orchestrator = wait_ready(launch("orchestrator", argv, self._log, env), 60)
             if self._gateway_port is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -34,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from coolfusion.cli.cluster import LocalProcess, launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import LocalProcess, launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
 from coolfusion.client import FuseOptions, FusionClient
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -231,13 +230,10 @@ def main() -> None:
         flags = shlex.split(args.worker_flags)
         argvs = {name: worker_argv(pythons[engine], engine, name, args.kv_cache_gib, flags) for name in PAIR}
         with workers(argvs) as started:
-            registry = ",".join(f"{name.split('-')[0]}={w.address}" for name, w in started.items())
-            orchestrator = wait_ready(
-                launch("orchestrator", orchestrator_argv(), env={**os.environ, "COOLFUSION_WORKERS": registry}),
-                120,
-            )
+            renamed = {name.split("-")[0]: w for name, w in started.items()}
+            env = orchestrator_env({name: w.address for name, w in renamed.items()})
+            orchestrator = wait_ready(launch("orchestrator", orchestrator_argv(), env=env), 120)
             try:
-                renamed = {name.split("-")[0]: w for name, w in started.items()}
                 figures = bench_fused(orchestrator.address, renamed, fused_levels, args.fused_requests)
             finally:
                 stop_processes([orchestrator])

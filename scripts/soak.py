@@ -11,7 +11,6 @@ Usage: python scripts/soak.py [--total 1000] [--cancel-every 10] [--workers 3] [
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,15 @@ from pathlib import Path
 
 import grpc
 
-from coolfusion.cli.cluster import LocalProcess, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import (
+    LocalProcess,
+    launch,
+    orchestrator_argv,
+    orchestrator_env,
+    stop_processes,
+    wait_ready,
+    worker_argv,
+)
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +78,7 @@ def soak_vllm(total: int, cancel_every: int) -> int:
         try:
             started.append(start_vllm_worker("bpe", dirs["bpe"]))
             started.append(wait_ready(launch("metaspace", worker_argv(["--model", str(dirs["metaspace"])])), 120))
-            registry = ",".join(f"{w.name}={w.address}" for w in started)
-            env = {**os.environ, "COOLFUSION_WORKERS": registry}
+            env = orchestrator_env({w.name: w.address for w in started})
             orchestrator = wait_ready(launch("orchestrator", orchestrator_argv(), env=env), 60)
             started.append(orchestrator)
             run = measure_soak(_Cluster({w.name: w for w in started[:2]}, orchestrator.address), total, cancel_every)

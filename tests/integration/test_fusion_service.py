@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import socket
 import time
 
 import grpc
 import pytest
 
-from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
 from coolfusion.orchestrator.domain import Prompt
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
 from coolfusion.orchestrator.worker_client import WorkerClient
@@ -251,8 +250,7 @@ def test_list_workers_reports_health_and_info(orchestrator):
 
 
 def start_orchestrator(workers: dict[str, str], extra: list[str] = ()):
-    env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={a}" for n, a in workers.items()))
-    return wait_ready(launch("orchestrator-2", orchestrator_argv(extra), env=env), 60)
+    return wait_ready(launch("orchestrator-2", orchestrator_argv(extra), env=orchestrator_env(workers)), 60)
 
 
 def test_the_orchestrators_own_request_timeout_is_deadline_exceeded(tiny_trio):

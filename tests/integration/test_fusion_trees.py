@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
 from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, WorkerFit, load_calibration
 from coolfusion.calibration.file import save_calibration
-from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
 from coolfusion.cli.main import main as coolfusion
 from coolfusion.client import FuseOptions, FusionClient, InvalidArgumentError, fusion_strategy
 from coolfusion.orchestrator.replay import Unexplored, replay, rerank
@@ -74,10 +73,11 @@ def calibrations(calibration_files) -> dict[str, Calibration]:
 def orchestrator(cluster, calibration_files, tmp_path_factory):
     """An orchestrator over the cluster's workers with the calibrations loaded, the trio's as default."""
     flags = [arg for path in sorted(calibration_files.glob("*.json")) for arg in ("--calibration", str(path))]
-    workers = ",".join(f"{n}={p.address}" for n, p in cluster.workers.items())
     log = open(tmp_path_factory.mktemp("logs") / "orchestrator.log", "a")  # noqa: SIM115 - closed below
     argv = orchestrator_argv([*flags, "--default-calibration", TRIO])
-    process = wait_ready(launch("calibrated", argv, log, dict(os.environ, COOLFUSION_WORKERS=workers)), 60)
+    process = wait_ready(
+        launch("calibrated", argv, log, orchestrator_env({n: p.address for n, p in cluster.workers.items()})), 60
+    )
     try:
         yield process
     finally:

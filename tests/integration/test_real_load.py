@@ -4,13 +4,12 @@ overload is backpressure (a refusal the caller can retry), never an answer that 
 from __future__ import annotations
 
 import asyncio
-import os
 
 import grpc
 import pytest
 from near_ties import batched_logit_error
 
-from coolfusion.cli.cluster import launch, orchestrator_argv, stop_processes, wait_ready
+from coolfusion.cli.cluster import launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 from coolfusion.worker.backend import ChatTurn, PromptSpec
@@ -38,7 +37,7 @@ SESSIONS_CLOSED_WITHIN_S = 5.0
 @pytest.fixture
 def orchestrator(real_pair):
     """An orchestrator with its default limits over the two workers."""
-    env = dict(os.environ, COOLFUSION_WORKERS=",".join(f"{n}={p.address}" for n, p in real_pair.workers.items()))
+    env = orchestrator_env({name: worker.address for name, worker in real_pair.workers.items()})
     process = wait_ready(launch("orchestrator", orchestrator_argv(), env=env), 60)
     try:
         yield process.address

@@ -6,7 +6,6 @@ never restarted: the orchestrator must notice the worker is back on its own, wit
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coolfusion.cli.cluster import LocalProcess, launch, orchestrator_argv, stop_processes, wait_ready, worker_argv
+from coolfusion.cli.cluster import (
+    LocalProcess,
+    launch,
+    orchestrator_argv,
+    orchestrator_env,
+    stop_processes,
+    wait_ready,
+    worker_argv,
+)
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
 
@@ -50,8 +57,8 @@ class Cluster:
             wait_ready(self.workers[family], 120)
 
     def start_orchestrator(self) -> None:
-        registry = ",".join(f"{name}={worker.address}" for name, worker in self.workers.items())
-        process = launch("orchestrator", orchestrator_argv(), self._log, {**os.environ, "COOLFUSION_WORKERS": registry})
+        env = orchestrator_env({name: worker.address for name, worker in self.workers.items()})
+        process = launch("orchestrator", orchestrator_argv(), self._log, env)
         self.started.append(process)
         self.orchestrator = wait_ready(process, 60)
 
