@@ -1,7 +1,8 @@
-"""`coolfusion calibrate`: fits a selection rule (calibration/rule.py) for each task family and for
-their pooled mix, for every ordered set of two or more explored workers, by replaying the tuning
-trees of `coolfusion explore` (docs/design.md section 3.7); writes one calibration file per fit and
-fit.md, what every choice reached on the tuning items."""
+"""`coolfusion calibrate`: fits a selection rule (calibration/rule.py) for each tag of the explored
+items (each task family) and for their pooled mix, for every ordered set of two or more explored
+workers, by replaying the tuning trees of `coolfusion explore` (docs/design.md section 3.7); writes
+one calibration file per fit, each with its scope, then measures every fit once on the held-out
+items beside each worker alone (cli/held_out.py), and writes fit.md."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, Unit, WorkerFit, nll_per_unit
 from coolfusion.calibration.file import save_calibration
+from coolfusion.calibration.items import HELD_OUT, POOLED, TUNING
+from coolfusion.calibration.scope import FORMS, Scope
+from coolfusion.cli import held_out
 from coolfusion.cli.eval import commit
-from coolfusion.cli.explore import Explored, load_explored, read_run
+from coolfusion.cli.explore import Explored, ExploredRun, load_explored
 from coolfusion.orchestrator.domain import StepCandidate, TreeNode
 from coolfusion.orchestrator.replay import Unexplored, branch_of, candidates_for, replay
 from coolfusion.orchestrator.strategy import DEFAULT, PAPER, RepetitionGuard, Strategy
 
-POOLED = "pooled"
 # The values the search tries, in scaled units (one unit: a worker's spread of NLL per character
 # on the tuning items). Coarse on purpose: a few hundred items per family cannot tell finer
 # steps apart, and a finer grid only fits their noise.
@@ -46,38 +48,65 @@ GUARD = RepetitionGuard.STOP
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trees", type=Path, help="a `coolfusion explore --split tuning` folder")
+    parser.add_argument("trees", type=Path, help="a `coolfusion explore` folder")
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help="the labelled-items file (default: the one the trees were explored from)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("calibrations"), help="where the calibration files go")
     parser.add_argument("--workers", default="", help="comma-separated workers to fit for (default: all explored)")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    run = read_run(args.trees)
-    explored = load_explored(args.trees)
-    if splits := {e.item.split for e in explored} - {"tuning"}:
-        raise SystemExit(f"coolfusion: calibrate fits on tuning items only; {args.trees} holds {sorted(splits)}")
-    workers = [w for w in args.workers.split(",") if w] or run["workers"]
-    fits = []
-    for scope, items in scopes(explored):
+    run = load_explored(args.trees, args.data)
+    tuning = [e for e in run.explored if e.item.split == TUNING]
+    if not tuning:
+        raise SystemExit(f"coolfusion: calibrate fits on tuning items only, and {args.trees} holds none")
+    held = [e for e in run.explored if e.item.split == HELD_OUT]
+    workers = [w for w in args.workers.split(",") if w] or run.settings["workers"]
+    print(f"split: {_split_statement(run, len(tuning), len(held))}", flush=True)
+    fits: list[tuple[str, Fit, Calibration]] = []
+    for scope, items in scopes(tuning):
         for chosen in worker_sets(workers):
             started = time.monotonic()
             fit = fit_rule(items, chosen)
             calibration = _calibration(scope, fit, run, items)
             save_calibration(calibration, args.out / f"{calibration.name}.json")
-            fits.append((scope, fit))
+            fits.append((scope, fit, calibration))
             print(f"{calibration.name}: {_summary(fit)} ({time.monotonic() - started:.0f} s)", flush=True)
-    (args.out / "fit.md").write_text(fit_table(fits) + "\n", encoding="utf-8")
+    text = fit_table([(scope, fit) for scope, fit, _ in fits])
+    if held:  # measured once, after every fit is written
+        rows = []
+        for scope, fit, calibration in fits:
+            measured = held_out.measure(calibration, in_scope(held, scope), _best_alone_on_tuning(fit))
+            save_calibration(replace(calibration, held_out=measured.document()), args.out / f"{calibration.name}.json")
+            rows.append((scope, measured))
+        text += "\n\n" + held_out.table(rows)
+        print("\n" + held_out.table(rows))
+    (args.out / "fit.md").write_text(text + "\n", encoding="utf-8")
     print(f"\n{len(fits)} calibrations and fit.md in {args.out}")
     return 0
 
 
+def _split_statement(run: ExploredRun, tuning: int, held: int) -> str:
+    rule = run.data.split_rule() if run.data else "the task families' own split (cli/tasks/README.md)"
+    measured = f"{held} held-out items, measured once after fitting" if held else "no held-out items explored"
+    return f"{rule}: fitting on {tuning} tuning items; {measured}"
+
+
 def scopes(explored: list[Explored]) -> Iterator[tuple[str, list[Explored]]]:
-    """Each family's items, then all of them pooled (the mixed workload)."""
-    families = list(dict.fromkeys(e.item.family for e in explored))
-    for name in families:
-        yield name, [e for e in explored if e.item.family == name]
-    if len(families) > 1:
+    """Each tag's items (a task family's), then all of them pooled (the mixed workload) where that
+    is another set of items: with several tags, or untagged items beside the tagged."""
+    tags = list(dict.fromkeys(e.item.tag for e in explored))
+    for tag in (t for t in tags if t):
+        yield tag, in_scope(explored, tag)
+    if len(tags) > 1 or tags == [""]:
         yield POOLED, explored
+
+
+def in_scope(explored: list[Explored], scope: str) -> list[Explored]:
+    """The items a scope's fit is made on and measured on: a tag's, or all of them (pooled)."""
+    return list(explored) if scope == POOLED else [e for e in explored if e.item.tag == scope]
 
 
 def worker_sets(workers: Sequence[str]) -> list[tuple[str, ...]]:
@@ -382,18 +411,34 @@ def _bare(rule: SelectionRule, workers: Sequence[str]) -> Calibration:
 # ---- output -------------------------------------------------------------------------------------
 
 
-def _calibration(scope: str, fit: Fit, run: dict[str, Any], items: list[Explored]) -> Calibration:
-    families: dict[str, int] = {}
+def _calibration(scope: str, fit: Fit, run: ExploredRun, items: list[Explored]) -> Calibration:
+    tags: dict[str, int] = {}
     for e in items:
-        families[e.item.family] = families.get(e.item.family, 0) + 1
+        tags[e.item.tag or "(untagged)"] = tags.get(e.item.tag or "(untagged)", 0) + 1
+    data = run.data.describe() if run.data else {"task families": sorted(tags)}
     return Calibration(
         name=f"{scope}-{'-'.join(fit.workers)}",
-        workers=tuple(FittedWorker(w, run["models"][w]) for w in fit.workers),
+        workers=tuple(FittedWorker(w, run.settings["models"][w]) for w in fit.workers),
         rule=fit.rule,
         repetition_guard=GUARD.value,
-        fitted_on={"scope": scope, "split": "tuning", "items": families, "commit": commit()},
+        scope=scope_of(items),
+        fitted_on={"scope": scope, "split": "tuning", "items": tags, "data": data, "commit": commit()},
         tuning={"items": fit.items, "correct": fit.correct, "unexplored": fit.unexplored, "reached": fit.reached},
     )
+
+
+def scope_of(items: list[Explored]) -> Scope:
+    """Where a fit on `items` applies: their tags, their prompt forms and their longest answer cap."""
+    return Scope(
+        tags=tuple(dict.fromkeys(e.item.tag for e in items if e.item.tag)),
+        forms=tuple(form for form in FORMS if any(e.item.form == form for e in items)),
+        max_new_tokens=max(e.max_new_tokens for e in items),
+    )
+
+
+def _best_alone_on_tuning(fit: Fit) -> str:
+    """The worker a deployment would have served alone, judged on the tuning items (ties: the earliest)."""
+    return max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
 
 
 def _summary(fit: Fit) -> str:

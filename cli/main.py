@@ -34,6 +34,7 @@ from coolfusion.cli.common import (
 from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
 from coolfusion.cli.explore import add_explore_arguments, run_explore
+from coolfusion.cli.items import add_items_arguments
 from coolfusion.cli.report import add_report_arguments, run_report
 from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, __version__, chat
 from coolfusion.v1 import orchestrator_pb2
@@ -259,6 +260,13 @@ def add_calibrate(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_calibrate)
 
 
+def add_items(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "items", help="check a labelled-items file (your own prompts and answers), or export the task families as one"
+    )
+    add_items_arguments(parser)
+
+
 def add_report(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="every worker alone, pair and trio under each strategy, replayed from explored trees"
@@ -299,6 +307,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_up,
     add_demo,
     add_eval,
+    add_items,
     add_explore,
     add_calibrate,
     add_report,

@@ -21,6 +21,7 @@ from coolfusion.calibration.file import from_document, save_calibration, to_docu
 from coolfusion.cli import tasks
 from coolfusion.cli.calibrate import _Params, _walk, compile_tree, fit_rule
 from coolfusion.cli.explore import Explored
+from coolfusion.cli.tasks.export import labelled
 from coolfusion.orchestrator.domain import (
     CandidateScore,
     Finish,
@@ -130,7 +131,7 @@ def _one_step(item: tasks.TaskItem, proposals: dict[str, str], judged: dict[str,
     root = TreeNode("", dict.fromkeys(proposals, 0), list(candidates.values()), branches)
     empty = TreeAnswer("", False, {w: _scored("x", 9.0) for w in proposals})
     tree = FusionTree(list(proposals), dict.fromkeys(proposals, 10), [root], [*answers, empty], True)
-    return Explored(item, tree, 8)
+    return Explored(labelled(item), tree, 8)
 
 
 def _specialists(count: int, seed: int = 3) -> list[Explored]:
