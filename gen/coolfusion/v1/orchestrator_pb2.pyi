@@ -28,6 +28,16 @@ class RepetitionGuard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPETITION_GUARD_OFF: _ClassVar[RepetitionGuard]
     REPETITION_GUARD_STOP: _ClassVar[RepetitionGuard]
     REPETITION_GUARD_STEER: _ClassVar[RepetitionGuard]
+
+class RuleReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RULE_REASON_UNSPECIFIED: _ClassVar[RuleReason]
+    RULE_REASON_REQUESTED: _ClassVar[RuleReason]
+    RULE_REASON_ROUTE: _ClassVar[RuleReason]
+    RULE_REASON_DEFAULT_CALIBRATION: _ClassVar[RuleReason]
+    RULE_REASON_OUTSIDE_SCOPE: _ClassVar[RuleReason]
+    RULE_REASON_OTHER_WORKERS: _ClassVar[RuleReason]
+    RULE_REASON_NO_DEFAULT_CALIBRATION: _ClassVar[RuleReason]
 RERANK_MODE_UNSPECIFIED: RerankMode
 RERANK_MODE_NONE: RerankMode
 RERANK_MODE_FULL_ANSWER: RerankMode
@@ -40,6 +50,13 @@ REPETITION_GUARD_UNSPECIFIED: RepetitionGuard
 REPETITION_GUARD_OFF: RepetitionGuard
 REPETITION_GUARD_STOP: RepetitionGuard
 REPETITION_GUARD_STEER: RepetitionGuard
+RULE_REASON_UNSPECIFIED: RuleReason
+RULE_REASON_REQUESTED: RuleReason
+RULE_REASON_ROUTE: RuleReason
+RULE_REASON_DEFAULT_CALIBRATION: RuleReason
+RULE_REASON_OUTSIDE_SCOPE: RuleReason
+RULE_REASON_OTHER_WORKERS: RuleReason
+RULE_REASON_NO_DEFAULT_CALIBRATION: RuleReason
 
 class FusionStrategy(_message.Message):
     __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates", "calibration")
@@ -70,7 +87,7 @@ class FusionStrategy(_message.Message):
     def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
-    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy")
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "tag", "route")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +96,8 @@ class FusionParameters(_message.Message):
     RERANK_MODE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TRACE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     prompt: _worker_pb2.Prompt
     workers: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
@@ -87,7 +106,9 @@ class FusionParameters(_message.Message):
     rerank_mode: RerankMode
     include_trace: bool
     strategy: FusionStrategy
-    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ...) -> None: ...
+    tag: str
+    route: str
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., tag: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class FuseRequest(_message.Message):
     __slots__ = ("parameters",)
@@ -202,7 +223,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "rule_choice")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +235,7 @@ class FuseResult(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    RULE_CHOICE_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
     shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
@@ -225,7 +247,16 @@ class FuseResult(_message.Message):
     request_id: str
     strategy: FusionStrategy
     usage: Usage
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    rule_choice: RuleChoice
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., rule_choice: _Optional[_Union[RuleChoice, _Mapping]] = ...) -> None: ...
+
+class RuleChoice(_message.Message):
+    __slots__ = ("reason", "detail")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: RuleReason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[RuleReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
     __slots__ = ("result",)
@@ -260,12 +291,24 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., info: _Optional[_Union[_worker_pb2.GetInfoResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "orchestrator_version")
+    __slots__ = ("workers", "orchestrator_version", "routes")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ORCHESTRATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     orchestrator_version: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("name", "calibration", "workers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    calibration: str
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., calibration: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExploreFusionRequest(_message.Message):
     __slots__ = ("parameters", "max_nodes")
