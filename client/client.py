@@ -85,6 +85,8 @@ class FuseOptions:
     rerank: bool = False  # Cool+R: also rank the workers' solo answers
     trace: bool = False  # return every step's candidates and winner
     strategy: orchestrator_pb2.FusionStrategy | None = None  # see fusion_strategy
+    tag: str = ""  # what the request is (a task, a tenant): a default calibration runs only inside its scope
+    route: str = ""  # a route of the orchestrator's registry: runs with the calibration it names
 
     def __post_init__(self) -> None:
         # Any iterable of names is accepted; stored as tuples so the options stay immutable.
@@ -141,6 +143,8 @@ def fusion_parameters(
         rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if options.rerank else orchestrator_pb2.RERANK_MODE_NONE,
         include_trace=options.trace,
         strategy=options.strategy,
+        tag=options.tag,
+        route=options.route,
     )
 
 

@@ -13,7 +13,7 @@ import grpc
 
 from coolfusion.client.version import PACKAGE_VERSION
 from coolfusion.orchestrator.admission import Admission
-from coolfusion.orchestrator.calibrations import Calibrations
+from coolfusion.orchestrator.calibrations import Calibrations, RuleChoice, Traits, check_tag
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
 from coolfusion.orchestrator.explore import DEFAULT_MAX_NODES, Explorer, ExploreRequest
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
@@ -166,14 +166,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         # The operator's flags, then each registry entry's weight and template; requests override.
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
         self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
-        self._calibrations = Calibrations(settings.calibrations, settings.default_calibration)
+        self._calibrations = Calibrations(settings.calibrations, settings.default_calibration, settings.routes)
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.FuseResponse:
         """Runs one fusion to the end."""
-        result = await self._fuse(request.parameters, context, on_step=None)
-        return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace))
+        result, choice = await self._fuse(request.parameters, context, on_step=None)
+        return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace, choice))
 
     async def FuseStream(self, request: orchestrator_pb2.FuseStreamRequest, context: grpc.aio.ServicerContext):
         """Streams one event per chosen segment, then the summary."""
@@ -183,10 +183,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             while (step := await events.get()) is not None:
                 yield orchestrator_pb2.FuseStreamResponse(step=_step_proto(step))
-            result = await task
+            result, choice = await task
         finally:
             task.cancel()  # the client went away: stop the fusion, which closes its sessions
-        yield orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False))
+        yield orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False, choice=choice))
 
     async def ListWorkers(
         self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
@@ -194,7 +194,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=PACKAGE_VERSION)
+        routes = [
+            orchestrator_pb2.Route(name=name, calibration=calibration, workers=self._calibrations.by_name[calibration].worker_names)
+            for name, calibration in self._calibrations.routes.items()
+        ]  # fmt: skip
+        return orchestrator_pb2.ListWorkersResponse(
+            workers=statuses, orchestrator_version=PACKAGE_VERSION, routes=routes
+        )
 
     async def ExploreFusion(
         self, request: orchestrator_pb2.ExploreFusionRequest, context: grpc.aio.ServicerContext
@@ -208,10 +214,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             limits = Deadline(deadline, settings.call_timeout_s, settings.busy_wait_s)
             return Explorer(workers, ExploreRequest(fusion, max_nodes), limits).run()
 
-        tree = await self._serve(request.parameters, context, explore)
+        tree, _ = await self._serve(request.parameters, context, explore)
         return orchestrator_pb2.ExploreFusionResponse(tree=tree_proto(tree))
 
-    async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
+    async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> tuple[FusionResult, RuleChoice]:
         settings = self._settings
         return await self._serve(
             parameters, context,
@@ -225,18 +231,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         parameters: orchestrator_pb2.FusionParameters,
         context: grpc.aio.ServicerContext,
         work: Callable[[list[ReplicaSet], FusionRequest, float], Awaitable[T]],
-    ) -> T:
+    ) -> tuple[T, RuleChoice]:
         """Validates the parameters, waits for an admission slot and runs `work(workers, request,
-        deadline)` within the request's time budget (the caller's deadline, capped by ours)."""
+        deadline)` within the request's time budget (the caller's deadline, capped by ours); with
+        the rule it ran with and why."""
         request_id = uuid.uuid4().hex
         request = parse_request(
             parameters, self._settings.limits, request_id, self._default_strategy, self._worker_names
         )
-        try:
-            workers = self._pool.select(list(parameters.workers))
+        check_tag(parameters.tag)
+        asked = parameters.strategy
+        named, how = self._calibrations.requested(parameters.route, asked.calibration, bool(asked.aggregation))
+        try:  # a calibration named without workers fuses its own
+            workers = self._pool.select(list(parameters.workers) or list(named.worker_names if named else ()))
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
-        request = await self._calibrated(request, parameters.strategy, workers)
+        traits = Traits(parameters.tag, "plain" if request.prompt.text is not None else "chat", request.max_new_tokens)
+        choice = await self._calibrations.for_request(named, how, bool(asked.aggregation), workers, traits)
+        request = self._calibrated(request, asked, choice)
         remaining = context.time_remaining()
         budget = (
             self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
@@ -245,7 +257,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             async with self._admission.slot(wait_s=budget):
                 with observing(self._observer), self._observer.fusion(request_id):
-                    return await work(workers, request, deadline)
+                    return await work(workers, request, deadline), choice
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;
@@ -253,11 +265,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 raise RequestTimedOut(f"the request took longer than {budget:.0f} s") from error
             raise
 
-    async def _calibrated(
-        self, request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, workers: list[ReplicaSet]
+    @staticmethod
+    def _calibrated(
+        request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, choice: RuleChoice
     ) -> FusionRequest:
         """The request with the calibration it runs with, if any (calibrations.py decides which)."""
-        calibration = await self._calibrations.for_request(asked.calibration, bool(asked.aggregation), workers)
+        calibration = choice.calibration
         if calibration is None:
             return request
         guard = request.strategy.repetition_guard if asked.repetition_guard else None
@@ -304,7 +317,7 @@ def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
     )
 
 
-def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2.FuseResult:
+def _result_proto(result: FusionResult, include_trace: bool, choice: RuleChoice) -> orchestrator_pb2.FuseResult:
     fused = result.fused
     shares = {name: orchestrator_pb2.WorkerShare(worker=name) for name in result.workers}
     position = 0  # a stop string may have cut the last segments: count only characters kept
@@ -336,6 +349,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         request_id=result.request_id,
         strategy=strategy_proto(result.strategy),
         usage=_usage_proto(result.usage),
+        rule_choice=orchestrator_pb2.RuleChoice(reason=f"RULE_REASON_{choice.reason.name}", detail=choice.detail),
     )
 
 
