@@ -19,8 +19,8 @@ from coolfusion.calibration import (
     nll_per_unit,
     shipped_calibrations,
 )
-from coolfusion.calibration.scope import Scope
 from coolfusion.calibration.file import from_document, save_calibration, to_document
+from coolfusion.calibration.scope import Scope
 from coolfusion.cli import tasks
 from coolfusion.cli.calibrate import _Params, _walk, compile_tree, fit_rule
 from coolfusion.cli.explore import Explored
@@ -86,7 +86,10 @@ def test_a_scope_says_why_a_request_lies_outside_it() -> None:
     scope = Scope(("facts", "arithmetic"), ("plain",), 16)
     assert scope.excludes("", "plain", 16) is None  # an untagged request is judged by form and length
     assert scope.excludes("facts", "plain", 8) is None
-    assert scope.excludes("chat-support", "plain", 8) == "the request's tag is 'chat-support'; it was fitted on tags facts, arithmetic"
+    assert (
+        scope.excludes("chat-support", "plain", 8)
+        == "the request's tag is 'chat-support'; it was fitted on tags facts, arithmetic"
+    )
     assert scope.excludes("", "chat", 8) == "the request's prompt is chat; it was fitted on plain prompts"
     assert scope.excludes("", "plain", 48) == "the request allows 48 new tokens; it was fitted on answers of at most 16"
     assert Scope().excludes("any", "chat", 4096) == "the request's tag is 'any'; it was fitted on untagged items"

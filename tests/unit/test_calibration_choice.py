@@ -21,28 +21,41 @@ def test_up_routes_every_shipped_fit_for_its_workers_and_defaults_to_the_pooled_
     chosen = choose_calibrations(cluster_spec(TRIO, []))
     assert chosen.default == "pooled-smollm2-gemma3-qwen"
     assert chosen.routes == {
-        f"coolfusion/{scope}": f"{scope}-smollm2-gemma3-qwen" for scope in ("arithmetic", "facts", "opposites", "pooled")
+        f"coolfusion/{scope}": f"{scope}-smollm2-gemma3-qwen"
+        for scope in ("arithmetic", "facts", "opposites", "pooled")
     }
     assert len(chosen.files) == len(shipped_calibrations())  # the pairs' fits too: requests may name them
     flags = chosen.flags()
     assert flags[-2:] == ("--default-calibration", "pooled-smollm2-gemma3-qwen")
     assert "coolfusion/facts=facts-smollm2-gemma3-qwen" in flags
     pair = choose_calibrations(cluster_spec("smollm2-135m-instruct,gemma3-270m", []), default="none")
-    assert pair.default is None and set(pair.files) == {c.name for _, c in shipped_calibrations() if "qwen" not in c.name}
+    assert pair.default is None and set(pair.files) == {
+        c.name for _, c in shipped_calibrations() if "qwen" not in c.name
+    }
 
 
 def _fit(name: str, workers: dict[str, str]) -> Calibration:
     rule = SelectionRule({w: WorkerFit() for w in workers})
-    return Calibration(name, tuple(FittedWorker(w, m) for w, m in workers.items()), rule, fitted_on={"scope": "extract"})
+    return Calibration(
+        name, tuple(FittedWorker(w, m) for w, m in workers.items()), rule, fitted_on={"scope": "extract"}
+    )
 
 
 def test_up_refuses_at_once_a_calibration_for_other_models(tmp_path: Path) -> None:
     spec = cluster_spec("smollm2-135m-instruct,gemma3-270m", [])
-    save_calibration(_fit("extract-smollm2-gemma3", {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}), tmp_path / "a.json")
+    save_calibration(
+        _fit("extract-smollm2-gemma3", {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}),
+        tmp_path / "a.json",
+    )
     chosen = choose_calibrations(spec, tmp_path, default="extract-smollm2-gemma3")
-    assert chosen.routes == {"coolfusion/extract": "extract-smollm2-gemma3"} and chosen.default == "extract-smollm2-gemma3"
+    assert (
+        chosen.routes == {"coolfusion/extract": "extract-smollm2-gemma3"} and chosen.default == "extract-smollm2-gemma3"
+    )
     save_calibration(_fit("extract-other", {"smollm2": "smollm2-1.7b", "gemma3": "gemma3-270m"}), tmp_path / "b.json")
-    with pytest.raises(SystemExit, match=r"b.json: calibration 'extract-other' was fitted for smollm2 serving 'smollm2-1.7b'; it serves 'smollm2-135m-instruct'"):
+    with pytest.raises(
+        SystemExit,
+        match=r"b.json: calibration 'extract-other' was fitted for smollm2 serving 'smollm2-1.7b'; it serves 'smollm2-135m-instruct'",
+    ):
         choose_calibrations(spec, tmp_path)
     with pytest.raises(SystemExit, match="no calibration files"):
         choose_calibrations(spec, tmp_path / "empty")
@@ -78,7 +91,9 @@ def test_the_orchestrator_takes_routes_from_its_registry_and_flags(registry: Pat
         (["--route", "extract"], "--route wants NAME=CALIBRATION"),
     ],
 )
-def test_the_orchestrator_refuses_to_start_with_a_bad_route(registry: Path, flags: list[str], says: str, capsys) -> None:
+def test_the_orchestrator_refuses_to_start_with_a_bad_route(
+    registry: Path, flags: list[str], says: str, capsys
+) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--workers", str(registry), *flags])
     assert says in capsys.readouterr().err
