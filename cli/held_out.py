@@ -62,7 +62,7 @@ def measure(calibration: Calibration, items: Sequence[Explored], best_alone: str
     default and the fit; an answer through an unvisited node counts as wrong."""
     workers = calibration.worker_names
     fitted = Strategy(repetition_guard=RepetitionGuard(calibration.repetition_guard), calibration=calibration)
-    right: dict[str, list[bool]] = {f"{w} alone": [] for w in workers} | {UNFITTED: [], FITTED: []}
+    right: dict[str, list[bool]] = {label: [] for label in [*(f"{w} alone" for w in workers), UNFITTED, FITTED]}
     unexplored = 0
     for e in items:
         for name in workers:

@@ -50,10 +50,8 @@ class ModelCatalogue:
         async with self._lock:
             if time.monotonic() - self._fetched > self._ttl_s:
                 registry = await self._client.describe(timeout_s=LIST_TIMEOUT_S)
-                hidden = [
-                    entry.name for entry in [*registry.workers, *registry.routes] if entry.name == self._fusion_model
-                ]
-                if hidden:
+                names = [w.name for w in registry.workers] + [r.name for r in registry.routes]
+                if self._fusion_model in names:
                     logger.warning("%r is hidden behind the fusion model of that name", self._fusion_model)
                 self._workers = [s for s in registry.workers if s.name != self._fusion_model]
                 self._routes = [r for r in registry.routes if r.name != self._fusion_model]
