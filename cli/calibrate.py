@@ -65,11 +65,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     held = [e for e in run.explored if e.item.split == HELD_OUT]
     workers = [w for w in args.workers.split(",") if w] or run.settings["workers"]
     print(f"split: {_split_statement(run, len(tuning), len(held))}", flush=True)
+    preference = tie_order(tuning, workers)
+    print(f"workers alone that tie on a scope's items go in their order on all tuning items: {', '.join(preference)}")
     fits: list[tuple[str, Fit, Calibration]] = []
     for scope, items in scopes(tuning):
         for chosen in worker_sets(workers):
             started = time.monotonic()
-            fit = fit_rule(items, chosen)
+            fit = fit_rule(items, chosen, preference=preference)
             calibration = _calibration(scope, fit, run, items)
             save_calibration(calibration, args.out / f"{calibration.name}.json")
             fits.append((scope, fit, calibration))
@@ -78,7 +80,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if held:  # measured once, after every fit is written
         rows = []
         for scope, fit, calibration in fits:
-            measured = held_out.measure(calibration, in_scope(held, scope), _best_alone_on_tuning(fit))
+            by_tag = {s: c for s, _, c in fits if s != POOLED and c.worker_names == fit.workers}
+            routed = by_tag if scope == POOLED and by_tag else None
+            best = _best_alone_on_tuning(fit, preference)
+            measured = held_out.measure(calibration, in_scope(held, scope), best, routed)
             save_calibration(replace(calibration, held_out=measured.document()), args.out / f"{calibration.name}.json")
             rows.append((scope, measured))
         text += "\n\n" + held_out.table(rows)
@@ -253,22 +258,24 @@ class Fit:
     unexplored: int  # answers some choice reached through a node the exploration did not visit
 
 
-def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> Fit:
+def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0, preference: Sequence[str] = ()) -> Fit:
     """The rule of the family (calibration/rule.py) with the most right answers on `items`, found by
     coordinate ascent from every worker alone (a lead that never yields), from the product's default
     choice (NLL per token, unscaled), from per-character scaled scores and from seeded random
     points; ties go to the simpler rule. It is kept only if it also wins under cross-validation
-    (FOLDS), else the best worker alone stands. Starting from each worker alone, the fit is never
-    worse than the best of them on these items."""
+    (FOLDS), else the best worker alone stands; workers alone that tie go by `preference` (workers
+    named earlier first, then the order of `workers`). Starting from each worker alone, the fit is
+    never worse than the best of them on these items."""
     spreads = {unit: tuple(_spread(items, w, unit) for w in workers) for unit in Unit}
     trees = [compile_tree(e, workers) for e in items]
     rng = random.Random(f"{seed}/{','.join(workers)}/{len(items)}")
+    ranks = _ranks(workers, preference)
     best, reached = _search(trees, spreads, _starts(rng, workers, RANDOM_STARTS), len(workers))
     reached["cross-validated fitted"], reached["cross-validated best alone"] = _cross_validated(
-        trees, spreads, rng, workers
+        trees, spreads, rng, workers, ranks
     )
     if reached["cross-validated fitted"] <= reached["cross-validated best alone"]:
-        best = _best_alone(trees, spreads, len(workers))
+        best = _best_alone(trees, spreads, ranks)
     rule = _rule(best, spreads, workers)
     exact, unexplored = _replayed(items, workers, Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers)))
     if exact != _correct(trees, best, spreads):
@@ -311,12 +318,21 @@ def _search(trees: Compiled, spreads: Spreads, starts: dict[str, _Params], size:
     return best, reached
 
 
-def _best_alone(trees: Compiled, spreads: Spreads, size: int) -> _Params:
-    """The worker with the most right answers alone (ties to the earliest)."""
-    return max((_alone(size, i) for i in range(size)), key=lambda p: _correct(trees, p, spreads))
+def _ranks(workers: Sequence[str], preference: Sequence[str]) -> tuple[int, ...]:
+    """Each worker's place in the tie order: those in `preference` first, in its order, then the rest."""
+    order = [w for w in preference if w in workers] + [w for w in workers if w not in preference]
+    return tuple(order.index(w) for w in workers)
 
 
-def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, workers: Sequence[str]) -> tuple[int, int]:
+def _best_alone(trees: Compiled, spreads: Spreads, ranks: Sequence[int]) -> _Params:
+    """The worker with the most right answers alone; ties go to the lowest rank."""
+    size = len(ranks)
+    return max((_alone(size, i) for i in range(size)), key=lambda p: (_correct(trees, p, spreads), -ranks[p.lead or 0]))
+
+
+def _cross_validated(
+    trees: Compiled, spreads: Spreads, rng: random.Random, workers: Sequence[str], ranks: Sequence[int]
+) -> tuple[int, int]:
     """Right answers on each fold of the rule fitted without it, and of the worker best alone
     without it, summed over the folds. The spreads (unlabelled) come from all the items."""
     fitted = alone = 0
@@ -325,7 +341,7 @@ def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, work
         test = [t for i, t in enumerate(trees) if i % FOLDS == fold]
         point, _ = _search(train, spreads, _starts(rng, workers, FOLD_RANDOM_STARTS), len(workers))
         fitted += _correct(test, point, spreads)
-        alone += _correct(test, _best_alone(train, spreads, len(workers)), spreads)
+        alone += _correct(test, _best_alone(train, spreads, ranks), spreads)
     return fitted, alone
 
 
@@ -436,9 +452,17 @@ def scope_of(items: list[Explored]) -> Scope:
     )
 
 
-def _best_alone_on_tuning(fit: Fit) -> str:
-    """The worker a deployment would have served alone, judged on the tuning items (ties: the earliest)."""
-    return max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+def _best_alone_on_tuning(fit: Fit, preference: Sequence[str]) -> str:
+    """The worker a deployment would have served alone, judged on the tuning items (ties by `preference`)."""
+    return max(fit.workers, key=lambda w: (fit.reached[f"{w} alone"], -preference.index(w)))
+
+
+def tie_order(tuning: list[Explored], workers: Sequence[str]) -> list[str]:
+    """The workers by their right answers alone on every tuning item, most first (ties: their order).
+    A tag has few items and workers alone often tie there; the record on all of a deployment's
+    tuning items is the larger evidence of which to serve alone."""
+    right = {w: _replayed(tuning, [w], DEFAULT)[0] for w in workers}
+    return sorted(workers, key=lambda w: -right[w])
 
 
 def _summary(fit: Fit) -> str:

@@ -246,3 +246,20 @@ def test_a_fit_that_wins_on_unseen_folds_is_kept() -> None:
     fit = fit_rule(_specialists(80), ("sure", "loose", "noisy"))
     assert fit.reached["cross-validated fitted"] > fit.reached["cross-validated best alone"]
     assert not math.isinf(fit.rule.margin) or fit.rule.lead is None
+
+
+def test_workers_alone_that_tie_go_by_the_preference_given() -> None:
+    """Two workers right on the same number of items, each candidate scored at random: no rule can
+    know whom to trust, the fit falls back to a worker alone, and the tie goes by the preference
+    (calibrate passes the workers' order on all of a deployment's tuning items)."""
+    rng = random.Random(14)
+    made = []
+    for n, item in enumerate(tasks.items("arithmetic", "tuning")[:80]):
+        right, wrong = f" {item.reference}", f" {int(float(item.reference)) + 1}"
+        proposals = {"first": right if n % 2 else wrong, "second": wrong if n % 2 else right}
+        judged = {text: {w: rng.uniform(0.2, 2.0) for w in proposals} for text in (right, wrong)}
+        made.append(_one_step(item, proposals, judged))
+    workers = ("first", "second")
+    plain, preferred = fit_rule(made, workers), fit_rule(made, workers, preference=("second",))
+    assert plain.reached["first alone"] == plain.reached["second alone"] and math.isinf(preferred.rule.margin)
+    assert (plain.rule.lead, preferred.rule.lead) == ("first", "second")
