@@ -1,5 +1,5 @@
 """Answer rules: how the answer a model gave is read out of its text and compared with the accepted
-answers of a labelled item (docs/labelled-items.md states each rule in words)."""
+answers of a labelled item (docs/own-traffic.md states each rule in words)."""
 
 from __future__ import annotations
 

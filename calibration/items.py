@@ -1,5 +1,5 @@
 """Labelled items: the JSONL file a deployment writes from its own traffic to explore, fit and check a
-calibration on (docs/labelled-items.md). Parsed whole before anything is asked, so a bad line fails
+calibration on (docs/own-traffic.md). Parsed whole before anything is asked, so a bad line fails
 at once with its number and what is wrong; the tuning / held-out split is fixed by the file."""
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def parse_items(lines: Iterable[str]) -> list[LabelledItem]:
         more = f"\n... and {len(errors) - _MAX_ERRORS} more" if len(errors) > _MAX_ERRORS else ""
         raise ItemsError("\n".join(errors[:_MAX_ERRORS]) + more)
     if not items:
-        raise ItemsError("no items: each line must be one JSON object (docs/labelled-items.md)")
+        raise ItemsError("no items: each line must be one JSON object (docs/own-traffic.md)")
     return items
 
 

@@ -1,6 +1,6 @@
 """`coolfusion explore`: the decision tree of every asked item (ExploreFusion), stored in trees.jsonl
 for `coolfusion calibrate` and `coolfusion report`, which replay it offline (docs/design.md
-section 3.7). The items come from a labelled-items file (`--data`, docs/labelled-items.md) or from
+section 3.7). The items come from a labelled-items file (`--data`, docs/own-traffic.md) or from
 the task families, which are asked exactly as their export to such a file would be. Resumable:
 items already in the file are not asked again."""
 
@@ -46,7 +46,7 @@ def add_explore_arguments(parser: argparse.ArgumentParser) -> None:
     add_local_flags(parser)
     parser.add_argument(
         "--data", type=Path, default=None,
-        help="a labelled-items file (docs/labelled-items.md); every item of it, tuning and held-out, is explored",
+        help="a labelled-items file (docs/own-traffic.md); every item of it, tuning and held-out, is explored",
     )  # fmt: skip
     parser.add_argument(
         "--tasks", default=DEFAULT_FAMILIES, help=f"without --data: task families (default: {DEFAULT_FAMILIES})"

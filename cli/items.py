@@ -1,5 +1,5 @@
 """`coolfusion items`: checks a labelled-items file and says what is in it (tags, splits, prompt
-forms, rules, lengths), or writes the task families as one (docs/labelled-items.md)."""
+forms, rules, lengths), or writes the task families as one (docs/own-traffic.md)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the repetition guard cut and their lengths (docs/results.md, "Open chat under a 
 
     .venv/bin/python scripts/open_chat_check.py --presets smollm2-135m-instruct,gemma3-270m --out eval-results/open-chat-pair
     .venv/bin/python scripts/open_chat_check.py --presets smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct \\
-        --out eval-results/open-chat-trio
+        --out eval-results/open-chat-trio --with-pooled-fit
 
 It starts `coolfusion up --presets ...` itself and stops it; the answers are asked one at a time, so
 no batching changes a score. Exit code 0 when the default's answers are cut no more often and are
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from coolfusion.cli.common import PRESET_NAMES
 
 PROMPTS = (
     "Write a short paragraph about why rivers bend.",
@@ -92,14 +94,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--with-pooled-fit", action="store_true",
+        help="also ask under the pooled fit by name, as the default ran before calibrations had scopes",
+    )  # fmt: skip
     args = parser.parse_args()
+    strategies = dict(STRATEGIES)
+    if args.with_pooled_fit:
+        pooled = "pooled-" + "-".join(PRESET_NAMES[p] for p in args.presets.split(","))
+        strategies["pooled fit"] = {"calibration": pooled}
     args.out.mkdir(parents=True, exist_ok=True)
     process, base_url = start_up(args.presets, args.out / "servers.log")
     try:
-        answers: dict[str, list[dict[str, object]]] = {label: [] for label in STRATEGIES}
+        answers: dict[str, list[dict[str, object]]] = {label: [] for label in strategies}
         with httpx.Client(base_url=base_url, timeout=900, trust_env=False) as http:
             for n, prompt in enumerate(PROMPTS):
-                for label, extra in STRATEGIES.items():
+                for label, extra in strategies.items():
                     answers[label].append(ask(http, prompt, extra))
                     row = answers[label][-1]
                     print(f"{n + 1}/{len(PROMPTS)} {label}: {row['finish']}, {len(str(row['text']))} chars", flush=True)
