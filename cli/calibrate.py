@@ -82,8 +82,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         for scope, fit, calibration in fits:
             by_tag = {s: c for s, _, c in fits if s != POOLED and c.worker_names == fit.workers}
             routed = by_tag if scope == POOLED and by_tag else None
-            best = _best_alone_on_tuning(fit, preference)
-            measured = held_out.measure(calibration, in_scope(held, scope), best, routed)
+            measured = held_out.measure(calibration, in_scope(held, scope), fit.best_alone, routed)
             save_calibration(replace(calibration, held_out=measured.document()), args.out / f"{calibration.name}.json")
             rows.append((scope, measured))
         text += "\n\n" + held_out.table(rows)
@@ -256,6 +255,7 @@ class Fit:
     correct: int
     reached: dict[str, int]  # label -> correct answers on the tuning items (solo, paper, default, each start)
     unexplored: int  # answers some choice reached through a node the exploration did not visit
+    best_alone: str  # the worker best alone on these items (ties by the preference given to fit_rule)
 
 
 def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0, preference: Sequence[str] = ()) -> Fit:
@@ -284,7 +284,8 @@ def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0, pre
         reached[f"{name} alone"] = _replayed(items, [name], DEFAULT)[0]
     reached["paper"] = _replayed(items, workers, PAPER)[0]
     reached["default"] = _replayed(items, workers, DEFAULT)[0]
-    return Fit(workers, rule, len(items), exact, reached, unexplored)
+    best_alone = max(workers, key=lambda w: (reached[f"{w} alone"], -ranks[workers.index(w)]))
+    return Fit(workers, rule, len(items), exact, reached, unexplored, best_alone)
 
 
 Compiled = list[list[_Node]]
@@ -452,11 +453,6 @@ def scope_of(items: list[Explored]) -> Scope:
     )
 
 
-def _best_alone_on_tuning(fit: Fit, preference: Sequence[str]) -> str:
-    """The worker a deployment would have served alone, judged on the tuning items (ties by `preference`)."""
-    return max(fit.workers, key=lambda w: (fit.reached[f"{w} alone"], -preference.index(w)))
-
-
 def tie_order(tuning: list[Explored], workers: Sequence[str]) -> list[str]:
     """The workers by their right answers alone on every tuning item, most first (ties: their order).
     A tag has few items and workers alone often tie there; the record on all of a deployment's
@@ -466,7 +462,7 @@ def tie_order(tuning: list[Explored], workers: Sequence[str]) -> list[str]:
 
 
 def _summary(fit: Fit) -> str:
-    best_solo = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+    best_solo = fit.best_alone
     return (
         f"fitted {fit.correct}/{fit.items}, best alone {best_solo} {fit.reached[f'{best_solo} alone']}, "
         f"paper {fit.reached['paper']}, default {fit.reached['default']}; {describe_rule(fit.rule)}"
@@ -494,7 +490,7 @@ def fit_table(fits: list[tuple[str, Fit]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for scope, fit in fits:
-        best = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+        best = fit.best_alone
         lines.append(
             f"| {scope} | {', '.join(fit.workers)} | {fit.items} | {best} {fit.reached[f'{best} alone']} "
             f"| {fit.reached['paper']} | {fit.reached['default']} | **{fit.correct}** "

@@ -262,4 +262,4 @@ def test_workers_alone_that_tie_go_by_the_preference_given() -> None:
     workers = ("first", "second")
     plain, preferred = fit_rule(made, workers), fit_rule(made, workers, preference=("second",))
     assert plain.reached["first alone"] == plain.reached["second alone"] and math.isinf(preferred.rule.margin)
-    assert (plain.rule.lead, preferred.rule.lead) == ("first", "second")
+    assert (plain.rule.lead, preferred.rule.lead) == (plain.best_alone, preferred.best_alone) == ("first", "second")
