@@ -11,7 +11,6 @@ from typing import TypeVar
 
 import grpc
 
-from coolfusion.client.version import PACKAGE_VERSION
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.calibrations import Calibrations
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
@@ -25,6 +24,7 @@ from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
 from coolfusion.orchestrator.tree_proto import FINISH_PROTO, candidate_proto, tree_proto
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
+from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
 T = TypeVar("T")
@@ -194,7 +194,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=PACKAGE_VERSION)
+        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=SERVER_VERSION)
 
     async def ExploreFusion(
         self, request: orchestrator_pb2.ExploreFusionRequest, context: grpc.aio.ServicerContext

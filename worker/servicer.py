@@ -6,7 +6,7 @@ import re
 
 import grpc
 
-from coolfusion.client.version import PACKAGE_VERSION
+from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec
 from coolfusion.worker.errors import InvalidRequest, NotReady
@@ -152,7 +152,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             placement=[
                 worker_pb2.DevicePlacement(device=p.device, parameter_share=p.parameter_share) for p in model.placement
             ],
-            server_version=PACKAGE_VERSION,
+            server_version=SERVER_VERSION,
             engine=model.engine,
         )
 

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from coolfusion.worker import model_files
 from coolfusion.worker.backend import (
     CandidateText,
     ModelBackend,
@@ -35,8 +36,10 @@ def load_backend(settings: WorkerSettings) -> TransformersBackend:
     """Resolves the preset or path (converting GGUF once), loads the model and starts its scheduler."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    folder = loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
-    cache = settings.cache_dir if settings.cache_dir is not None else loading.default_cache_dir()
+    folder = model_files.resolve_model_folder(
+        preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir
+    )
+    cache = settings.cache_dir if settings.cache_dir is not None else model_files.default_cache_dir()
     model, tokenizer = loading.load_model(
         folder,
         device=settings.device,

@@ -16,9 +16,10 @@ import torch
 
 from coolfusion.worker.backend import CandidateText, TextScore, Timed
 from coolfusion.worker.hf.donors import PromptDonors
-from coolfusion.worker.hf.kv import SessionKV, common_prefix_length
+from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import Feed, HFModel
 from coolfusion.worker.segments import SegmentScan
+from coolfusion.worker.text import common_prefix_length
 
 
 class Job(ABC):

@@ -11,7 +11,7 @@ from coolfusion.worker.backend import ModelDescription, PromptSpec, RenderedProm
 from coolfusion.worker.hf import placement
 from coolfusion.worker.hf.cpu_linear import pack_linear_layers
 from coolfusion.worker.hf.kv import Piece, RaggedBatch, SessionKV, use_ragged_attention
-from coolfusion.worker.hf.text import ModelText
+from coolfusion.worker.text import ModelText
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,12 @@ class ModelText:
         """The text that `new_ids` add after `context_ids`."""
         tail = context_ids[-_DECODE_TAIL:]
         return self.decode(tail + new_ids)[len(self.decode(tail)) :]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Number of leading ids that `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
