@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import grpc
 
+from coolfusion.constraints import Constraint, ConstraintKind
+from coolfusion.constraints.tools import ToolCall, ToolDefinition
 from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec
@@ -15,6 +18,14 @@ from coolfusion.worker.settings import SessionLimits
 
 PROTOCOL_VERSION = "coolfusion.v1"
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The protocol's constraint kinds, both ways.
+CONSTRAINT_KINDS = {
+    ConstraintKind.JSON_SCHEMA: worker_pb2.CONSTRAINT_KIND_JSON_SCHEMA,
+    ConstraintKind.JSON_OBJECT: worker_pb2.CONSTRAINT_KIND_JSON_OBJECT,
+    ConstraintKind.REGEX: worker_pb2.CONSTRAINT_KIND_REGEX,
+    ConstraintKind.LARK_GRAMMAR: worker_pb2.CONSTRAINT_KIND_LARK_GRAMMAR,
+}
+_KIND_OF = {proto: kind for kind, proto in CONSTRAINT_KINDS.items()}
 _FINISH = {
     Finish.BOUNDARY: worker_pb2.FINISH_REASON_BOUNDARY,
     Finish.EOS: worker_pb2.FINISH_REASON_EOS,
@@ -49,15 +60,33 @@ class RequestValidator:
             return PromptSpec(text=self.text(prompt.text, "prompt.text"))
         if kind == "chat" and prompt.chat.messages:
             turns = tuple(self._turn(i, m) for i, m in enumerate(prompt.chat.messages))
-            self.text("".join(t.content for t in turns), "prompt.chat")
-            return PromptSpec(chat=turns)
+            tools = tuple(_tool(i, t) for i, t in enumerate(prompt.chat.tools))
+            spelled = [t.content + "".join(c.arguments for c in t.tool_calls) for t in turns]
+            self.text("".join(spelled) + "".join(t.description + t.parameters for t in tools), "prompt.chat")
+            return PromptSpec(chat=turns, tools=tools)
         raise InvalidRequest("prompt must be non-empty text or at least one chat message")
 
     @staticmethod
     def _turn(index: int, message: worker_pb2.ChatMessage) -> ChatTurn:
-        if message.role not in ("system", "user", "assistant"):
-            raise InvalidRequest(f"prompt.chat.messages[{index}].role must be system, user or assistant")
-        return ChatTurn(message.role, message.content)
+        field = f"prompt.chat.messages[{index}]"
+        if message.role not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest(f"{field}.role must be system, user, assistant or tool")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(f"{field}: only assistant turns call tools")
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest(f"{field}: a tool turn names the call it answers (tool_call_id)")
+        calls = tuple(
+            ToolCall(c.id, c.name, _json_object(c.arguments, f"{field}.tool_calls")) for c in message.tool_calls
+        )
+        return ChatTurn(message.role, message.content, calls, message.tool_call_id)
+
+    def constraint(self, request: worker_pb2.OpenSessionRequest) -> Constraint | None:
+        if not request.HasField("constraint") or request.constraint.kind == worker_pb2.CONSTRAINT_KIND_UNSPECIFIED:
+            return None
+        kind = _KIND_OF.get(request.constraint.kind)
+        if kind is None:
+            raise InvalidRequest(f"constraint.kind {request.constraint.kind} is not a known constraint kind")
+        return Constraint(kind, self.text(request.constraint.definition, "constraint.definition"))
 
     def expected_tokens(self, value: int) -> int:
         if value == 0:
@@ -85,6 +114,25 @@ class RequestValidator:
         return [
             CandidateText(self.text(c.text, f"candidates[{i}].text"), c.ends_with_eos) for i, c in enumerate(values)
         ]
+
+
+def _tool(index: int, tool: worker_pb2.ToolDefinition) -> ToolDefinition:
+    if not tool.name:
+        raise InvalidRequest(f"prompt.chat.tools[{index}].name is empty")
+    return ToolDefinition(
+        tool.name, tool.description, _json_object(tool.parameters or "{}", f"prompt.chat.tools[{index}]")
+    )
+
+
+def _json_object(text: str, field: str) -> str:
+    """`text` when it is a JSON object, or empty (tool arguments and parameter schemas)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"{field}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field}: a JSON object is required")
+    return text
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -154,6 +202,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ],
             server_version=SERVER_VERSION,
             engine=model.engine,
+            constraint_kinds=[CONSTRAINT_KINDS[kind] for kind in model.constraint_kinds],
         )
 
     async def OpenSession(
@@ -164,6 +213,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._validate.session_id(request.session_id, allow_empty=True),
             self._validate.prompt(request.prompt),
             self._validate.text(request.answer_text, "answer_text"),
+            self._validate.constraint(request),
         )
         return worker_pb2.OpenSessionResponse(
             session_id=opened.session_id,

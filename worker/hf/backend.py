@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
+from coolfusion.constraints import Constraint
 from coolfusion.worker import model_files
 from coolfusion.worker.backend import (
     CandidateText,
@@ -16,10 +18,12 @@ from coolfusion.worker.backend import (
     PromptSpec,
     RenderedPrompt,
     Segment,
+    SegmentRules,
     SessionCache,
     TextScore,
     Timed,
 )
+from coolfusion.worker.constraints import ENFORCED_KINDS, AnswerGuide, load_vocabulary
 from coolfusion.worker.hf import loading, memory, placement
 from coolfusion.worker.hf.cpu_linear import compile_row_counts
 from coolfusion.worker.hf.donors import PromptDonors
@@ -60,7 +64,9 @@ class TransformersBackend(ModelBackend):
     def __init__(self, model: HFModel, dtype: str, limits: BatchLimits):
         self._model = model
         self._limits = limits
-        self._description = model.describe(dtype)
+        self._vocabulary = load_vocabulary(model.tokenizer, model.logits_width, model.stop_ids)
+        kinds = ENFORCED_KINDS if self._vocabulary is not None else ()
+        self._description = replace(model.describe(dtype), constraint_kinds=kinds)
         started = time.perf_counter()
         if kernels := compile_row_counts(model.model, limits.max_tokens):
             logger.info("compiled %d linear-layer kernels in %.1f s", kernels, time.perf_counter() - started)
@@ -101,10 +107,13 @@ class TransformersBackend(ModelBackend):
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
         return await self._scheduler.run(SyncJob(_kv(cache), context_ids, self._donors))
 
-    async def generate(
-        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
-    ) -> Timed[Segment]:
-        return await self._scheduler.run(GenerateJob(self._model, _kv(cache), context_ids, max_tokens, stop_strings))
+    def guide(self, constraint: Constraint) -> AnswerGuide:
+        if self._vocabulary is None:
+            raise NotImplementedError("this model's tokenizer cannot be read by the constraint engine")
+        return self._vocabulary.guide(constraint)
+
+    async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
+        return await self._scheduler.run(GenerateJob(self._model, _kv(cache), context_ids, rules))
 
     async def score(
         self, cache: SessionCache, context_ids: list[int], rows: list[list[int]], candidates: list[CandidateText]

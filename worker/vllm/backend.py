@@ -23,6 +23,7 @@ from coolfusion.worker.backend import (
     PromptSpec,
     RenderedPrompt,
     Segment,
+    SegmentRules,
     SessionCache,
     TextScore,
     Timed,
@@ -291,12 +292,13 @@ class VLLMBackend(ModelBackend):
         session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
 
-    async def generate(
-        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
-    ) -> Timed[Segment]:
+    async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
         session = _session(cache)
         scan = SegmentScan(
-            lambda new: self._text.decode_continuation(context_ids, new), self._text.stop_ids, max_tokens, stop_strings
+            lambda new: self._text.decode_continuation(context_ids, new),
+            self._text.stop_ids,
+            rules.max_tokens,
+            rules.stop_strings,
         )
         async with self._call() as started:
             stream = self._stream_for(session, context_ids)

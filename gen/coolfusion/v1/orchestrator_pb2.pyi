@@ -28,6 +28,14 @@ class RepetitionGuard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPETITION_GUARD_OFF: _ClassVar[RepetitionGuard]
     REPETITION_GUARD_STOP: _ClassVar[RepetitionGuard]
     REPETITION_GUARD_STEER: _ClassVar[RepetitionGuard]
+
+class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_AUTO: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_NONE: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_REQUIRED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_FUNCTION: _ClassVar[ToolChoiceMode]
 RERANK_MODE_UNSPECIFIED: RerankMode
 RERANK_MODE_NONE: RerankMode
 RERANK_MODE_FULL_ANSWER: RerankMode
@@ -40,6 +48,11 @@ REPETITION_GUARD_UNSPECIFIED: RepetitionGuard
 REPETITION_GUARD_OFF: RepetitionGuard
 REPETITION_GUARD_STOP: RepetitionGuard
 REPETITION_GUARD_STEER: RepetitionGuard
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode
 
 class FusionStrategy(_message.Message):
     __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates", "calibration")
@@ -70,7 +83,7 @@ class FusionStrategy(_message.Message):
     def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
-    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy")
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "constraint", "tool_choice", "parallel_tool_calls")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +92,9 @@ class FusionParameters(_message.Message):
     RERANK_MODE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TRACE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     prompt: _worker_pb2.Prompt
     workers: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
@@ -87,7 +103,18 @@ class FusionParameters(_message.Message):
     rerank_mode: RerankMode
     include_trace: bool
     strategy: FusionStrategy
-    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ...) -> None: ...
+    constraint: _worker_pb2.Constraint
+    tool_choice: ToolChoice
+    parallel_tool_calls: bool
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., constraint: _Optional[_Union[_worker_pb2.Constraint, _Mapping]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ...) -> None: ...
+
+class ToolChoice(_message.Message):
+    __slots__ = ("mode", "function_name")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
+    mode: ToolChoiceMode
+    function_name: str
+    def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
 
 class FuseRequest(_message.Message):
     __slots__ = ("parameters",)
@@ -202,7 +229,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "tool_calls")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +241,7 @@ class FuseResult(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
     shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
@@ -225,7 +253,8 @@ class FuseResult(_message.Message):
     request_id: str
     strategy: FusionStrategy
     usage: Usage
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_worker_pb2.ToolCall]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[_worker_pb2.ToolCall, _Mapping]]] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
     __slots__ = ("result",)
