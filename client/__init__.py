@@ -19,6 +19,7 @@ from coolfusion.client.client import (
     fusion_parameters,
     fusion_strategy,
 )
+from coolfusion.client.structured import json_object, json_schema, lark_grammar, regex
 from coolfusion.client.version import PACKAGE_VERSION
 
 __version__ = PACKAGE_VERSION
@@ -42,4 +43,8 @@ __all__ = [
     "error_from_rpc",
     "fusion_parameters",
     "fusion_strategy",
+    "json_object",
+    "json_schema",
+    "lark_grammar",
+    "regex",
 ]

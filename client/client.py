@@ -11,10 +11,12 @@ from typing import Any, Self, TypedDict, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coolfusion.client.structured import ToolChoiceLike, ToolLike, chat_prompt, tool_choice
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
-# A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}].
-PromptLike = str | Sequence[Mapping[str, str]]
+# A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}] (an assistant
+# turn may carry OpenAI-shaped "tool_calls", a "tool" turn its "tool_call_id").
+PromptLike = str | Sequence[Mapping[str, Any]]
 Metadata = tuple[tuple[str, str], ...]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 # Every call goes to the next of the addresses the target resolves to: with a headless Service
@@ -85,11 +87,17 @@ class FuseOptions:
     rerank: bool = False  # Cool+R: also rank the workers' solo answers
     trace: bool = False  # return every step's candidates and winner
     strategy: orchestrator_pb2.FusionStrategy | None = None  # see fusion_strategy
+    # The language the answer is held to: json_schema(...), json_object(), regex(...) or lark_grammar(...).
+    constraint: worker_pb2.Constraint | None = None
+    tools: tuple[ToolLike, ...] = ()  # functions a chat answer may call, in the OpenAI API's shape
+    tool_choice: ToolChoiceLike = ""  # "auto" (the default with tools), "none", "required" or a named function
+    parallel_tool_calls: bool | None = None  # None: an answer may call several tools
 
     def __post_init__(self) -> None:
         # Any iterable of names is accepted; stored as tuples so the options stay immutable.
         object.__setattr__(self, "workers", tuple(self.workers))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "tools", tuple(self.tools))
 
 
 class OptionKeywords(TypedDict, total=False):
@@ -133,7 +141,7 @@ def fusion_parameters(
     """Builds the request parameters for `prompt`; no options means the orchestrator's defaults throughout."""
     options = resolve_options(options, keywords, "fusion_parameters") or FuseOptions()
     return orchestrator_pb2.FusionParameters(
-        prompt=_prompt(prompt),
+        prompt=_prompt(prompt, options.tools),
         workers=options.workers,
         max_new_tokens=options.max_new_tokens,
         stop_strings=options.stop,
@@ -141,6 +149,9 @@ def fusion_parameters(
         rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if options.rerank else orchestrator_pb2.RERANK_MODE_NONE,
         include_trace=options.trace,
         strategy=options.strategy,
+        constraint=options.constraint,
+        tool_choice=tool_choice(options.tool_choice),
+        parallel_tool_calls=options.parallel_tool_calls,
     )
 
 
@@ -176,11 +187,12 @@ def fusion_strategy(
         raise ValueError(f"unknown strategy option: {error}") from None
 
 
-def _prompt(prompt: PromptLike) -> worker_pb2.Prompt:
-    if isinstance(prompt, str):
-        return worker_pb2.Prompt(text=prompt)
-    turns = [worker_pb2.ChatMessage(role=turn["role"], content=turn["content"]) for turn in prompt]
-    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=turns))
+def _prompt(prompt: PromptLike, tools: Sequence[ToolLike]) -> worker_pb2.Prompt:
+    if not isinstance(prompt, str):
+        return chat_prompt(prompt, tools)
+    if tools:
+        raise ValueError("tools are offered to a chat prompt; this prompt is plain text")
+    return worker_pb2.Prompt(text=prompt)
 
 
 # A bearer token, or a function that returns the token to send now (one that rotates).

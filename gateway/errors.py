@@ -38,6 +38,11 @@ _PARAMS = (
     ("unknown workers", "workers"),
     ("named twice", "workers"),
     ("chat roles", "messages"),
+    ("tool_choice", "tool_choice"),
+    ("prompt.chat.tools", "tools"),
+    ("prompt.chat.messages", "messages"),
+    ("tool calls", "tool_choice"),
+    ("constraint", "response_format"),
     ("prompt", "{prompt}"),
 )
 

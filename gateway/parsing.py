@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, FuseOptions, PromptLike, fusion_strategy
+from coolfusion.gateway import structured
 from coolfusion.gateway.errors import ApiError, invalid, unsupported
 
 Kind = Literal["chat", "text"]  # /v1/chat/completions or /v1/completions
@@ -15,8 +16,8 @@ Kind = Literal["chat", "text"]  # /v1/chat/completions or /v1/completions
 # orchestrator's default length applies there).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _GREEDY = "fusion decodes greedily (argmax), so sampling cannot be honoured"
-_TOOLS = "fusion generates text only, without tool or function calling"
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_FUNCTIONS = "the legacy function-calling fields are not served; send tools and tool_choice"
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,14 @@ class FusionCall:
 def parse_chat(body: dict[str, Any]) -> FusionCall:
     """A /v1/chat/completions body."""
     _refuse_what_fusion_cannot_do(body, _CHAT_REFUSALS)
-    return _call("chat", body, _messages(_required(body, "messages")), default_max_tokens=0)
+    call = _call("chat", body, _messages(_required(body, "messages")), default_max_tokens=0)
+    options = replace(
+        call.options,
+        tools=structured.tools(body.get("tools")),
+        tool_choice=structured.tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=_optional_bool(body, "parallel_tool_calls"),
+    )
+    return replace(call, options=options)
 
 
 def parse_completion(body: dict[str, Any]) -> FusionCall:
@@ -77,6 +85,7 @@ def _options(body: dict[str, Any], default_max_tokens: int) -> FuseOptions:
         segment_max_tokens=_int(body, "segment_max_tokens", minimum=1) or 0,
         rerank=_bool(body, "rerank"),
         strategy=strategy,
+        constraint=structured.constraint(body.get("response_format")),
     )
 
 
@@ -113,14 +122,6 @@ def _empty(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
-def _none_choice(value: Any) -> bool:
-    return value is None or value == "none"
-
-
-def _plain_text(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
-
-
 def _text_only(value: Any) -> bool:
     return value is None or value == ["text"]
 
@@ -132,11 +133,8 @@ _SAMPLING: list[Refusal] = [
     ("presence_penalty", lambda v: _number_is(v, 0), "fusion's greedy choice has no penalties"),
     ("frequency_penalty", lambda v: _number_is(v, 0), "fusion's greedy choice has no penalties"),
     ("logit_bias", _empty, "the workers share text only, never token ids"),
-    ("tools", _empty, _TOOLS),
-    ("functions", _empty, _TOOLS),
-    ("tool_choice", _none_choice, _TOOLS),
-    ("function_call", _none_choice, _TOOLS),
-    ("response_format", _plain_text, "fusion cannot constrain its output to a format"),
+    ("functions", _empty, _FUNCTIONS),
+    ("function_call", lambda v: v is None, _FUNCTIONS),
 ]
 _CHAT_REFUSALS: list[Refusal] = [
     *_SAMPLING,
@@ -151,6 +149,8 @@ _COMPLETION_REFUSALS: list[Refusal] = [
     ("best_of", lambda v: v is None or v == 1, "fusion returns one answer per request"),
     ("echo", lambda v: v is None or v is False, "the answer is returned without the prompt"),
     ("suffix", _empty, "fusion continues text, it does not fill in"),
+    ("tools", _empty, "tools are offered to chat turns: send them to /v1/chat/completions"),
+    ("tool_choice", lambda v: v is None, "tools are offered to chat turns: send them to /v1/chat/completions"),
 ]
 
 
@@ -163,21 +163,22 @@ def _refuse_what_fusion_cannot_do(body: dict[str, Any], refusals: list[Refusal])
 # ---- prompts ------------------------------------------------------------------------------------
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise invalid("messages must be a non-empty list of messages", "messages", "invalid_type")
     return [_message(m, f"messages[{i}]") for i, m in enumerate(value)]
 
 
-def _message(message: Any, where: str) -> dict[str, str]:
+def _message(message: Any, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(f"{where} must be an object with role and content", where, "invalid_type")
     role = message.get("role")
-    if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
-        raise unsupported(f"{where}.role", f"{_TOOLS} (got a {role!r} message or tool calls)")
+    if role == "function" or message.get("function_call"):
+        raise unsupported(f"{where}.role", f"{_FUNCTIONS} (got a {role!r} message)")
     if role not in _ROLES:
         raise invalid(f"{where}.role is {role!r}; it must be one of {', '.join(_ROLES)}", f"{where}.role")
-    return {"role": _ROLES[role], "content": _content(message.get("content"), role, f"{where}.content")}
+    turn = {"role": _ROLES[role], "content": _content(message.get("content"), role, f"{where}.content")}
+    return {**turn, **structured.tool_turn_fields(message, where)}
 
 
 def _content(content: Any, role: str, where: str) -> str:
@@ -230,6 +231,10 @@ def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     if value is not None and (not _is_int(value) or value < minimum):
         raise invalid(f"{name} is {value!r}; it must be an integer >= {minimum}", name)
     return value
+
+
+def _optional_bool(body: dict[str, Any], name: str) -> bool | None:
+    return _bool(body, name) if body.get(name) is not None else None
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:

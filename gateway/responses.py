@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from coolfusion.gateway.parsing import FusionCall
+from coolfusion.gateway.structured import message_fields, tool_call
 from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 # The fusion's finish reasons in OpenAI's words: a loop cut by the repetition guard, like a stop
@@ -15,6 +17,7 @@ FINISH_REASONS = {
     worker_pb2.FINISH_REASON_STOP: "stop",
     worker_pb2.FINISH_REASON_REPETITION: "stop",
     worker_pb2.FINISH_REASON_LENGTH: "length",
+    worker_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -38,7 +41,7 @@ class Reply:
         finish = FINISH_REASONS.get(result.finish_reason, "stop")
         if self.call.kind == "chat":
             body = self._envelope("chat.completion")
-            message = {"role": "assistant", "content": result.text, "refusal": None}
+            message = {"role": "assistant", **message_fields(result), "refusal": None}
             body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
         else:
             body = self._envelope("text_completion")
@@ -47,13 +50,23 @@ class Reply:
         body["coolfusion"] = details(result)
         return body
 
-    def chunk(self, text: str | None = None, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
-        """One stream chunk: a piece of text, the opening role (chat) or the closing finish reason."""
+    def chunk(
+        self,
+        text: str | None = None,
+        finish: str | None = None,
+        *,
+        role: bool = False,
+        calls: Sequence[worker_pb2.ToolCall] = (),
+    ) -> dict[str, Any]:
+        """One stream chunk: a piece of text, the answer's tool calls, the opening role (chat) or
+        the closing finish reason."""
         if self.call.kind == "chat":
             body = self._envelope("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [tool_call(call, index) for index, call in enumerate(calls)]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             body = self._envelope("text_completion")

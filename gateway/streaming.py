@@ -29,7 +29,7 @@ Events = AsyncIterator[orchestrator_pb2.FuseStreamResponse]
 def hold_chars(options: FuseOptions) -> int | None:
     """How far before a new segment's start its append may cut the answer, in characters; None
     when nothing is final before the end (Cool+R may return a solo answer instead)."""
-    if options.rerank:
+    if options.rerank or _may_call_tools(options):
         return None
     stop = max((len(s) for s in options.stop), default=1) - 1  # a stop string may start that far back
     return max(stop, REPEAT_HOLD_CHARS if _may_guard(options) else 0)
@@ -39,6 +39,11 @@ def _may_guard(options: FuseOptions) -> bool:
     """Unless the request turns the repetition guard off, the orchestrator's default may guard."""
     strategy = options.strategy
     return strategy is None or strategy.repetition_guard != orchestrator_pb2.REPETITION_GUARD_OFF
+
+
+def _may_call_tools(options: FuseOptions) -> bool:
+    """An answer that may be tool calls is sent whole at the end: as calls, or as text."""
+    return bool(options.tools) and options.tool_choice != "none"
 
 
 def held_back_text(options: FuseOptions) -> HeldBackText:
@@ -121,7 +126,9 @@ async def _pieces(
             yield sse(reply.chunk(piece))
         event = await anext(events)
     summary = event.summary
-    if rest := text.finish(summary.text):
+    if summary.tool_calls:
+        yield sse(reply.chunk(calls=summary.tool_calls))
+    elif rest := text.finish(summary.text):
         yield sse(reply.chunk(rest))
     yield sse(reply.chunk(finish=FINISH_REASONS.get(summary.finish_reason, "stop")))
     if reply.call.include_usage:

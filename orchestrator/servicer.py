@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import grpc
 
+from coolfusion.constraints.tools import ToolCall
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.calibrations import Calibrations
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
@@ -22,8 +23,10 @@ from coolfusion.orchestrator.replicas import ReplicaSet
 from coolfusion.orchestrator.sessions import Deadline, NoWorkersLeft
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
+from coolfusion.orchestrator.structured import check_tool_turns, parse_structure, parse_tools
 from coolfusion.orchestrator.tree_proto import FINISH_PROTO, candidate_proto, tree_proto
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
+from coolfusion.orchestrator.worker_info import WorkerInfo
 from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
@@ -62,14 +65,16 @@ def parse_request(
         )
     if any(not 1 <= len(s) <= limits.max_stop_chars for s in parameters.stop_strings):
         raise InvalidFusionRequest(f"each stop string must be 1-{limits.max_stop_chars} characters")
+    prompt = _prompt(parameters.prompt, limits.max_prompt_chars)
     return FusionRequest(
-        prompt=_prompt(parameters.prompt, limits.max_prompt_chars),
+        prompt=prompt,
         max_new_tokens=max_new,
         stop_strings=tuple(parameters.stop_strings),
         segment_max_tokens=segment,
         rerank=parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER,
         request_id=request_id,
         strategy=default_strategy.overridden_by(_strategy(parameters.strategy, limits, known_workers)),
+        structure=parse_structure(parameters, prompt.tools),
     )
 
 
@@ -136,17 +141,26 @@ def _in_range(field: str, value: int, default: int, limit: int) -> int:
 def _prompt(prompt: worker_pb2.Prompt, max_chars: int) -> Prompt:
     kind = prompt.WhichOneof("kind")
     if kind == "text" and prompt.text.strip():
+        parsed = Prompt(text=prompt.text)
         text = prompt.text
     elif kind == "chat" and prompt.chat.messages:
-        turns = tuple(ChatTurn(m.role, m.content) for m in prompt.chat.messages)
-        if any(t.role not in ("system", "user", "assistant") for t in turns):
-            raise InvalidFusionRequest("chat roles must be system, user or assistant")
-        text = "".join(t.content for t in turns)
+        turns = tuple(_turn(m) for m in prompt.chat.messages)
+        if any(t.role not in ("system", "user", "assistant", "tool") for t in turns):
+            raise InvalidFusionRequest("chat roles must be system, user, assistant or tool")
+        check_tool_turns(turns)
+        parsed = Prompt(chat=turns, tools=parse_tools(prompt.chat))
+        spelled = [t.content + "".join(c.arguments for c in t.tool_calls) for t in turns]
+        text = "".join(spelled) + "".join(t.description + t.parameters for t in parsed.tools)
     else:
         raise InvalidFusionRequest("prompt must be non-empty text or at least one chat message")
     if len(text) > max_chars:
         raise InvalidFusionRequest(f"prompt is {len(text)} characters; the limit is {max_chars}")
-    return Prompt(text=prompt.text) if kind == "text" else Prompt(chat=turns)
+    return parsed
+
+
+def _turn(message: worker_pb2.ChatMessage) -> ChatTurn:
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls)
+    return ChatTurn(message.role, message.content, calls, message.tool_call_id)
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
@@ -167,6 +181,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
         self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
         self._calibrations = Calibrations(settings.calibrations, settings.default_calibration)
+        self._info = WorkerInfo()  # what workers say of themselves, for constrained requests
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
@@ -205,6 +220,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         settings = self._settings
 
         def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float):
+            if fusion.left_out:  # a tree needs every worker's proposals
+                reasons = "; ".join(f"{d.worker} {d.reason}" for d in fusion.left_out)
+                raise InvalidFusionRequest(f"cannot explore under this constraint: {reasons}")
             limits = Deadline(deadline, settings.call_timeout_s, settings.busy_wait_s)
             return Explorer(workers, ExploreRequest(fusion, max_nodes), limits).run()
 
@@ -237,6 +255,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
         request = await self._calibrated(request, parameters.strategy, workers)
+        workers, request = await self._enforcing(workers, request)
         remaining = context.time_remaining()
         budget = (
             self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
@@ -252,6 +271,20 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 # a caller's deadline cancels the call before this). Say so, not UNAVAILABLE.
                 raise RequestTimedOut(f"the request took longer than {budget:.0f} s") from error
             raise
+
+    async def _enforcing(
+        self, workers: list[ReplicaSet], request: FusionRequest
+    ) -> tuple[list[ReplicaSet], FusionRequest]:
+        """Under a constraint, the workers that enforce it; the others are left out (and listed
+        among the dropped), never asked for unconstrained text (docs/design.md section 9.3)."""
+        constraint = request.structure.constraint
+        if constraint is None:
+            return workers, request
+        kept, left_out = await self._info.enforcing(workers, constraint.kind)
+        if not kept:
+            reasons = "; ".join(f"{d.worker} {d.reason}" for d in left_out)
+            raise InvalidFusionRequest(f"no worker of this request enforces {constraint.kind} constraints: {reasons}")
+        return kept, replace(request, left_out=tuple(left_out))
 
     async def _calibrated(
         self, request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, workers: list[ReplicaSet]
@@ -336,6 +369,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         request_id=result.request_id,
         strategy=strategy_proto(result.strategy),
         usage=_usage_proto(result.usage),
+        tool_calls=[worker_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in result.tool_calls],
     )
 
 
