@@ -35,8 +35,17 @@ from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
 from coolfusion.cli.explore import add_explore_arguments, run_explore
 from coolfusion.cli.report import add_report_arguments, run_report
-from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, __version__, chat
-from coolfusion.v1 import orchestrator_pb2
+from coolfusion.client import (
+    CoolfusionError,
+    FuseOptions,
+    FusionClient,
+    __version__,
+    chat,
+    json_object,
+    json_schema,
+    regex,
+)
+from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
@@ -103,8 +112,21 @@ def add_fuse(subparsers: Subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop before this string (repeatable)")
     parser.add_argument("--rerank", action="store_true", help="Cool+R: also rank the workers' solo answers")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the whole call, seconds")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", type=Path, help="the answer is JSON valid against this schema")
+    shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole answer matches this regular expression")
     add_strategy_flags(parser)
     parser.set_defaults(run=run_fuse)
+
+
+def constraint_from_args(args: argparse.Namespace) -> worker_pb2.Constraint | None:
+    """The answer's constraint from --json-schema, --json-object or --regex (docs/design.md chapter 9)."""
+    if args.json_schema:
+        return json_schema(args.json_schema.read_text())
+    if args.json_object:
+        return json_object()
+    return regex(args.regex) if args.regex else None
 
 
 def run_fuse(args: argparse.Namespace) -> int:
@@ -116,6 +138,7 @@ def run_fuse(args: argparse.Namespace) -> int:
         segment_max_tokens=args.segment_max_tokens,
         rerank=args.rerank,
         strategy=strategy_from_args(args),
+        constraint=constraint_from_args(args),
     )
     with FusionClient(args.orchestrator) as client:
         if args.stream:

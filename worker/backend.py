@@ -222,6 +222,11 @@ class ModelBackend(ABC):
         """Makes `cache` hold exactly `context_ids` (prefill), recomputing only past the first
         token that differs from what it holds."""
 
+    @property
+    def grammar_compiles(self) -> int:
+        """Constraint grammars compiled so far (each distinct constraint once)."""
+        return 0
+
     def guide(self, constraint: Constraint) -> SessionGuide:
         """A new session's guide for `constraint` (compiled once per distinct constraint);
         ConstraintError when it does not compile. Only for kinds in description.constraint_kinds."""

@@ -107,6 +107,10 @@ class TransformersBackend(ModelBackend):
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
         return await self._scheduler.run(SyncJob(_kv(cache), context_ids, self._donors))
 
+    @property
+    def grammar_compiles(self) -> int:
+        return 0 if self._vocabulary is None else self._vocabulary.compiles
+
     def guide(self, constraint: Constraint) -> AnswerGuide:
         if self._vocabulary is None:
             raise NotImplementedError("this model's tokenizer cannot be read by the constraint engine")
