@@ -3,6 +3,7 @@
 from coolfusion.client.client import (
     AGGREGATIONS,
     REPETITION_GUARDS,
+    SELECTIONS,
     AsyncFusionClient,
     CoolfusionError,
     DeadlineExceededError,
@@ -27,6 +28,7 @@ __version__ = PACKAGE_VERSION
 __all__ = [
     "AGGREGATIONS",
     "REPETITION_GUARDS",
+    "SELECTIONS",
     "AsyncFusionClient",
     "CoolfusionError",
     "DeadlineExceededError",

@@ -92,6 +92,12 @@ class FuseOptions:
     tools: tuple[ToolLike, ...] = ()  # functions a chat answer may call, in the OpenAI API's shape
     tool_choice: ToolChoiceLike = ""  # "auto" (the default with tools), "none", "required" or a named function
     parallel_tool_calls: bool | None = None  # None: an answer may call several tools
+    temperature: float = 0.0  # 0-2 (0: greedy); each worker draws its proposals at this temperature
+    top_p: float = 0.0  # nucleus filter of the proposals, (0, 1] (0: none)
+    top_k: int = 0  # top-k filter of the proposals (0: none)
+    seed: int | None = None  # the same seed gives the same answers; None: the orchestrator draws one
+    selection: str = ""  # "best" (the default) or "sample": how a step's winner is chosen when sampling
+    n: int = 0  # answers to fuse (0: one); read them with fuse_choices
 
     def __post_init__(self) -> None:
         # Any iterable of names is accepted; stored as tuples so the options stay immutable.
@@ -152,7 +158,20 @@ def fusion_parameters(
         constraint=options.constraint,
         tool_choice=tool_choice(options.tool_choice),
         parallel_tool_calls=options.parallel_tool_calls,
+        sampling=_sampling(options),
+        n=options.n,
     )
+
+
+def _sampling(options: FuseOptions) -> orchestrator_pb2.Sampling:
+    try:
+        selection = f"SELECTION_{options.selection.upper()}" if options.selection else None
+        return orchestrator_pb2.Sampling(
+            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, seed=options.seed,
+            selection=selection,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"unknown sampling option: {error}") from None
 
 
 def _option_names(enum, prefix: str) -> tuple[str, ...]:
@@ -164,6 +183,7 @@ def _option_names(enum, prefix: str) -> tuple[str, ...]:
 # read from the protocol itself so that every tool offers exactly what the orchestrator knows.
 AGGREGATIONS = _option_names(orchestrator_pb2.Aggregation, "AGGREGATION_")
 REPETITION_GUARDS = _option_names(orchestrator_pb2.RepetitionGuard, "REPETITION_GUARD_")
+SELECTIONS = _option_names(orchestrator_pb2.Selection, "SELECTION_")
 
 
 def fusion_strategy(
@@ -193,6 +213,10 @@ def _prompt(prompt: PromptLike, tools: Sequence[ToolLike]) -> worker_pb2.Prompt:
     if tools:
         raise ValueError("tools are offered to a chat prompt; this prompt is plain text")
     return worker_pb2.Prompt(text=prompt)
+
+
+def _choices(response: orchestrator_pb2.FuseResponse) -> list[orchestrator_pb2.FuseResult]:
+    return list(response.choices) or [response.result]
 
 
 # A bearer token, or a function that returns the token to send now (one that rotates).
@@ -270,14 +294,24 @@ class FusionClient(_ClientBase):
         metadata: Metadata = (),
         **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
-        """Runs one fusion to the end and returns its result."""
+        """Runs one fusion to the end and returns its result (the first answer, with n > 1)."""
         options = resolve_options(options, keywords, "fuse")
+        return self._fuse(prompt, options, timeout_s, metadata).result
+
+    def fuse_choices(
+        self, prompt: PromptLike, options: FuseOptions, *, timeout_s: float | None = None, metadata: Metadata = ()
+    ) -> list[orchestrator_pb2.FuseResult]:
+        """Runs a fusion of `options.n` answers to the end; returns every answer, in choice order."""
+        return _choices(self._fuse(prompt, options, timeout_s, metadata))
+
+    def _fuse(
+        self, prompt: PromptLike, options: FuseOptions | None, timeout_s: float | None, metadata: Metadata
+    ) -> orchestrator_pb2.FuseResponse:
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
+            return self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return response.result
 
     def fuse_stream(
         self,
@@ -380,16 +414,24 @@ class AsyncFusionClient(_ClientBase):
         metadata: Metadata = (),
         **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
-        """Runs one fusion to the end and returns its result."""
+        """Runs one fusion to the end and returns its result (the first answer, with n > 1)."""
         options = resolve_options(options, keywords, "fuse")
+        return (await self._fuse(prompt, options, timeout_s, metadata)).result
+
+    async def fuse_choices(
+        self, prompt: PromptLike, options: FuseOptions, *, timeout_s: float | None = None, metadata: Metadata = ()
+    ) -> list[orchestrator_pb2.FuseResult]:
+        """Runs a fusion of `options.n` answers to the end; returns every answer, in choice order."""
+        return _choices(await self._fuse(prompt, options, timeout_s, metadata))
+
+    async def _fuse(
+        self, prompt: PromptLike, options: FuseOptions | None, timeout_s: float | None, metadata: Metadata
+    ) -> orchestrator_pb2.FuseResponse:
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = await self._stub.Fuse(
-                request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata)
-            )
+            return await self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return response.result
 
     async def fuse_stream(
         self,

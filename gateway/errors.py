@@ -43,6 +43,9 @@ _PARAMS = (
     ("prompt.chat.messages", "messages"),
     ("tool calls", "tool_choice"),
     ("constraint", "response_format"),
+    ("sampling.temperature", "temperature"),
+    ("sampling.top_p", "top_p"),
+    ("n is ", "n"),
     ("prompt", "{prompt}"),
 )
 

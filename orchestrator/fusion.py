@@ -24,6 +24,7 @@ from coolfusion.orchestrator.domain import (
 )
 from coolfusion.orchestrator.observer import FusionObserver, current_observer
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import Draw, SamplingPlan, Selection
 from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession, WorkersOverloaded
 from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
 from coolfusion.orchestrator.structured import FREE_TEXT, Structure, tool_calls
@@ -45,6 +46,13 @@ class FusionRequest:
     strategy: Strategy = PAPER
     structure: Structure = FREE_TEXT  # the constraint the answer is held to, and whether it calls tools
     left_out: tuple[Dropped, ...] = ()  # workers left out before it started (a constraint they do not enforce)
+    sampling: SamplingPlan | None = None  # None: greedy (docs/design.md chapter 10)
+    choice: int = 0  # which of the request's n answers this loop gives
+
+    @property
+    def session_prefix(self) -> str:
+        """What every session id of this answer starts with: answers of one request differ."""
+        return self.request_id if self.choice == 0 else f"{self.request_id}.c{self.choice}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class FusionResult:
     strategy: Strategy
     usage: Usage | None = None  # the returned text's, in the lead worker's tokens
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the returned answer made, if it called tools
+    choice: int = 0  # which of the request's n answers this is
+    seed: int = 0  # the request's sampling seed; 0 when greedy
 
 
 OnStep = Callable[[Step], Awaitable[None]]
@@ -87,7 +97,7 @@ class FusionLoop:
         constraint = request.structure.constraint
         sessions = [
             WorkerSession(
-                w, f"{request.request_id}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
+                w, f"{request.session_prefix}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
                 request.request_id, constraint,
             )
             for w in workers
@@ -171,7 +181,9 @@ class FusionLoop:
         the protocol cannot shorten a session, so this costs one prefill."""
         lead, request = self._sessions.lead, self._request
         prompt = request.strategy.prompt_for(lead.name, request.prompt)
-        session = WorkerSession(lead.replicas, f"{request.request_id}.count.{lead.name}", prompt, request.request_id)
+        session = WorkerSession(
+            lead.replicas, f"{request.session_prefix}.count.{lead.name}", prompt, request.request_id
+        )
         try:
             await session.place(text, self._deadline)
             return session.prompt_tokens, session.context_tokens
@@ -211,8 +223,16 @@ class FusionLoop:
     def _generate(self, session: WorkerSession) -> Awaitable[GeneratedSegment]:
         request = self._request
         return session.generate(
-            self._answer.text, self._to_append, request.segment_max_tokens, request.stop_strings, self._deadline
-        )
+            self._answer.text, self._to_append, request.segment_max_tokens, request.stop_strings, self._deadline,
+            self._draw(session.name),
+        )  # fmt: skip
+
+    def _draw(self, worker: str) -> Draw | None:
+        """A worker's sampling for this step: its own seed, from where the draw happens."""
+        plan = self._request.sampling
+        if plan is None:
+            return None
+        return Draw(plan, plan.call_seed(self._purpose, self._request.choice, self._step_index, worker))
 
     def _within_constraint(self, segments: dict[str, GeneratedSegment]) -> dict[str, GeneratedSegment]:
         """The segments that keep the answer within the constraint; a worker that proposed one
@@ -286,7 +306,11 @@ class FusionLoop:
         return start is not None
 
     def _winner_index(self, candidates: list[StepCandidate]) -> int:
-        return winner_index(self._request.strategy, candidates, self._answer.text)
+        plan, request = self._request.sampling, self._request
+        drawn = None
+        if plan is not None and plan.selection == Selection.SAMPLE and len(candidates) > 1:
+            drawn = (plan, plan.call_seed(self._purpose, request.choice, self._step_index, "select"))
+        return winner_index(request.strategy, candidates, self._answer.text, drawn)
 
     def _finish(self, reason: Finish) -> bool:
         self._answer.finish = reason
@@ -351,10 +375,13 @@ async def fuse(
 
 
 def _read_tool_calls(request: FusionRequest, result: FusionResult) -> FusionResult:
-    """A finished answer of tool calls, read as such (docs/design.md section 9.4)."""
+    """The result as the request's answer number `choice`, with its seed; a finished answer of
+    tool calls read as such (docs/design.md section 9.4)."""
+    seed = request.sampling.seed if request.sampling is not None else 0
+    result = replace(result, choice=request.choice, seed=seed)
     if not request.structure.calls_tools or result.finish != Finish.EOS:
         return result
-    calls = tool_calls(result.text, request.request_id)
+    calls = tool_calls(result.text, request.request_id, request.choice)
     return replace(result, finish=Finish.TOOL_CALLS, tool_calls=calls) if calls else result
 
 
@@ -412,14 +439,24 @@ def stop_string_cut(text: str, previous_length: int, stop_strings: tuple[str, ..
     return min(hits) if hits else None
 
 
-def winner_index(strategy: Strategy, candidates: list[StepCandidate], answer_text: str) -> int:
+def winner_index(
+    strategy: Strategy,
+    candidates: list[StepCandidate],
+    answer_text: str,
+    drawn: tuple[SamplingPlan, int] | None = None,
+) -> int:
     """The step's winner among candidates whose fused scores are filled in: the strategy's choice
-    (lowest score, ties to the earliest worker's candidate); with the STEER guard, among the
-    candidates that would not make the answer repeat itself, when there are any."""
+    (lowest score, ties to the earliest worker's candidate), or, when `drawn` (a plan whose
+    selection samples, and the draw's seed), one drawn by the candidates' scores per token; with
+    the STEER guard, among the candidates that would not make the answer repeat itself, when
+    there are any."""
     pool = list(range(len(candidates)))
     if strategy.repetition_guard == RepetitionGuard.STEER:
         fresh = [i for i in pool if repeated_tail(answer_text + candidates[i].text) is None]
         if fresh:
             pool = fresh
-    chosen = strategy.rank([candidates[i].fused_score for i in pool], [candidates[i].proposed_by for i in pool])
-    return pool[chosen[0]]
+    scores = [candidates[i].fused_score for i in pool]
+    if drawn is not None:
+        plan, seed = drawn
+        return pool[plan.draw_winner([strategy.nats(score) for score in scores], seed)]
+    return pool[strategy.rank(scores, [candidates[i].proposed_by for i in pool])[0]]

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -20,6 +21,7 @@ from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import SamplingPlan, Selection, draw_request_seed
 from coolfusion.orchestrator.sessions import Deadline, NoWorkersLeft
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
@@ -75,7 +77,27 @@ def parse_request(
         request_id=request_id,
         strategy=default_strategy.overridden_by(_strategy(parameters.strategy, limits, known_workers)),
         structure=parse_structure(parameters, prompt.tools),
+        sampling=_sampling(parameters),
     )
+
+
+def _sampling(parameters: orchestrator_pb2.FusionParameters) -> SamplingPlan | None:
+    """The request's sampling; None (greedy) when unset or at temperature 0."""
+    sampling = parameters.sampling
+    if not 0 <= sampling.temperature <= 2:  # also refuses NaN
+        raise InvalidFusionRequest(f"sampling.temperature is {sampling.temperature}; it must be in [0, 2]")
+    if not 0 <= sampling.top_p <= 1:
+        raise InvalidFusionRequest(f"sampling.top_p is {sampling.top_p}; it must be in (0, 1] (0 for 1)")
+    if sampling.temperature == 0:
+        return None
+    seed = sampling.seed if sampling.HasField("seed") else draw_request_seed()
+    selection = Selection.SAMPLE if sampling.selection == orchestrator_pb2.SELECTION_SAMPLE else Selection.BEST
+    return SamplingPlan(sampling.temperature, sampling.top_p or 1.0, sampling.top_k, seed, selection)
+
+
+def choices(parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits) -> int:
+    """How many answers the request asks for (n)."""
+    return _in_range("n", parameters.n, 1, limits.max_choices)
 
 
 def _strategy(
@@ -186,22 +208,29 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.FuseResponse:
-        """Runs one fusion to the end."""
-        result = await self._fuse(request.parameters, context, on_step=None)
-        return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace))
+        """Runs one fusion (n, with n > 1) to the end."""
+        results = await self._fuse(request.parameters, context)
+        answers = [_result_proto(result, request.parameters.include_trace) for result in results]
+        return orchestrator_pb2.FuseResponse(result=answers[0], choices=answers if len(answers) > 1 else [])
 
     async def FuseStream(self, request: orchestrator_pb2.FuseStreamRequest, context: grpc.aio.ServicerContext):
-        """Streams one event per chosen segment, then the summary."""
-        events: asyncio.Queue[Step | None] = asyncio.Queue()
-        task = asyncio.create_task(self._fuse(request.parameters, context, on_step=events.put))
+        """Streams one event per chosen segment, and each answer's summary once it is finished."""
+        events: asyncio.Queue[orchestrator_pb2.FuseStreamResponse | None] = asyncio.Queue()
+
+        async def on_step(step: Step, choice: int) -> None:
+            await events.put(orchestrator_pb2.FuseStreamResponse(step=_step_proto(step, choice)))
+
+        async def on_result(result: FusionResult) -> None:
+            await events.put(orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False)))
+
+        task = asyncio.create_task(self._fuse(request.parameters, context, on_step, on_result))
         task.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            while (step := await events.get()) is not None:
-                yield orchestrator_pb2.FuseStreamResponse(step=_step_proto(step))
-            result = await task
+            while (event := await events.get()) is not None:
+                yield event
+            await task  # a failure after the last event is raised here
         finally:
             task.cancel()  # the client went away: stop the fusion, which closes its sessions
-        yield orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False))
 
     async def ListWorkers(
         self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
@@ -217,6 +246,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Maps every answer a fusion of the request's workers could give (docs/design.md section 3.7)."""
         limits = self._settings.limits
         max_nodes = _in_range("max_nodes", request.max_nodes, DEFAULT_MAX_NODES, limits.max_explore_nodes)
+        if request.parameters.sampling.temperature or request.parameters.n > 1:
+            raise InvalidFusionRequest(
+                "ExploreFusion maps the greedy proposals of one answer: send no sampling and n 1"
+            )
         settings = self._settings
 
         def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float):
@@ -229,14 +262,42 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         tree = await self._serve(request.parameters, context, explore)
         return orchestrator_pb2.ExploreFusionResponse(tree=tree_proto(tree))
 
-    async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> FusionResult:
+    async def _fuse(
+        self,
+        parameters: orchestrator_pb2.FusionParameters,
+        context: grpc.aio.ServicerContext,
+        on_step: Callable[[Step, int], Awaitable[None]] | None = None,
+        on_result: Callable[[FusionResult], Awaitable[None]] | None = None,
+    ) -> list[FusionResult]:
+        """The request's n answers, each fused on its own (docs/design.md section 10.3); `on_step`
+        hears every chosen segment with its answer's number, `on_result` every finished answer."""
         settings = self._settings
-        return await self._serve(
-            parameters, context,
-            lambda workers, request, deadline: fuse(
-                workers, request, deadline, settings.call_timeout_s, on_step, busy_wait_s=settings.busy_wait_s
-            ),
-        )  # fmt: skip
+        n = choices(parameters, settings.limits)
+
+        async def answer(workers: list[ReplicaSet], request: FusionRequest, deadline: float) -> FusionResult:
+            steps = None if on_step is None else partial(_with_choice, on_step, request.choice)
+            result = await fuse(workers, request, deadline, settings.call_timeout_s, steps, settings.busy_wait_s)
+            if on_result is not None:
+                await on_result(result)
+            return result
+
+        async def answers(workers: list[ReplicaSet], request: FusionRequest, deadline: float) -> list[FusionResult]:
+            if request.sampling is None:  # greedy answers are all the same: fused once
+                first = await answer(workers, request, deadline)
+                others = [replace(first, choice=i) for i in range(1, n)]
+                for other in others:
+                    if on_result is not None:
+                        await on_result(other)
+                return [first, *others]
+            tasks = [asyncio.ensure_future(answer(workers, replace(request, choice=i), deadline)) for i in range(n)]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:  # one failed: the others stop too, and close their sessions
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        return await self._serve(parameters, context, answers)
 
     async def _serve(
         self,
@@ -326,8 +387,13 @@ async def _probe_replica(client: WorkerClient) -> worker_pb2.GetInfoResponse | s
         return str(error)
 
 
-def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
+async def _with_choice(on_step: Callable[[Step, int], Awaitable[None]], choice: int, step: Step) -> None:
+    await on_step(step, choice)
+
+
+def _step_proto(step: Step, choice: int = 0) -> orchestrator_pb2.FuseStep:
     return orchestrator_pb2.FuseStep(
+        choice=choice,
         index=step.index,
         candidates=[candidate_proto(c) for c in step.candidates],
         winner_index=step.winner_index,
@@ -360,13 +426,15 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
             steps=len(fused.steps),
             worker_compute_ms=sum(s.worker_compute_ms for s in fused.steps),
         ),
-        trace=[_step_proto(s) for s in fused.steps] if include_trace else [],
+        trace=[_step_proto(s, result.choice) for s in fused.steps] if include_trace else [],
         source=result.source,
         rerank=[
             orchestrator_pb2.RerankEntry(source=r.source, text=r.text, fused_score=r.fused_score)
             for r in result.ranking
         ],
         request_id=result.request_id,
+        choice=result.choice,
+        seed=result.seed,
         strategy=strategy_proto(result.strategy),
         usage=_usage_proto(result.usage),
         tool_calls=[worker_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in result.tool_calls],

@@ -18,6 +18,7 @@ from coolfusion.constraints import Constraint
 from coolfusion.orchestrator.domain import CandidateScore, Dropped, GeneratedSegment, Prompt
 from coolfusion.orchestrator.observer import FusionObserver
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import Draw
 from coolfusion.orchestrator.worker_client import (
     SessionLost,
     WorkerBusy,
@@ -116,14 +117,16 @@ class WorkerSession:
         max_tokens: int,
         stop_strings: tuple[str, ...],
         deadline: Deadline,
+        draw: Draw | None = None,
     ) -> GeneratedSegment:
-        """Appends `append` (the end of `answer_text`, not yet sent), then generates a segment."""
+        """Appends `append` (the end of `answer_text`, not yet sent), then generates a segment
+        (greedily, or drawn as `draw` says: a retry draws with the same seed)."""
 
         def call(client: WorkerClient, reopened: bool) -> Awaitable[GeneratedSegment]:
             sent = "" if reopened else append  # a re-opened context already holds it
             return client.generate(
                 self.session_id, self.context_tokens, len(answer_text) - len(sent), sent,
-                max_tokens, stop_strings, deadline.timeout(),
+                max_tokens, stop_strings, deadline.timeout(), draw,
             )  # fmt: skip
 
         segment = await self._call(call, answer_text, deadline)

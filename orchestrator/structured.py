@@ -102,10 +102,11 @@ def check_tool_turns(turns: tuple[ChatTurn, ...]) -> None:
             raise InvalidStructure(f"{field}: tool_call_id {turn.tool_call_id!r} answers no earlier tool call")
 
 
-def tool_calls(text: str, request_id: str) -> tuple[ToolCall, ...]:
+def tool_calls(text: str, request_id: str, choice: int = 0) -> tuple[ToolCall, ...]:
     """The calls a finished answer made (empty when it is text); ids are unique per request."""
     parsed = parse_calls(text) or []
-    return tuple(ToolCall(f"call_{request_id[:20]}_{i}", name, arguments) for i, (name, arguments) in enumerate(parsed))
+    prefix = f"call_{request_id[:20]}" + (f"c{choice}" if choice else "")
+    return tuple(ToolCall(f"{prefix}_{i}", name, arguments) for i, (name, arguments) in enumerate(parsed))
 
 
 def _constraint(proto: worker_pb2.Constraint) -> Constraint | None:

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coolfusion.constraints import Constraint
 from coolfusion.orchestrator.domain import CandidateScore, GeneratedSegment, OpenedSession, Prompt
 from coolfusion.orchestrator.observer import current_observer
+from coolfusion.orchestrator.sampling import Draw
 from coolfusion.orchestrator.structured import CONSTRAINT_PROTO
 from coolfusion.serving.security import TokenFile
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
@@ -47,6 +48,13 @@ def _constraint_proto(constraint: Constraint | None) -> worker_pb2.Constraint | 
     if constraint is None:
         return None
     return worker_pb2.Constraint(kind=CONSTRAINT_PROTO[constraint.kind], definition=constraint.definition)
+
+
+def _sampling_proto(draw: Draw | None) -> worker_pb2.SegmentSampling | None:
+    if draw is None:
+        return None
+    plan = draw.plan
+    return worker_pb2.SegmentSampling(temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=draw.seed)
 
 
 class WorkerFailed(Exception):
@@ -127,6 +135,7 @@ class WorkerClient:
         max_tokens: int,
         stop_strings: tuple[str, ...],
         timeout: float,
+        draw: Draw | None = None,
     ) -> GeneratedSegment:
         request = worker_pb2.GenerateSegmentRequest(
             session_id=session_id,
@@ -135,6 +144,7 @@ class WorkerClient:
             append_text=append_text,
             max_tokens=max_tokens,
             stop_strings=stop_strings,
+            sampling=_sampling_proto(draw),
         )
         r = await self._call(_WORKER_SERVICE + "GenerateSegment", self._stub.GenerateSegment, request, timeout)
         self._check_segment(r, max_tokens)

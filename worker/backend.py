@@ -83,12 +83,26 @@ class ConstrainedAnswer:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a segment's tokens are drawn (docs/design.md section 10.1): temperature (> 0; greedy is
+    no Sampling at all), then top_k (0: all), then top_p (1: all), from a generator seeded with
+    `seed` for this call alone."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SegmentRules:
-    """How one segment ends (docs/design.md section 2.2) and what it may contain (section 9.2)."""
+    """How one segment ends (docs/design.md section 2.2), what it may contain (section 9.2) and how
+    its tokens are drawn (section 10.1; None: greedily)."""
 
     max_tokens: int
     stop_strings: tuple[str, ...] = ()
     constraint: ConstrainedAnswer | None = None
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True)

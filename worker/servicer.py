@@ -11,7 +11,7 @@ from coolfusion.constraints import Constraint, ConstraintKind
 from coolfusion.constraints.tools import ToolCall, ToolDefinition
 from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
-from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec
+from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec, Sampling
 from coolfusion.worker.errors import InvalidRequest, NotReady
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
@@ -87,6 +87,18 @@ class RequestValidator:
         if kind is None:
             raise InvalidRequest(f"constraint.kind {request.constraint.kind} is not a known constraint kind")
         return Constraint(kind, self.text(request.constraint.definition, "constraint.definition"))
+
+    @staticmethod
+    def sampling(request: worker_pb2.GenerateSegmentRequest) -> Sampling | None:
+        """The call's sampling; None (greedy) when unset or at temperature 0."""
+        if not request.HasField("sampling") or request.sampling.temperature == 0:
+            return None
+        sampling = request.sampling
+        if not 0 < sampling.temperature <= 2:  # also refuses NaN
+            raise InvalidRequest(f"sampling.temperature is {sampling.temperature}; it must be in [0, 2]")
+        if not 0 <= sampling.top_p <= 1:
+            raise InvalidRequest(f"sampling.top_p is {sampling.top_p}; it must be in (0, 1] (0 for 1)")
+        return Sampling(sampling.temperature, sampling.top_p or 1.0, sampling.top_k, sampling.seed)
 
     def expected_tokens(self, value: int) -> int:
         if value == 0:
@@ -235,6 +247,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._validate.text(request.append_text, "append_text"),
             self._validate.max_tokens(request.max_tokens),
             self._validate.stop_strings(request.stop_strings),
+            self._validate.sampling(request),
         )
         segment = generated.segment
         return worker_pb2.GenerateSegmentResponse(

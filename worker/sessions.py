@@ -21,6 +21,7 @@ from coolfusion.worker.backend import (
     ConstrainedAnswer,
     ModelBackend,
     PromptSpec,
+    Sampling,
     Segment,
     SegmentRules,
     SessionCache,
@@ -164,8 +165,9 @@ class SessionStore:
         append_text: str,
         max_tokens: int,
         stop_strings: tuple[str, ...],
+        sampling: Sampling | None = None,
     ) -> Generated:
-        """Appends `append_text`, then generates one segment."""
+        """Appends `append_text`, then generates one segment (greedily unless `sampling`)."""
         session = self._get(session_id)
         async with session.lock:
             self._check(session, expected)
@@ -179,9 +181,8 @@ class SessionStore:
                 session.answer_text, session.context_ids = session.answer_text + append_text, context_ids
                 session.checker = checker
                 try:
-                    timed = await self._backend.generate(
-                        session.cache, context_ids, self._rules(session, max_tokens, stop_strings)
-                    )
+                    rules = self._rules(session, max_tokens, stop_strings, sampling)
+                    timed = await self._backend.generate(session.cache, context_ids, rules)
                 except (OverCapacity, InvalidRequest):
                     # Refused before any work: the caller may retry the same call, so it must
                     # find the session as it was.
@@ -288,9 +289,11 @@ class SessionStore:
         return session.checker.after(append_text)
 
     @staticmethod
-    def _rules(session: Session, max_tokens: int, stop_strings: tuple[str, ...]) -> SegmentRules:
+    def _rules(
+        session: Session, max_tokens: int, stop_strings: tuple[str, ...], sampling: Sampling | None
+    ) -> SegmentRules:
         constrained = None if session.guide is None else ConstrainedAnswer(session.guide, session.answer_text)
-        return SegmentRules(max_tokens, stop_strings, constrained)
+        return SegmentRules(max_tokens, stop_strings, constrained, sampling)
 
     def _context_ids(self, context_text: str, session: Session) -> list[int]:
         # The whole context is re-tokenized (a fast tokenizer needs ~1 ms for 2k tokens) so that the

@@ -257,15 +257,13 @@ def test_an_unknown_model_is_not_found(client):
 
 
 REFUSED = [
-    ("chat", {"n": 2}, "n"),
-    ("chat", {"temperature": 0.7}, "temperature"),
-    ("chat", {"top_p": 0.5}, "top_p"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"logit_bias": {"1": -100}}, "logit_bias"),
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
     ("chat", {"functions": [{"name": "add", "parameters": {}}]}, "functions"),
-    ("text", {"n": 3}, "n"),
-    ("text", {"temperature": 1.0}, "temperature"),
-    ("text", {"top_p": 0.9}, "top_p"),
+    ("text", {"frequency_penalty": 1.0}, "frequency_penalty"),
+    ("text", {"best_of": 2}, "best_of"),
     ("text", {"logprobs": 1}, "logprobs"),
 ]
 

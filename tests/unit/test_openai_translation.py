@@ -46,7 +46,7 @@ def test_a_chat_request_becomes_fusion_options():
     }
     call = parse_chat(body)
     strategy = fusion_strategy("robust", "steer", {"a": 2.0}, {"b": "Q: {prompt}\nA:"}, "pooled-a-b")
-    expected = FuseOptions(("a", "b"), 30, ("\n\n",), 8, rerank=True, strategy=strategy)
+    expected = FuseOptions(("a", "b"), 30, ("\n\n",), 8, rerank=True, strategy=strategy, seed=3)
     assert call.options == expected and call.prompt == [{"role": "user", "content": "Hi"}]
     assert (call.stream, call.include_usage, call.prompt_param) == (False, False, "messages")
 
@@ -95,10 +95,9 @@ def test_a_completion_takes_one_text_prompt_and_openais_default_length():
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"temperature": 0.1}, "temperature"),
-        ({"top_p": 0.99}, "top_p"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.05}, "min_p"),
         ({"frequency_penalty": -1}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"logprobs": True}, "logprobs"),
@@ -119,8 +118,17 @@ def test_what_fusion_cannot_honour_is_refused_by_name(extra, param):
     ("extra", "param"),
     [
         ({"n": 0}, "n"),
+        ({"n": 1.5}, "n"),
         ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": "seven"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": -3}, "seed"),
+        ({"selection": "vote"}, "selection"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": "10"}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
@@ -359,3 +367,20 @@ def test_an_answer_that_may_call_tools_is_held_until_its_end():
 def test_the_orchestrators_structured_refusals_name_the_openai_field(message, param):
     error = from_orchestrator(CoolfusionError(grpc.StatusCode.INVALID_ARGUMENT, message), "messages")
     assert (error.status, error.param) == (400, param)
+
+
+def test_sampling_fields_become_fusion_options():
+    body = {**CHAT, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 123, "n": 3, "selection": "sample"}
+    options = parse_chat(body).options
+    assert (options.temperature, options.top_p, options.top_k, options.seed, options.n) == (0.8, 0.9, 40, 123, 3)
+    assert options.selection == "sample"
+    greedy = parse_completion({"model": "m", "prompt": "x"}).options
+    assert (greedy.temperature, greedy.top_p, greedy.top_k, greedy.seed, greedy.n) == (0.0, 0.0, 0, None, 0)
+
+
+def test_each_choice_streams_its_own_text_held_back_alike():
+    """The hold of 8.3 applies to every choice: choices interleave, each with its own text."""
+    options = FuseOptions(n=2, stop=("!",), strategy=fusion_strategy(repetition_guard="off"))
+    texts = [held_back_text(options), held_back_text(options)]
+    assert texts[0].add("Hello") == "" and texts[1].add("Bye") == ""
+    assert texts[0].add(" there") == "Hello" and texts[1].finish("Bye now") == "Bye now"

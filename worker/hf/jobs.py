@@ -19,6 +19,7 @@ from coolfusion.worker.constraints import AnswerGuide
 from coolfusion.worker.hf.donors import PromptDonors
 from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import Feed, HFModel
+from coolfusion.worker.hf.sampler import TokenChooser
 from coolfusion.worker.segments import SegmentScan
 from coolfusion.worker.text import common_prefix_length
 
@@ -150,6 +151,7 @@ class GenerateJob(Job):
         )  # fmt: skip
         self._constraint = rules.constraint
         self._guide = _answer_guide(rules)
+        self._choose_token = TokenChooser(rules.sampling)
         self._prefill: Prefill | None = None
         self._pending: int | None = None  # the last token chosen, to be fed next pass
 
@@ -187,11 +189,11 @@ class GenerateJob(Job):
         return self.kv.next_logits
 
     def _choose(self, logits: torch.Tensor) -> None:
-        """Takes the greedy token and decides whether the segment ended."""
+        """Takes the next token (greedy, or drawn) and decides whether the segment ended."""
         if self._guide is not None:
             allowed = torch.from_numpy(self._guide.allowed()).to(logits.device)
             logits = logits.masked_fill(~allowed, -torch.inf)
-        token = int(torch.argmax(logits))
+        token = self._choose_token(logits)
         segment = self._scan.add(token)
         if segment is None:
             if self._guide is not None:

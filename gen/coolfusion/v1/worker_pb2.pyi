@@ -200,20 +200,34 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateSegmentRequest(_message.Message):
-    __slots__ = ("session_id", "expected_context_tokens", "append_text", "max_tokens", "stop_strings", "expected_answer_chars")
+    __slots__ = ("session_id", "expected_context_tokens", "append_text", "max_tokens", "stop_strings", "expected_answer_chars", "sampling")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     APPEND_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ANSWER_CHARS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_context_tokens: int
     append_text: str
     max_tokens: int
     stop_strings: _containers.RepeatedScalarFieldContainer[str]
     expected_answer_chars: int
-    def __init__(self, session_id: _Optional[str] = ..., expected_context_tokens: _Optional[int] = ..., append_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., expected_answer_chars: _Optional[int] = ...) -> None: ...
+    sampling: SegmentSampling
+    def __init__(self, session_id: _Optional[str] = ..., expected_context_tokens: _Optional[int] = ..., append_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., expected_answer_chars: _Optional[int] = ..., sampling: _Optional[_Union[SegmentSampling, _Mapping]] = ...) -> None: ...
+
+class SegmentSampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateSegmentResponse(_message.Message):
     __slots__ = ("text", "finish_reason", "generated_tokens", "context_tokens", "compute_ms")
