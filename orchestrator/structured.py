@@ -8,19 +8,13 @@ import re
 from dataclasses import dataclass
 
 from coolfusion.constraints import Constraint, ConstraintError, ConstraintKind
+from coolfusion.constraints.protocol import constraint_of
 from coolfusion.constraints.tools import ToolCall, ToolChoice, ToolDefinition, calls_constraint, parse_calls
 from coolfusion.orchestrator.domain import ChatTurn
 from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 # OpenAI's rule for function names, which every client already follows.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_KINDS = {
-    worker_pb2.CONSTRAINT_KIND_JSON_SCHEMA: ConstraintKind.JSON_SCHEMA,
-    worker_pb2.CONSTRAINT_KIND_JSON_OBJECT: ConstraintKind.JSON_OBJECT,
-    worker_pb2.CONSTRAINT_KIND_REGEX: ConstraintKind.REGEX,
-    worker_pb2.CONSTRAINT_KIND_LARK_GRAMMAR: ConstraintKind.LARK_GRAMMAR,
-}
-CONSTRAINT_PROTO = {kind: number for number, kind in _KINDS.items()}
 _CHOICES = {
     orchestrator_pb2.TOOL_CHOICE_MODE_AUTO: ToolChoice.AUTO,
     orchestrator_pb2.TOOL_CHOICE_MODE_NONE: ToolChoice.NONE,
@@ -110,11 +104,11 @@ def tool_calls(text: str, request_id: str, choice: int = 0) -> tuple[ToolCall, .
 
 
 def _constraint(proto: worker_pb2.Constraint) -> Constraint | None:
-    if proto.kind == worker_pb2.CONSTRAINT_KIND_UNSPECIFIED:
-        return None
-    if proto.kind not in _KINDS:
-        raise InvalidStructure(f"constraint.kind {proto.kind} is not a known kind")
-    return _compiled(Constraint(_KINDS[proto.kind], proto.definition), "constraint")
+    try:
+        constraint = constraint_of(proto)
+    except ValueError as error:
+        raise InvalidStructure(str(error)) from None
+    return None if constraint is None else _compiled(constraint, "constraint")
 
 
 def _compiled(constraint: Constraint, field: str) -> Constraint:

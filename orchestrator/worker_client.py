@@ -8,10 +8,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.constraints import Constraint
+from coolfusion.constraints.protocol import constraint_proto
 from coolfusion.orchestrator.domain import CandidateScore, GeneratedSegment, OpenedSession, Prompt
 from coolfusion.orchestrator.observer import current_observer
 from coolfusion.orchestrator.sampling import Draw
-from coolfusion.orchestrator.structured import CONSTRAINT_PROTO
 from coolfusion.serving.security import TokenFile
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -42,12 +42,6 @@ def _prompt_proto(prompt: Prompt) -> worker_pb2.Prompt:
         worker_pb2.ToolDefinition(name=t.name, description=t.description, parameters=t.parameters) for t in prompt.tools
     ]
     return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages, tools=tools))
-
-
-def _constraint_proto(constraint: Constraint | None) -> worker_pb2.Constraint | None:
-    if constraint is None:
-        return None
-    return worker_pb2.Constraint(kind=CONSTRAINT_PROTO[constraint.kind], definition=constraint.definition)
 
 
 def _sampling_proto(draw: Draw | None) -> worker_pb2.SegmentSampling | None:
@@ -117,7 +111,7 @@ class WorkerClient:
             session_id=session_id,
             prompt=_prompt_proto(prompt),
             answer_text=answer_text,
-            constraint=_constraint_proto(constraint),
+            constraint=constraint_proto(constraint),
         )
         response = await self._call(_WORKER_SERVICE + "OpenSession", self._stub.OpenSession, request, timeout)
         if not 0 < response.prompt_tokens <= response.context_tokens:

@@ -7,9 +7,9 @@ import asyncio
 import time
 
 from coolfusion.constraints import ConstraintKind
+from coolfusion.constraints.protocol import kind_number
 from coolfusion.orchestrator.domain import Dropped
 from coolfusion.orchestrator.replicas import ReplicaSet
-from coolfusion.orchestrator.structured import CONSTRAINT_PROTO
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerFailed
 from coolfusion.v1 import worker_pb2
 
@@ -45,7 +45,7 @@ class WorkerInfo:
     ) -> tuple[list[ReplicaSet], list[Dropped]]:
         """The workers that say they enforce `kind`, and the others, each with why it is left out."""
         answers = await asyncio.gather(*(self.of(w) for w in workers))
-        wanted = CONSTRAINT_PROTO[kind]
+        wanted = kind_number(kind)
         kept, left_out = [], []
         for worker, info in zip(workers, answers):
             if info is None or wanted in info.constraint_kinds:

@@ -7,7 +7,8 @@ import re
 
 import grpc
 
-from coolfusion.constraints import Constraint, ConstraintKind
+from coolfusion.constraints import Constraint
+from coolfusion.constraints.protocol import constraint_of, kind_number
 from coolfusion.constraints.tools import ToolCall, ToolDefinition
 from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
@@ -18,14 +19,6 @@ from coolfusion.worker.settings import SessionLimits
 
 PROTOCOL_VERSION = "coolfusion.v1"
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# The protocol's constraint kinds, both ways.
-CONSTRAINT_KINDS = {
-    ConstraintKind.JSON_SCHEMA: worker_pb2.CONSTRAINT_KIND_JSON_SCHEMA,
-    ConstraintKind.JSON_OBJECT: worker_pb2.CONSTRAINT_KIND_JSON_OBJECT,
-    ConstraintKind.REGEX: worker_pb2.CONSTRAINT_KIND_REGEX,
-    ConstraintKind.LARK_GRAMMAR: worker_pb2.CONSTRAINT_KIND_LARK_GRAMMAR,
-}
-_KIND_OF = {proto: kind for kind, proto in CONSTRAINT_KINDS.items()}
 _FINISH = {
     Finish.BOUNDARY: worker_pb2.FINISH_REASON_BOUNDARY,
     Finish.EOS: worker_pb2.FINISH_REASON_EOS,
@@ -81,12 +74,11 @@ class RequestValidator:
         return ChatTurn(message.role, message.content, calls, message.tool_call_id)
 
     def constraint(self, request: worker_pb2.OpenSessionRequest) -> Constraint | None:
-        if not request.HasField("constraint") or request.constraint.kind == worker_pb2.CONSTRAINT_KIND_UNSPECIFIED:
-            return None
-        kind = _KIND_OF.get(request.constraint.kind)
-        if kind is None:
-            raise InvalidRequest(f"constraint.kind {request.constraint.kind} is not a known constraint kind")
-        return Constraint(kind, self.text(request.constraint.definition, "constraint.definition"))
+        self.text(request.constraint.definition, "constraint.definition")
+        try:
+            return constraint_of(request.constraint)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
 
     @staticmethod
     def sampling(request: worker_pb2.GenerateSegmentRequest) -> Sampling | None:
@@ -214,7 +206,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ],
             server_version=SERVER_VERSION,
             engine=model.engine,
-            constraint_kinds=[CONSTRAINT_KINDS[kind] for kind in model.constraint_kinds],
+            constraint_kinds=[kind_number(kind) for kind in model.constraint_kinds],
         )
 
     async def OpenSession(
