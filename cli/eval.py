@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,14 @@ from coolfusion.cli.gsm8k import load_items
 from coolfusion.cli.prompts import STOP_STRINGS, gsm8k_prompt
 from coolfusion.cli.tasks import Family, TaskItem
 from coolfusion.cli.tasks.checks import Rule
-from coolfusion.client import DeadlineExceededError, FuseOptions, FusionClient, fusion_strategy
+from coolfusion.client import (
+    SELECTIONS,
+    DeadlineExceededError,
+    FuseOptions,
+    FusionClient,
+    fusion_parameters,
+    fusion_strategy,
+)
 from coolfusion.v1 import orchestrator_pb2
 
 DEFAULT_DATA = Path("../shared/data/gsm8k/test.jsonl")
@@ -151,6 +158,7 @@ class Request:
     max_new_tokens: int | None
     timeout_s: float
     strategies: Mapping[str, orchestrator_pb2.FusionStrategy | None] = field(default_factory=lambda: {"": None})
+    sampling: FuseOptions = field(default_factory=FuseOptions)  # temperature, top_p, seed, selection; greedy
 
     def cap(self, spec: Family) -> int:
         return self.max_new_tokens or spec.max_new_tokens
@@ -166,13 +174,14 @@ class Request:
             "strategies": {
                 label: json_format.MessageToDict(s) if s else {} for label, s in self.strategies.items()
             },
+            "sampling": json_format.MessageToDict(fusion_parameters("", self.sampling).sampling),
         }  # fmt: skip
 
     def options(self, mode: Mode, item: TaskItem) -> FuseOptions:
         """What one question is asked with in `mode`; the trace shows each scored step for analysis."""
         spec = family(item.family)
-        return FuseOptions(
-            workers=mode.workers, max_new_tokens=self.cap(spec), stop=spec.stop, rerank=mode.rerank,
+        return replace(
+            self.sampling, workers=mode.workers, max_new_tokens=self.cap(spec), stop=spec.stop, rerank=mode.rerank,
             strategy=self.strategies.get(mode.strategy), trace=True,
         )  # fmt: skip
 
@@ -511,6 +520,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("eval-results"), help="results folder (resumes what is there)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request, seconds")
     add_strategy_flags(parser)
+    sampling = parser.add_argument_group("sampling (docs/design.md chapter 10): every request of the run")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    sampling.add_argument("--top-p", type=float, default=0.0, help="nucleus filter, (0, 1] (default: none)")
+    sampling.add_argument("--seed", type=int, default=None, help="every request's seed (default: drawn per request)")
+    sampling.add_argument("--selection", choices=SELECTIONS, default="", help="how a step's winner is chosen")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -519,7 +533,8 @@ def run_eval(args: argparse.Namespace) -> int:
         family(name)  # fails before a local cluster spends a minute starting
     items = select_items(names, args.split, args.offset, args.limit, args.data)
     strategies = parse_strategies(args.strategies, args)
-    request = Request(args.max_new_tokens, args.timeout_s, strategies)
+    sampling = FuseOptions(temperature=args.temperature, top_p=args.top_p, seed=args.seed, selection=args.selection)
+    request = Request(args.max_new_tokens, args.timeout_s, strategies, sampling)
     kinds = parse_kinds(args.modes)
     with orchestrator_for(args) as (address, default_workers), FusionClient(address) as client:
         workers = [name for name in args.workers.split(",") if name] or default_workers(client)

@@ -37,8 +37,18 @@ from coolfusion.cli.eval import add_eval_arguments, run_eval
 from coolfusion.cli.explore import add_explore_arguments, run_explore
 from coolfusion.cli.items import add_items_arguments
 from coolfusion.cli.report import add_report_arguments, run_report
-from coolfusion.client import CoolfusionError, FuseOptions, FusionClient, __version__, chat
-from coolfusion.v1 import orchestrator_pb2
+from coolfusion.client import (
+    SELECTIONS,
+    CoolfusionError,
+    FuseOptions,
+    FusionClient,
+    __version__,
+    chat,
+    json_object,
+    json_schema,
+    regex,
+)
+from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 Subparsers = argparse._SubParsersAction  # argparse has no public name for it
 
@@ -105,8 +115,28 @@ def add_fuse(subparsers: Subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop before this string (repeatable)")
     parser.add_argument("--rerank", action="store_true", help="Cool+R: also rank the workers' solo answers")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the whole call, seconds")
+    sampling = parser.add_argument_group("sampling (0 temperature, the default, is greedy)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="how the workers draw proposals, 0-2")
+    sampling.add_argument("--top-p", type=float, default=0.0, help="nucleus filter, (0, 1]")
+    sampling.add_argument("--top-k", type=int, default=0, help="top-k filter (0: none)")
+    sampling.add_argument("--seed", type=int, default=None, help="the same seed gives the same answer")
+    sampling.add_argument("--selection", choices=SELECTIONS, default="", help="how a step's winner is chosen")
+    sampling.add_argument("-n", type=int, default=0, help="answers to fuse (printed one after another)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", type=Path, help="the answer is JSON valid against this schema")
+    shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole answer matches this regular expression")
     add_strategy_flags(parser)
     parser.set_defaults(run=run_fuse)
+
+
+def constraint_from_args(args: argparse.Namespace) -> worker_pb2.Constraint | None:
+    """The answer's constraint from --json-schema, --json-object or --regex (docs/design.md chapter 9)."""
+    if args.json_schema:
+        return json_schema(args.json_schema.read_text())
+    if args.json_object:
+        return json_object()
+    return regex(args.regex) if args.regex else None
 
 
 def run_fuse(args: argparse.Namespace) -> int:
@@ -118,8 +148,22 @@ def run_fuse(args: argparse.Namespace) -> int:
         segment_max_tokens=args.segment_max_tokens,
         rerank=args.rerank,
         strategy=strategy_from_args(args),
+        constraint=constraint_from_args(args),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        selection=args.selection,
+        n=args.n,
     )
+    if args.stream and args.n > 1:
+        raise SystemExit("coolfusion: --stream shows one answer; leave out -n or --stream")
     with FusionClient(args.orchestrator) as client:
+        if args.n > 1:
+            results = client.fuse_choices(prompt, replace(options, trace=True), timeout_s=args.timeout_s)
+            for result in results:
+                print(_to_json(result) if args.json else render.render_result(result, _palette(sys.stdout)))
+            return 0
         if args.stream:
             events = client.fuse_stream(prompt, options, timeout_s=args.timeout_s)
             if args.json:

@@ -3,6 +3,7 @@
 from coolfusion.client.client import (
     AGGREGATIONS,
     REPETITION_GUARDS,
+    SELECTIONS,
     AsyncFusionClient,
     CoolfusionError,
     DeadlineExceededError,
@@ -19,6 +20,7 @@ from coolfusion.client.client import (
     fusion_parameters,
     fusion_strategy,
 )
+from coolfusion.client.structured import json_object, json_schema, lark_grammar, regex
 from coolfusion.client.version import PACKAGE_VERSION
 
 __version__ = PACKAGE_VERSION
@@ -26,6 +28,7 @@ __version__ = PACKAGE_VERSION
 __all__ = [
     "AGGREGATIONS",
     "REPETITION_GUARDS",
+    "SELECTIONS",
     "AsyncFusionClient",
     "CoolfusionError",
     "DeadlineExceededError",
@@ -42,4 +45,8 @@ __all__ = [
     "error_from_rpc",
     "fusion_parameters",
     "fusion_strategy",
+    "json_object",
+    "json_schema",
+    "lark_grammar",
+    "regex",
 ]

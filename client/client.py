@@ -11,10 +11,12 @@ from typing import Any, Self, TypedDict, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coolfusion.client.structured import ToolChoiceLike, ToolLike, chat_prompt, tool_choice
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
-# A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}].
-PromptLike = str | Sequence[Mapping[str, str]]
+# A prompt is plain text, or chat turns such as [{"role": "user", "content": "Hi"}] (an assistant
+# turn may carry OpenAI-shaped "tool_calls", a "tool" turn its "tool_call_id").
+PromptLike = str | Sequence[Mapping[str, Any]]
 Metadata = tuple[tuple[str, str], ...]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 # Every call goes to the next of the addresses the target resolves to: with a headless Service
@@ -85,6 +87,17 @@ class FuseOptions:
     rerank: bool = False  # Cool+R: also rank the workers' solo answers
     trace: bool = False  # return every step's candidates and winner
     strategy: orchestrator_pb2.FusionStrategy | None = None  # see fusion_strategy
+    # The language the answer is held to: json_schema(...), json_object(), regex(...) or lark_grammar(...).
+    constraint: worker_pb2.Constraint | None = None
+    tools: tuple[ToolLike, ...] = ()  # functions a chat answer may call, in the OpenAI API's shape
+    tool_choice: ToolChoiceLike = ""  # "auto" (the default with tools), "none", "required" or a named function
+    parallel_tool_calls: bool | None = None  # None: an answer may call several tools
+    temperature: float = 0.0  # 0-2 (0: greedy); each worker draws its proposals at this temperature
+    top_p: float = 0.0  # nucleus filter of the proposals, (0, 1] (0: none)
+    top_k: int = 0  # top-k filter of the proposals (0: none)
+    seed: int | None = None  # the same seed gives the same answers; None: the orchestrator draws one
+    selection: str = ""  # "best" (the default) or "sample": how a step's winner is chosen when sampling
+    n: int = 0  # answers to fuse (0: one); read them with fuse_choices
     tag: str = ""  # what the request is (a task, a tenant): a default calibration runs only inside its scope
     route: str = ""  # a route of the orchestrator's registry: runs with the calibration it names
 
@@ -92,6 +105,7 @@ class FuseOptions:
         # Any iterable of names is accepted; stored as tuples so the options stay immutable.
         object.__setattr__(self, "workers", tuple(self.workers))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "tools", tuple(self.tools))
 
 
 class OptionKeywords(TypedDict, total=False):
@@ -135,7 +149,7 @@ def fusion_parameters(
     """Builds the request parameters for `prompt`; no options means the orchestrator's defaults throughout."""
     options = resolve_options(options, keywords, "fusion_parameters") or FuseOptions()
     return orchestrator_pb2.FusionParameters(
-        prompt=_prompt(prompt),
+        prompt=_prompt(prompt, options.tools),
         workers=options.workers,
         max_new_tokens=options.max_new_tokens,
         stop_strings=options.stop,
@@ -143,9 +157,25 @@ def fusion_parameters(
         rerank_mode=orchestrator_pb2.RERANK_MODE_FULL_ANSWER if options.rerank else orchestrator_pb2.RERANK_MODE_NONE,
         include_trace=options.trace,
         strategy=options.strategy,
+        constraint=options.constraint,
+        tool_choice=tool_choice(options.tool_choice),
+        parallel_tool_calls=options.parallel_tool_calls,
+        sampling=_sampling(options),
+        n=options.n,
         tag=options.tag,
         route=options.route,
     )
+
+
+def _sampling(options: FuseOptions) -> orchestrator_pb2.Sampling:
+    try:
+        selection = f"SELECTION_{options.selection.upper()}" if options.selection else None
+        return orchestrator_pb2.Sampling(
+            temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, seed=options.seed,
+            selection=selection,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"unknown sampling option: {error}") from None
 
 
 def _option_names(enum, prefix: str) -> tuple[str, ...]:
@@ -157,6 +187,7 @@ def _option_names(enum, prefix: str) -> tuple[str, ...]:
 # read from the protocol itself so that every tool offers exactly what the orchestrator knows.
 AGGREGATIONS = _option_names(orchestrator_pb2.Aggregation, "AGGREGATION_")
 REPETITION_GUARDS = _option_names(orchestrator_pb2.RepetitionGuard, "REPETITION_GUARD_")
+SELECTIONS = _option_names(orchestrator_pb2.Selection, "SELECTION_")
 
 
 def fusion_strategy(
@@ -180,11 +211,16 @@ def fusion_strategy(
         raise ValueError(f"unknown strategy option: {error}") from None
 
 
-def _prompt(prompt: PromptLike) -> worker_pb2.Prompt:
-    if isinstance(prompt, str):
-        return worker_pb2.Prompt(text=prompt)
-    turns = [worker_pb2.ChatMessage(role=turn["role"], content=turn["content"]) for turn in prompt]
-    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=turns))
+def _prompt(prompt: PromptLike, tools: Sequence[ToolLike]) -> worker_pb2.Prompt:
+    if not isinstance(prompt, str):
+        return chat_prompt(prompt, tools)
+    if tools:
+        raise ValueError("tools are offered to a chat prompt; this prompt is plain text")
+    return worker_pb2.Prompt(text=prompt)
+
+
+def _choices(response: orchestrator_pb2.FuseResponse) -> list[orchestrator_pb2.FuseResult]:
+    return list(response.choices) or [response.result]
 
 
 # A bearer token, or a function that returns the token to send now (one that rotates).
@@ -262,14 +298,24 @@ class FusionClient(_ClientBase):
         metadata: Metadata = (),
         **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
-        """Runs one fusion to the end and returns its result."""
+        """Runs one fusion to the end and returns its result (the first answer, with n > 1)."""
         options = resolve_options(options, keywords, "fuse")
+        return self._fuse(prompt, options, timeout_s, metadata).result
+
+    def fuse_choices(
+        self, prompt: PromptLike, options: FuseOptions, *, timeout_s: float | None = None, metadata: Metadata = ()
+    ) -> list[orchestrator_pb2.FuseResult]:
+        """Runs a fusion of `options.n` answers to the end; returns every answer, in choice order."""
+        return _choices(self._fuse(prompt, options, timeout_s, metadata))
+
+    def _fuse(
+        self, prompt: PromptLike, options: FuseOptions | None, timeout_s: float | None, metadata: Metadata
+    ) -> orchestrator_pb2.FuseResponse:
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
+            return self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return response.result
 
     def fuse_stream(
         self,
@@ -372,16 +418,24 @@ class AsyncFusionClient(_ClientBase):
         metadata: Metadata = (),
         **keywords: Unpack[OptionKeywords],
     ) -> orchestrator_pb2.FuseResult:
-        """Runs one fusion to the end and returns its result."""
+        """Runs one fusion to the end and returns its result (the first answer, with n > 1)."""
         options = resolve_options(options, keywords, "fuse")
+        return (await self._fuse(prompt, options, timeout_s, metadata)).result
+
+    async def fuse_choices(
+        self, prompt: PromptLike, options: FuseOptions, *, timeout_s: float | None = None, metadata: Metadata = ()
+    ) -> list[orchestrator_pb2.FuseResult]:
+        """Runs a fusion of `options.n` answers to the end; returns every answer, in choice order."""
+        return _choices(await self._fuse(prompt, options, timeout_s, metadata))
+
+    async def _fuse(
+        self, prompt: PromptLike, options: FuseOptions | None, timeout_s: float | None, metadata: Metadata
+    ) -> orchestrator_pb2.FuseResponse:
         request = orchestrator_pb2.FuseRequest(parameters=fusion_parameters(prompt, options))
         try:
-            response = await self._stub.Fuse(
-                request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata)
-            )
+            return await self._stub.Fuse(request, timeout=self._timeout(timeout_s), metadata=self._metadata(metadata))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
-        return response.result
 
     async def fuse_stream(
         self,

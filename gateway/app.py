@@ -26,7 +26,7 @@ from coolfusion.gateway.models import ModelCatalogue
 from coolfusion.gateway.parsing import FusionCall, parse_chat, parse_completion
 from coolfusion.gateway.responses import Reply
 from coolfusion.gateway.settings import GatewaySettings
-from coolfusion.gateway.streaming import completion_events, held_back_text
+from coolfusion.gateway.streaming import completion_events
 from coolfusion.serving.security import TokenFile, accepts
 from coolfusion.serving.tracing import continue_trace, trace_headers
 
@@ -96,13 +96,14 @@ class GatewayApi:
         reply = Reply(request.state.request_id, call, int(time.time()))
         if call.stream:
             return await self._stream(request, reply, options, started)
-        fused = self._client.fuse(
+        fused = self._client.fuse_choices(
             call.prompt, options, timeout_s=self._settings.request_timeout_s, metadata=trace_headers()
         )
-        result = await self._orchestrator(self._until_disconnected(request, fused), call.prompt_param)
-        self._metrics.count_tokens(result)
-        logger.info("fusion %s answered", result.request_id, extra={"request_id": reply.request_id})
-        return JSONResponse(reply.completion(result))
+        results = await self._orchestrator(self._until_disconnected(request, fused), call.prompt_param)
+        for result in results:
+            self._metrics.count_tokens(result)
+        logger.info("fusion %s answered", results[0].request_id, extra={"request_id": reply.request_id})
+        return JSONResponse(reply.completion(results))
 
     async def _stream(self, request: Request, reply: Reply, options: FuseOptions, started: float) -> Response:
         """Waits for the first segment, so that a refused request still gets its HTTP status, then
@@ -115,7 +116,7 @@ class GatewayApi:
         except BaseException:
             await events.aclose()
             raise
-        body = completion_events(reply, first, events, held_back_text(options), self._metrics, started)
+        body = completion_events(reply, first, events, options, self._metrics, started)
         # Starlette cancels the body's task when the client disconnects (it listens for
         # http.disconnect while streaming), which cancels the FuseStream call.
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering

@@ -38,6 +38,14 @@ _PARAMS = (
     ("unknown workers", "workers"),
     ("named twice", "workers"),
     ("chat roles", "messages"),
+    ("tool_choice", "tool_choice"),
+    ("prompt.chat.tools", "tools"),
+    ("prompt.chat.messages", "messages"),
+    ("tool calls", "tool_choice"),
+    ("constraint", "response_format"),
+    ("sampling.temperature", "temperature"),
+    ("sampling.top_p", "top_p"),
+    ("n is ", "n"),
     ("prompt", "{prompt}"),
 )
 

@@ -7,16 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, FuseOptions, PromptLike, fusion_strategy
+from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, SELECTIONS, FuseOptions, PromptLike, fusion_strategy
+from coolfusion.gateway import structured
 from coolfusion.gateway.errors import ApiError, invalid, unsupported
 
 Kind = Literal["chat", "text"]  # /v1/chat/completions or /v1/completions
 # OpenAI's documented default for the legacy completions endpoint (chat has none: the
 # orchestrator's default length applies there).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-_GREEDY = "fusion decodes greedily (argmax), so sampling cannot be honoured"
-_TOOLS = "fusion generates text only, without tool or function calling"
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_FUNCTIONS = "the legacy function-calling fields are not served; send tools and tool_choice"
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,14 @@ class FusionCall:
 def parse_chat(body: dict[str, Any]) -> FusionCall:
     """A /v1/chat/completions body."""
     _refuse_what_fusion_cannot_do(body, _CHAT_REFUSALS)
-    return _call("chat", body, _messages(_required(body, "messages")), default_max_tokens=0)
+    call = _call("chat", body, _messages(_required(body, "messages")), default_max_tokens=0)
+    options = replace(
+        call.options,
+        tools=structured.tools(body.get("tools")),
+        tool_choice=structured.tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=_optional_bool(body, "parallel_tool_calls"),
+    )
+    return replace(call, options=options)
 
 
 def parse_completion(body: dict[str, Any]) -> FusionCall:
@@ -77,6 +84,13 @@ def _options(body: dict[str, Any], default_max_tokens: int) -> FuseOptions:
         segment_max_tokens=_int(body, "segment_max_tokens", minimum=1) or 0,
         rerank=_bool(body, "rerank"),
         strategy=strategy,
+        constraint=structured.constraint(body.get("response_format")),
+        temperature=_number(body, "temperature", 0.0, 2.0) or 0.0,
+        top_p=_top_p(body),
+        top_k=_int(body, "top_k", minimum=0) or 0,
+        seed=_seed(body),
+        selection=_choice(body, "selection", SELECTIONS),
+        n=_int(body, "n", minimum=1) or 0,
     )
 
 
@@ -89,36 +103,8 @@ def _number_is(value: Any, allowed: float) -> bool:
     return value is None or (_is_number(value) and value == allowed)
 
 
-def _at_most_one(value: Any) -> bool:
-    if value is None or (_is_int(value) and value == 1):
-        return True
-    if not _is_int(value) or value < 1:
-        raise invalid(f"n is {value!r}; it must be an integer >= 1", "n")
-    return False
-
-
-def _temperature(value: Any) -> bool:
-    if value is not None and (not _is_number(value) or value < 0):
-        raise invalid(f"temperature is {value!r}; it must be a number >= 0", "temperature")
-    return _number_is(value, 0)
-
-
-def _top_p(value: Any) -> bool:
-    if value is not None and (not _is_number(value) or not 0 < value <= 1):
-        raise invalid(f"top_p is {value!r}; it must be a number in (0, 1]", "top_p")
-    return _number_is(value, 1)
-
-
 def _empty(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
-
-
-def _none_choice(value: Any) -> bool:
-    return value is None or value == "none"
-
-
-def _plain_text(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
 
 
 def _text_only(value: Any) -> bool:
@@ -126,17 +112,13 @@ def _text_only(value: Any) -> bool:
 
 
 _SAMPLING: list[Refusal] = [
-    ("n", _at_most_one, "fusion returns one answer per request; send n=1 or leave it out"),
-    ("temperature", _temperature, f"{_GREEDY}; send 0 or leave it out"),
-    ("top_p", _top_p, f"{_GREEDY}; send 1 or leave it out"),
-    ("presence_penalty", lambda v: _number_is(v, 0), "fusion's greedy choice has no penalties"),
-    ("frequency_penalty", lambda v: _number_is(v, 0), "fusion's greedy choice has no penalties"),
+    ("presence_penalty", lambda v: _number_is(v, 0), "the workers propose text without penalties"),
+    ("frequency_penalty", lambda v: _number_is(v, 0), "the workers propose text without penalties"),
+    ("repetition_penalty", lambda v: _number_is(v, 1), "the workers propose text without penalties"),
+    ("min_p", lambda v: _number_is(v, 0), "the workers draw with temperature, top_k and top_p only"),
     ("logit_bias", _empty, "the workers share text only, never token ids"),
-    ("tools", _empty, _TOOLS),
-    ("functions", _empty, _TOOLS),
-    ("tool_choice", _none_choice, _TOOLS),
-    ("function_call", _none_choice, _TOOLS),
-    ("response_format", _plain_text, "fusion cannot constrain its output to a format"),
+    ("functions", _empty, _FUNCTIONS),
+    ("function_call", lambda v: v is None, _FUNCTIONS),
 ]
 _CHAT_REFUSALS: list[Refusal] = [
     *_SAMPLING,
@@ -148,9 +130,11 @@ _CHAT_REFUSALS: list[Refusal] = [
 _COMPLETION_REFUSALS: list[Refusal] = [
     *_SAMPLING,
     ("logprobs", lambda v: v is None, "fused text has no single model's log-probabilities"),
-    ("best_of", lambda v: v is None or v == 1, "fusion returns one answer per request"),
+    ("best_of", lambda v: v is None or v == 1, "each answer is fused on its own: send n for several"),
     ("echo", lambda v: v is None or v is False, "the answer is returned without the prompt"),
     ("suffix", _empty, "fusion continues text, it does not fill in"),
+    ("tools", _empty, "tools are offered to chat turns: send them to /v1/chat/completions"),
+    ("tool_choice", lambda v: v is None, "tools are offered to chat turns: send them to /v1/chat/completions"),
 ]
 
 
@@ -163,21 +147,22 @@ def _refuse_what_fusion_cannot_do(body: dict[str, Any], refusals: list[Refusal])
 # ---- prompts ------------------------------------------------------------------------------------
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise invalid("messages must be a non-empty list of messages", "messages", "invalid_type")
     return [_message(m, f"messages[{i}]") for i, m in enumerate(value)]
 
 
-def _message(message: Any, where: str) -> dict[str, str]:
+def _message(message: Any, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(f"{where} must be an object with role and content", where, "invalid_type")
     role = message.get("role")
-    if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
-        raise unsupported(f"{where}.role", f"{_TOOLS} (got a {role!r} message or tool calls)")
+    if role == "function" or message.get("function_call"):
+        raise unsupported(f"{where}.role", f"{_FUNCTIONS} (got a {role!r} message)")
     if role not in _ROLES:
         raise invalid(f"{where}.role is {role!r}; it must be one of {', '.join(_ROLES)}", f"{where}.role")
-    return {"role": _ROLES[role], "content": _content(message.get("content"), role, f"{where}.content")}
+    turn = {"role": _ROLES[role], "content": _content(message.get("content"), role, f"{where}.content")}
+    return {**turn, **structured.tool_turn_fields(message, where)}
 
 
 def _content(content: Any, role: str, where: str) -> str:
@@ -230,6 +215,31 @@ def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     if value is not None and (not _is_int(value) or value < minimum):
         raise invalid(f"{name} is {value!r}; it must be an integer >= {minimum}", name)
     return value
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is not None and (not _is_number(value) or not low <= value <= high):
+        raise invalid(f"{name} is {value!r}; it must be a number in [{low:g}, {high:g}]", name)
+    return value
+
+
+def _top_p(body: dict[str, Any]) -> float:
+    value = body.get("top_p")
+    if value is not None and (not _is_number(value) or not 0 < value <= 1):
+        raise invalid(f"top_p is {value!r}; it must be a number in (0, 1]", "top_p")
+    return value or 0.0
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    value = body.get("seed")
+    if value is not None and (not _is_int(value) or not 0 <= value < 2**64):
+        raise invalid(f"seed is {value!r}; it must be an integer in [0, 2**64)", "seed")
+    return value
+
+
+def _optional_bool(body: dict[str, Any], name: str) -> bool | None:
+    return _bool(body, name) if body.get(name) is not None else None
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:

@@ -29,7 +29,7 @@ Events = AsyncIterator[orchestrator_pb2.FuseStreamResponse]
 def hold_chars(options: FuseOptions) -> int | None:
     """How far before a new segment's start its append may cut the answer, in characters; None
     when nothing is final before the end (Cool+R may return a solo answer instead)."""
-    if options.rerank:
+    if options.rerank or _may_call_tools(options):
         return None
     stop = max((len(s) for s in options.stop), default=1) - 1  # a stop string may start that far back
     return max(stop, REPEAT_HOLD_CHARS if _may_guard(options) else 0)
@@ -39,6 +39,11 @@ def _may_guard(options: FuseOptions) -> bool:
     """Unless the request turns the repetition guard off, the orchestrator's default may guard."""
     strategy = options.strategy
     return strategy is None or strategy.repetition_guard != orchestrator_pb2.REPETITION_GUARD_OFF
+
+
+def _may_call_tools(options: FuseOptions) -> bool:
+    """An answer that may be tool calls is sent whole at the end: as calls, or as text."""
+    return bool(options.tools) and options.tool_choice != "none"
 
 
 def held_back_text(options: FuseOptions) -> HeldBackText:
@@ -85,17 +90,18 @@ def sse(data: dict[str, Any]) -> str:
 
 
 async def completion_events(
-    reply: Reply, first: orchestrator_pb2.FuseStreamResponse, events: Events, text: HeldBackText,
+    reply: Reply, first: orchestrator_pb2.FuseStreamResponse, events: Events, options: FuseOptions,
     metrics: GatewayMetrics, started: float,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """The SSE body: the role (chat), one chunk per segment released, the rest of the final text,
-    the finish reason, the usage when asked for, then [DONE]. A client that goes away cancels the
-    task iterating this, which cancels the FuseStream call and so the fusion and its sessions.
-    `started` is the request's time.perf_counter(), for the time to the first text."""
+    """The SSE body: the role of each choice (chat), one chunk per segment released, the rest of
+    each final text and its finish reason, the usage when asked for, then [DONE]. A client that
+    goes away cancels the task iterating this, which cancels the FuseStream call and so the fusion
+    and its sessions. `started` is the request's time.perf_counter(), for the time to the first text."""
     try:
         if reply.call.kind == "chat":
-            yield sse(reply.chunk(role=True))
-        async for piece in _pieces(reply, first, events, text, metrics, started):
+            for index in range(max(options.n, 1)):
+                yield sse(reply.chunk(role=True, index=index))
+        async for piece in _pieces(reply, first, events, options, metrics, started):
             yield piece
     except CoolfusionError as error:  # the orchestrator failed after the answer began: say so in-band
         logger.warning("stream failed: %s", error, extra={"request_id": reply.request_id})
@@ -108,24 +114,43 @@ async def completion_events(
 
 
 async def _pieces(
-    reply: Reply, event: orchestrator_pb2.FuseStreamResponse, events: Events, text: HeldBackText,
+    reply: Reply, event: orchestrator_pb2.FuseStreamResponse | None, events: Events, options: FuseOptions,
     metrics: GatewayMetrics, started: float,
 ) -> AsyncIterator[str]:  # fmt: skip
+    """Each choice's text as its segments come (choices interleave), and its end as its summary comes."""
+    texts: dict[int, HeldBackText] = {}
+    summaries: list[orchestrator_pb2.FuseResult] = []
     first_piece = True
-    while not event.HasField("summary"):
-        step = event.step
-        if piece := text.add(step.candidates[step.winner_index].text):
-            if first_piece:
-                metrics.first_chunk_seconds.observe(time.perf_counter() - started)
-                first_piece = False
-            yield sse(reply.chunk(piece))
-        event = await anext(events)
-    summary = event.summary
-    if rest := text.finish(summary.text):
-        yield sse(reply.chunk(rest))
-    yield sse(reply.chunk(finish=FINISH_REASONS.get(summary.finish_reason, "stop")))
+    while event is not None:
+        if event.HasField("step"):
+            step = event.step
+            text = texts.setdefault(step.choice, held_back_text(options))
+            if piece := text.add(step.candidates[step.winner_index].text):
+                if first_piece:
+                    metrics.first_chunk_seconds.observe(time.perf_counter() - started)
+                    first_piece = False
+                yield sse(reply.chunk(piece, index=step.choice))
+        else:
+            summary = event.summary
+            for piece in _ending(reply, summary, texts.setdefault(summary.choice, held_back_text(options))):
+                yield piece
+            metrics.count_tokens(summary)
+            summaries.append(summary)
+        event = await anext(events, None)
     if reply.call.include_usage:
-        yield sse(reply.usage_chunk(summary))
-    metrics.count_tokens(summary)
-    logger.info("fusion %s streamed", summary.request_id, extra={"request_id": reply.request_id})
+        yield sse(reply.usage_chunk(sorted(summaries, key=lambda s: s.choice)))
+    logger.info("fusion %s streamed", summaries[0].request_id, extra={"request_id": reply.request_id})
     yield DONE
+
+
+def _ending(reply: Reply, summary: orchestrator_pb2.FuseResult, text: HeldBackText) -> list[str]:
+    """What one choice sends once its answer is finished: its calls or the rest of its text, and
+    its finish reason."""
+    index = summary.choice
+    pieces = []
+    if summary.tool_calls:
+        pieces.append(sse(reply.chunk(calls=summary.tool_calls, index=index)))
+    elif rest := text.finish(summary.text):
+        pieces.append(sse(reply.chunk(rest, index=index)))
+    pieces.append(sse(reply.chunk(finish=FINISH_REASONS.get(summary.finish_reason, "stop"), index=index)))
+    return pieces

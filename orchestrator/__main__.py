@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from coolfusion.calibration import Calibration, load_calibration
@@ -47,6 +48,10 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         help="fusions waiting for a slot; more are refused with RESOURCE_EXHAUSTED",
     )  # fmt: skip
     load.add_argument("--max-wait-s", type=float, default=defaults.admission.max_wait_s, help="longest wait for a slot")
+    load.add_argument(
+        "--max-choices", type=int, default=defaults.limits.max_choices,
+        help="most answers one request may ask for (n); they share its admission slot",
+    )  # fmt: skip
     load.add_argument(
         "--busy-wait-s", type=float, default=defaults.busy_wait_s,
         help="how long a call may retry a busy worker before the request fails as overloaded",
@@ -106,6 +111,7 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         busy_wait_s=args.busy_wait_s,
         max_connection_age_s=args.max_connection_age_s,
         admission=_admission(parser, args),
+        limits=replace(defaults.limits, max_choices=args.max_choices),
         grace_s=args.grace_s,
         log_json=args.log_json,
         metrics_port=args.metrics_port,
@@ -144,6 +150,8 @@ def _routes(flags: list[str], listed: dict[str, str], workers: list[WorkerEntry]
 
 
 def _admission(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AdmissionLimits:
+    if args.max_choices < 1:
+        parser.error("--max-choices must be >= 1")
     if args.max_running_fusions < 1 or args.max_waiting_fusions < 0 or args.max_wait_s < 0:
         parser.error("--max-running-fusions must be >= 1; --max-waiting-fusions and --max-wait-s >= 0")
     return AdmissionLimits(args.max_running_fusions, args.max_waiting_fusions, args.max_wait_s)

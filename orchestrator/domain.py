@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from coolfusion.constraints.tools import ToolCall, ToolDefinition
+
 
 class Finish(enum.StrEnum):
     """Why a fused (or solo) answer ended (docs/design.md section 2, "Stop")."""
@@ -14,22 +16,26 @@ class Finish(enum.StrEnum):
     LENGTH = "length"  # max_new_tokens reached (counted in the first worker's tokens), or no progress
     STOP = "stop"  # a stop string appeared; the answer is cut before it
     REPETITION = "repetition"  # the repetition guard cut a loop
+    TOOL_CALLS = "tool_calls"  # the answer is complete tool calls (docs/design.md section 9.4)
 
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One chat message."""
+    """One chat message: an assistant turn may call tools, a tool turn answers one call."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Plain text, or chat turns that each worker renders with its own template."""
+    """Plain text, or chat turns (and the tools they offer) that each worker renders its own way."""
 
     text: str | None = None
     chat: tuple[ChatTurn, ...] = ()
+    tools: tuple[ToolDefinition, ...] = ()
 
 
 @dataclass(frozen=True)

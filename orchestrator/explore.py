@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from coolfusion.constraints import TextMatcher
 from coolfusion.orchestrator.domain import (
     CandidateScore,
     Finish,
     FusionTree,
+    GeneratedSegment,
     StepCandidate,
     TreeAnswer,
     TreeBranch,
@@ -98,11 +100,26 @@ class Explorer:
                         node.text, "", request.segment_max_tokens, request.stop_strings, self._deadline
                     ),
                 )
+                self._check_constraint(node.text, segments)
                 node.candidates = distinct_candidates(segments)
                 if len(node.candidates) > 1:
                     await self._score(group, node.text, node.candidates)
             finally:
                 await asyncio.shield(group.close_all())
+
+    def _check_constraint(self, text: str, segments: dict[str, GeneratedSegment]) -> None:
+        """Under a constraint, every proposal keeps the answer within it; a worker whose does not
+        fails the exploration, as a tree with its choices would mislead."""
+        checker = self._checker_at(text)
+        if checker is None:
+            return
+        for name, segment in segments.items():
+            if reason := checker.allows(segment.text, segment.ends_with_eos):
+                raise ExplorationFailed(f"{name} proposed {segment.text!r}, which {reason}")
+
+    def _checker_at(self, text: str) -> TextMatcher | None:
+        constraint = self._request.fusion.structure.constraint
+        return None if constraint is None else TextMatcher.of(constraint).after(text)
 
     async def _score(self, group: SessionGroup, text: str, candidates: list[StepCandidate]) -> None:
         pairs = [(c.text, c.ends_with_eos) for c in candidates]
@@ -120,7 +137,7 @@ class Explorer:
         for candidate in node.candidates:
             text = node.text + candidate.text
             cut = stop_string_cut(text, len(node.text), self._request.fusion.stop_strings)
-            if candidate.ends_with_eos:
+            if candidate.ends_with_eos or self._complete(text):
                 node.branches.append(self._leaf(text, True, Finish.EOS))
             elif cut is not None:
                 node.branches.append(self._leaf(text[:cut], False, Finish.STOP))
@@ -129,10 +146,17 @@ class Explorer:
             else:
                 if text not in self._node_of:
                     self._node_of[text] = len(self._nodes)
-                    self._nodes.append(TreeNode(text, repetition_cut=repeated_tail(text)))
+                    # Under a constraint the guard never cuts (docs/design.md section 9.3).
+                    guarded = self._request.fusion.structure.constraint is None
+                    self._nodes.append(TreeNode(text, repetition_cut=repeated_tail(text) if guarded else None))
                     created.append(self._node_of[text])
                 node.branches.append(TreeBranch(node=self._node_of[text]))
         return created
+
+    def _complete(self, text: str) -> bool:
+        """The constraint's language can go no further: the loop ends the answer there (EOS)."""
+        checker = self._checker_at(text)
+        return checker is not None and checker.complete
 
     # ---- answers --------------------------------------------------------------------------
 
@@ -172,7 +196,7 @@ class Explorer:
         sessions = [
             WorkerSession(
                 w, f"{request.request_id}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
-                request.request_id,
+                request.request_id, request.structure.constraint,
             )
             for w in self._workers
         ]  # fmt: skip

@@ -6,8 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from coolfusion.constraints import TextMatcher
+from coolfusion.constraints.tools import ToolCall
 from coolfusion.orchestrator.domain import (
     Answer,
     CandidateScore,
@@ -22,9 +24,11 @@ from coolfusion.orchestrator.domain import (
 )
 from coolfusion.orchestrator.observer import FusionObserver, current_observer
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import Draw, SamplingPlan, Selection
 from coolfusion.orchestrator.sessions import Deadline, SessionGroup, WorkerSession, WorkersOverloaded
 from coolfusion.orchestrator.strategy import PAPER, RepetitionGuard, Strategy, repeated_tail
-from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
+from coolfusion.orchestrator.structured import FREE_TEXT, Structure, tool_calls
+from coolfusion.orchestrator.worker_client import InvalidAnswer, SessionLost, WorkerClient, WorkerFailed
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,15 @@ class FusionRequest:
     rerank: bool
     request_id: str
     strategy: Strategy = PAPER
+    structure: Structure = FREE_TEXT  # the constraint the answer is held to, and whether it calls tools
+    left_out: tuple[Dropped, ...] = ()  # workers left out before it started (a constraint they do not enforce)
+    sampling: SamplingPlan | None = None  # None: greedy (docs/design.md chapter 10)
+    choice: int = 0  # which of the request's n answers this loop gives
+
+    @property
+    def session_prefix(self) -> str:
+        """What every session id of this answer starts with: answers of one request differ."""
+        return self.request_id if self.choice == 0 else f"{self.request_id}.c{self.choice}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,9 @@ class FusionResult:
     total_ms: float
     strategy: Strategy
     usage: Usage | None = None  # the returned text's, in the lead worker's tokens
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the returned answer made, if it called tools
+    choice: int = 0  # which of the request's n answers this is
+    seed: int = 0  # the request's sampling seed; 0 when greedy
 
 
 OnStep = Callable[[Step], Awaitable[None]]
@@ -78,13 +94,16 @@ class FusionLoop:
         observer: FusionObserver | None = None,
         count_tokens: bool = False,
     ):
+        constraint = request.structure.constraint
         sessions = [
             WorkerSession(
-                w, f"{request.request_id}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
-                request.request_id,
+                w, f"{request.session_prefix}.{purpose}.{w.name}", request.strategy.prompt_for(w.name, request.prompt),
+                request.request_id, constraint,
             )
             for w in workers
         ]  # fmt: skip
+        # The answer as the constraint reads it: every proposal is checked against it (section 9.3).
+        self._checker = TextMatcher.of(constraint) if constraint is not None else None
         # Metrics and spans; by default those of the request being served (see observer.py).
         self._observer = observer or current_observer()
         self._sessions = SessionGroup(sessions, purpose, request.request_id, self._observer)
@@ -162,7 +181,9 @@ class FusionLoop:
         the protocol cannot shorten a session, so this costs one prefill."""
         lead, request = self._sessions.lead, self._request
         prompt = request.strategy.prompt_for(lead.name, request.prompt)
-        session = WorkerSession(lead.replicas, f"{request.request_id}.count.{lead.name}", prompt, request.request_id)
+        session = WorkerSession(
+            lead.replicas, f"{request.session_prefix}.count.{lead.name}", prompt, request.request_id
+        )
         try:
             await session.place(text, self._deadline)
             return session.prompt_tokens, session.context_tokens
@@ -179,7 +200,7 @@ class FusionLoop:
     async def _run_step(self) -> bool:
         """Runs one step; True when the answer is finished."""
         started = step_started = time.perf_counter()
-        segments = await self._sessions.fan_out(self._generate, self._step_index)
+        segments = self._within_constraint(await self._sessions.fan_out(self._generate, self._step_index))
         self._to_append = ""
         self._held = self._answer.text
         generate_ms = (time.perf_counter() - started) * 1000
@@ -202,8 +223,30 @@ class FusionLoop:
     def _generate(self, session: WorkerSession) -> Awaitable[GeneratedSegment]:
         request = self._request
         return session.generate(
-            self._answer.text, self._to_append, request.segment_max_tokens, request.stop_strings, self._deadline
-        )
+            self._answer.text, self._to_append, request.segment_max_tokens, request.stop_strings, self._deadline,
+            self._draw(session.name),
+        )  # fmt: skip
+
+    def _draw(self, worker: str) -> Draw | None:
+        """A worker's sampling for this step: its own seed, from where the draw happens."""
+        plan = self._request.sampling
+        if plan is None:
+            return None
+        return Draw(plan, plan.call_seed(self._purpose, self._request.choice, self._step_index, worker))
+
+    def _within_constraint(self, segments: dict[str, GeneratedSegment]) -> dict[str, GeneratedSegment]:
+        """The segments that keep the answer within the constraint; a worker that proposed one
+        outside it does not enforce the constraint, and is dropped (a third party's may not)."""
+        if self._checker is None:
+            return segments
+        kept = {}
+        for name, segment in segments.items():
+            if reason := self._checker.allows(segment.text, segment.ends_with_eos):
+                error = InvalidAnswer(f"invalid answer: its segment {segment.text!r} {reason}")
+                self._sessions.drop(name, error, self._step_index)
+            else:
+                kept[name] = segment
+        return kept
 
     def _length_reached(self, lead_context_tokens: int) -> bool:
         """The length stop: the answer holds max_new_tokens tokens of the first remaining worker
@@ -234,7 +277,12 @@ class FusionLoop:
             return self._finish(Finish.EOS)
         if self._cut_at_stop_string(previous):
             return self._finish(Finish.STOP)
-        if self._request.strategy.repetition_guard != RepetitionGuard.OFF and self._cut_repetition():
+        if self._checker is not None:
+            self._checker.advance(winner.text)
+            if self._checker.complete:  # nothing can follow: every worker could only end it
+                return self._finish(Finish.EOS)
+        elif self._request.strategy.repetition_guard != RepetitionGuard.OFF and self._cut_repetition():
+            # Under a constraint the guard never cuts: a cut answer would leave the language.
             return self._finish(Finish.REPETITION)
         # The lead's score tells its context length with the winner, which saves a round trip.
         lead = winner.scores.get(self._sessions.lead.name)
@@ -258,7 +306,11 @@ class FusionLoop:
         return start is not None
 
     def _winner_index(self, candidates: list[StepCandidate]) -> int:
-        return winner_index(self._request.strategy, candidates, self._answer.text)
+        plan, request = self._request.sampling, self._request
+        drawn = None
+        if plan is not None and plan.selection == Selection.SAMPLE and len(candidates) > 1:
+            drawn = (plan, plan.call_seed(self._purpose, request.choice, self._step_index, "select"))
+        return winner_index(request.strategy, candidates, self._answer.text, drawn)
 
     def _finish(self, reason: Finish) -> bool:
         self._answer.finish = reason
@@ -286,10 +338,10 @@ async def fuse(
     if not request.rerank:
         fused = await fused_loop.run()
         total_ms = (time.perf_counter() - started) * 1000
-        return FusionResult(
-            request.request_id, names, fused.text, fused.finish, "fused", fused, [], fused.dropped, 0.0, total_ms,
-            request.strategy, fused.usage,
-        )  # fmt: skip
+        return _read_tool_calls(request, FusionResult(
+            request.request_id, names, fused.text, fused.finish, "fused", fused, [],
+            [*request.left_out, *fused.dropped], 0.0, total_ms, request.strategy, fused.usage,
+        ))  # fmt: skip
     solo_loops = [FusionLoop([c], request, "solo", limits) for c in replica_sets]
     fused_done = 0.0
 
@@ -308,7 +360,7 @@ async def fuse(
         raise overloaded  # busy is not broken: the request fails whole rather than without a solo answer
     fused = fused_or_error
     entries = [("fused", fused)] + [(c.name, s) for c, s in zip(replica_sets, solos) if isinstance(s, Answer)]
-    dropped = fused.dropped + [
+    dropped = [*request.left_out, *fused.dropped] + [
         Dropped(c.name, f"solo answer failed: {s}", 0) for c, s in zip(replica_sets, solos) if not isinstance(s, Answer)
     ]
     ranking, rerank_dropped = await _rank(entries, replica_sets, fused, request, limits)
@@ -316,10 +368,21 @@ async def fuse(
     total_ms = (time.perf_counter() - started) * 1000
     rerank_ms = (time.perf_counter() - fused_done) * 1000
     best_answer = dict(entries)[best.source]
-    return FusionResult(
+    return _read_tool_calls(request, FusionResult(
         request.request_id, names, best.text, best_answer.finish, best.source, fused, ranking,
         dropped + rerank_dropped, rerank_ms, total_ms, request.strategy, best.usage,
-    )  # fmt: skip
+    ))  # fmt: skip
+
+
+def _read_tool_calls(request: FusionRequest, result: FusionResult) -> FusionResult:
+    """The result as the request's answer number `choice`, with its seed; a finished answer of
+    tool calls read as such (docs/design.md section 9.4)."""
+    seed = request.sampling.seed if request.sampling is not None else 0
+    result = replace(result, choice=request.choice, seed=seed)
+    if not request.structure.calls_tools or result.finish != Finish.EOS:
+        return result
+    calls = tool_calls(result.text, request.request_id, request.choice)
+    return replace(result, finish=Finish.TOOL_CALLS, tool_calls=calls) if calls else result
 
 
 async def _rank(
@@ -376,14 +439,24 @@ def stop_string_cut(text: str, previous_length: int, stop_strings: tuple[str, ..
     return min(hits) if hits else None
 
 
-def winner_index(strategy: Strategy, candidates: list[StepCandidate], answer_text: str) -> int:
+def winner_index(
+    strategy: Strategy,
+    candidates: list[StepCandidate],
+    answer_text: str,
+    drawn: tuple[SamplingPlan, int] | None = None,
+) -> int:
     """The step's winner among candidates whose fused scores are filled in: the strategy's choice
-    (lowest score, ties to the earliest worker's candidate); with the STEER guard, among the
-    candidates that would not make the answer repeat itself, when there are any."""
+    (lowest score, ties to the earliest worker's candidate), or, when `drawn` (a plan whose
+    selection samples, and the draw's seed), one drawn by the candidates' scores per token; with
+    the STEER guard, among the candidates that would not make the answer repeat itself, when
+    there are any."""
     pool = list(range(len(candidates)))
     if strategy.repetition_guard == RepetitionGuard.STEER:
         fresh = [i for i in pool if repeated_tail(answer_text + candidates[i].text) is None]
         if fresh:
             pool = fresh
-    chosen = strategy.rank([candidates[i].fused_score for i in pool], [candidates[i].proposed_by for i in pool])
-    return pool[chosen[0]]
+    scores = [candidates[i].fused_score for i in pool]
+    if drawn is not None:
+        plan, seed = drawn
+        return pool[plan.draw_winner([strategy.nats(score) for score in scores], seed)]
+    return pool[strategy.rank(scores, [candidates[i].proposed_by for i in pool])[0]]

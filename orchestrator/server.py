@@ -16,6 +16,7 @@ from coolfusion.orchestrator.registry import WorkerPool
 from coolfusion.orchestrator.servicer import InvalidFusionRequest, OrchestratorServicer, RequestTimedOut
 from coolfusion.orchestrator.sessions import NoWorkersLeft, RejectedByAllWorkers, WorkersOverloaded
 from coolfusion.orchestrator.settings import OrchestratorSettings
+from coolfusion.orchestrator.structured import InvalidStructure
 from coolfusion.orchestrator.telemetry import FusionTelemetry
 from coolfusion.serving.interceptors import ErrorMappingInterceptor
 from coolfusion.serving.lifecycle import add_health_and_reflection, drain, set_serving, stop_event_on_signals
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAMES = [orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name]
 STATUS_CODES = {  # first match wins: the subclass comes before its base
     InvalidFusionRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidStructure: grpc.StatusCode.INVALID_ARGUMENT,
     CalibrationRefused: grpc.StatusCode.INVALID_ARGUMENT,
     CalibrationUncheckable: grpc.StatusCode.UNAVAILABLE,
     RejectedByAllWorkers: grpc.StatusCode.INVALID_ARGUMENT,

@@ -7,11 +7,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TypeVar
 
 import grpc
 
-from coolfusion.client.version import PACKAGE_VERSION
+from coolfusion.constraints.tools import ToolCall
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.calibrations import Calibrations, RuleChoice, Traits, check_tag
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
@@ -20,11 +21,15 @@ from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
 from coolfusion.orchestrator.observer import NO_OBSERVER, FusionObserver, observing
 from coolfusion.orchestrator.registry import RegistryError, WorkerEntry, WorkerPool, registry_strategy
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import SamplingPlan, Selection, draw_request_seed
 from coolfusion.orchestrator.sessions import Deadline, NoWorkersLeft
 from coolfusion.orchestrator.settings import OrchestratorSettings, RequestLimits
 from coolfusion.orchestrator.strategy import PROMPT_SLOT, Aggregation, RepetitionGuard, Strategy, StrategyOverrides
+from coolfusion.orchestrator.structured import check_tool_turns, parse_structure, parse_tools
 from coolfusion.orchestrator.tree_proto import FINISH_PROTO, candidate_proto, tree_proto
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerClient, WorkerFailed
+from coolfusion.orchestrator.worker_info import WorkerInfo
+from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2
 
 T = TypeVar("T")
@@ -62,15 +67,37 @@ def parse_request(
         )
     if any(not 1 <= len(s) <= limits.max_stop_chars for s in parameters.stop_strings):
         raise InvalidFusionRequest(f"each stop string must be 1-{limits.max_stop_chars} characters")
+    prompt = _prompt(parameters.prompt, limits.max_prompt_chars)
     return FusionRequest(
-        prompt=_prompt(parameters.prompt, limits.max_prompt_chars),
+        prompt=prompt,
         max_new_tokens=max_new,
         stop_strings=tuple(parameters.stop_strings),
         segment_max_tokens=segment,
         rerank=parameters.rerank_mode == orchestrator_pb2.RERANK_MODE_FULL_ANSWER,
         request_id=request_id,
         strategy=default_strategy.overridden_by(_strategy(parameters.strategy, limits, known_workers)),
+        structure=parse_structure(parameters, prompt.tools),
+        sampling=_sampling(parameters),
     )
+
+
+def _sampling(parameters: orchestrator_pb2.FusionParameters) -> SamplingPlan | None:
+    """The request's sampling; None (greedy) when unset or at temperature 0."""
+    sampling = parameters.sampling
+    if not 0 <= sampling.temperature <= 2:  # also refuses NaN
+        raise InvalidFusionRequest(f"sampling.temperature is {sampling.temperature}; it must be in [0, 2]")
+    if not 0 <= sampling.top_p <= 1:
+        raise InvalidFusionRequest(f"sampling.top_p is {sampling.top_p}; it must be in (0, 1] (0 for 1)")
+    if sampling.temperature == 0:
+        return None
+    seed = sampling.seed if sampling.HasField("seed") else draw_request_seed()
+    selection = Selection.SAMPLE if sampling.selection == orchestrator_pb2.SELECTION_SAMPLE else Selection.BEST
+    return SamplingPlan(sampling.temperature, sampling.top_p or 1.0, sampling.top_k, seed, selection)
+
+
+def choices(parameters: orchestrator_pb2.FusionParameters, limits: RequestLimits) -> int:
+    """How many answers the request asks for (n)."""
+    return _in_range("n", parameters.n, 1, limits.max_choices)
 
 
 def _strategy(
@@ -136,17 +163,26 @@ def _in_range(field: str, value: int, default: int, limit: int) -> int:
 def _prompt(prompt: worker_pb2.Prompt, max_chars: int) -> Prompt:
     kind = prompt.WhichOneof("kind")
     if kind == "text" and prompt.text.strip():
+        parsed = Prompt(text=prompt.text)
         text = prompt.text
     elif kind == "chat" and prompt.chat.messages:
-        turns = tuple(ChatTurn(m.role, m.content) for m in prompt.chat.messages)
-        if any(t.role not in ("system", "user", "assistant") for t in turns):
-            raise InvalidFusionRequest("chat roles must be system, user or assistant")
-        text = "".join(t.content for t in turns)
+        turns = tuple(_turn(m) for m in prompt.chat.messages)
+        if any(t.role not in ("system", "user", "assistant", "tool") for t in turns):
+            raise InvalidFusionRequest("chat roles must be system, user, assistant or tool")
+        check_tool_turns(turns)
+        parsed = Prompt(chat=turns, tools=parse_tools(prompt.chat))
+        spelled = [t.content + "".join(c.arguments for c in t.tool_calls) for t in turns]
+        text = "".join(spelled) + "".join(t.description + t.parameters for t in parsed.tools)
     else:
         raise InvalidFusionRequest("prompt must be non-empty text or at least one chat message")
     if len(text) > max_chars:
         raise InvalidFusionRequest(f"prompt is {len(text)} characters; the limit is {max_chars}")
-    return Prompt(text=prompt.text) if kind == "text" else Prompt(chat=turns)
+    return parsed
+
+
+def _turn(message: worker_pb2.ChatMessage) -> ChatTurn:
+    calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls)
+    return ChatTurn(message.role, message.content, calls, message.tool_call_id)
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
@@ -167,26 +203,34 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
         self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
         self._calibrations = Calibrations(settings.calibrations, settings.default_calibration, settings.routes)
+        self._info = WorkerInfo()  # what workers say of themselves, for constrained requests
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.FuseResponse:
-        """Runs one fusion to the end."""
-        result, choice = await self._fuse(request.parameters, context, on_step=None)
-        return orchestrator_pb2.FuseResponse(result=_result_proto(result, request.parameters.include_trace, choice))
+        """Runs one fusion (n, with n > 1) to the end."""
+        results, rule = await self._fuse(request.parameters, context)
+        answers = [_result_proto(result, request.parameters.include_trace, rule) for result in results]
+        return orchestrator_pb2.FuseResponse(result=answers[0], choices=answers if len(answers) > 1 else [])
 
     async def FuseStream(self, request: orchestrator_pb2.FuseStreamRequest, context: grpc.aio.ServicerContext):
-        """Streams one event per chosen segment, then the summary."""
-        events: asyncio.Queue[Step | None] = asyncio.Queue()
-        task = asyncio.create_task(self._fuse(request.parameters, context, on_step=events.put))
+        """Streams one event per chosen segment, and each answer's summary once it is finished."""
+        events: asyncio.Queue[orchestrator_pb2.FuseStreamResponse | None] = asyncio.Queue()
+
+        async def on_step(step: Step, choice: int) -> None:
+            await events.put(orchestrator_pb2.FuseStreamResponse(step=_step_proto(step, choice)))
+
+        async def on_result(result: FusionResult, rule: RuleChoice) -> None:
+            await events.put(orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, False, rule)))
+
+        task = asyncio.create_task(self._fuse(request.parameters, context, on_step, on_result))
         task.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            while (step := await events.get()) is not None:
-                yield orchestrator_pb2.FuseStreamResponse(step=_step_proto(step))
-            result, choice = await task
+            while (event := await events.get()) is not None:
+                yield event
+            await task  # a failure after the last event is raised here
         finally:
             task.cancel()  # the client went away: stop the fusion, which closes its sessions
-        yield orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False, choice=choice))
 
     async def ListWorkers(
         self, request: orchestrator_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
@@ -199,7 +243,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             for name, calibration in self._calibrations.routes.items()
         ]  # fmt: skip
         return orchestrator_pb2.ListWorkersResponse(
-            workers=statuses, orchestrator_version=PACKAGE_VERSION, routes=routes
+            workers=statuses, orchestrator_version=SERVER_VERSION, routes=routes
         )
 
     async def ExploreFusion(
@@ -208,33 +252,75 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Maps every answer a fusion of the request's workers could give (docs/design.md section 3.7)."""
         limits = self._settings.limits
         max_nodes = _in_range("max_nodes", request.max_nodes, DEFAULT_MAX_NODES, limits.max_explore_nodes)
+        if request.parameters.sampling.temperature or request.parameters.n > 1:
+            raise InvalidFusionRequest(
+                "ExploreFusion maps the greedy proposals of one answer: send no sampling and n 1"
+            )
         settings = self._settings
 
-        def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float):
+        def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float, _: RuleChoice):
+            if fusion.left_out:  # a tree needs every worker's proposals
+                reasons = "; ".join(f"{d.worker} {d.reason}" for d in fusion.left_out)
+                raise InvalidFusionRequest(f"cannot explore under this constraint: {reasons}")
             limits = Deadline(deadline, settings.call_timeout_s, settings.busy_wait_s)
             return Explorer(workers, ExploreRequest(fusion, max_nodes), limits).run()
 
-        tree, _ = await self._serve(request.parameters, context, explore)
+        tree = await self._serve(request.parameters, context, explore)
         return orchestrator_pb2.ExploreFusionResponse(tree=tree_proto(tree))
 
-    async def _fuse(self, parameters, context: grpc.aio.ServicerContext, on_step) -> tuple[FusionResult, RuleChoice]:
+    async def _fuse(
+        self,
+        parameters: orchestrator_pb2.FusionParameters,
+        context: grpc.aio.ServicerContext,
+        on_step: Callable[[Step, int], Awaitable[None]] | None = None,
+        on_result: Callable[[FusionResult, RuleChoice], Awaitable[None]] | None = None,
+    ) -> tuple[list[FusionResult], RuleChoice]:
+        """The request's n answers, each fused on its own (docs/design.md section 10.3), and the rule
+        they ran with; `on_step` hears every chosen segment with its answer's number, `on_result`
+        every finished answer."""
         settings = self._settings
-        return await self._serve(
-            parameters, context,
-            lambda workers, request, deadline: fuse(
-                workers, request, deadline, settings.call_timeout_s, on_step, busy_wait_s=settings.busy_wait_s
-            ),
-        )  # fmt: skip
+        n = choices(parameters, settings.limits)
+
+        async def answer(
+            workers: list[ReplicaSet], request: FusionRequest, deadline: float, rule: RuleChoice
+        ) -> FusionResult:
+            steps = None if on_step is None else partial(_with_choice, on_step, request.choice)
+            result = await fuse(workers, request, deadline, settings.call_timeout_s, steps, settings.busy_wait_s)
+            if on_result is not None:
+                await on_result(result, rule)
+            return result
+
+        async def answers(
+            workers: list[ReplicaSet], request: FusionRequest, deadline: float, rule: RuleChoice
+        ) -> tuple[list[FusionResult], RuleChoice]:
+            if request.sampling is None:  # greedy answers are all the same: fused once
+                first = await answer(workers, request, deadline, rule)
+                others = [replace(first, choice=i) for i in range(1, n)]
+                for other in others:
+                    if on_result is not None:
+                        await on_result(other, rule)
+                return [first, *others], rule
+            tasks = [
+                asyncio.ensure_future(answer(workers, replace(request, choice=i), deadline, rule)) for i in range(n)
+            ]
+            try:
+                return list(await asyncio.gather(*tasks)), rule
+            finally:  # one failed: the others stop too, and close their sessions
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        return await self._serve(parameters, context, answers)
 
     async def _serve(
         self,
         parameters: orchestrator_pb2.FusionParameters,
         context: grpc.aio.ServicerContext,
-        work: Callable[[list[ReplicaSet], FusionRequest, float], Awaitable[T]],
-    ) -> tuple[T, RuleChoice]:
-        """Validates the parameters, waits for an admission slot and runs `work(workers, request,
-        deadline)` within the request's time budget (the caller's deadline, capped by ours); with
-        the rule it ran with and why."""
+        work: Callable[[list[ReplicaSet], FusionRequest, float, RuleChoice], Awaitable[T]],
+    ) -> T:
+        """Validates the parameters, chooses the selection rule (calibrations.py), waits for an
+        admission slot and runs `work(workers, request, deadline, rule)` within the request's time
+        budget (the caller's deadline, capped by ours)."""
         request_id = uuid.uuid4().hex
         request = parse_request(
             parameters, self._settings.limits, request_id, self._default_strategy, self._worker_names
@@ -247,8 +333,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
         traits = Traits(parameters.tag, "plain" if request.prompt.text is not None else "chat", request.max_new_tokens)
-        choice = await self._calibrations.for_request(named, how, bool(asked.aggregation), workers, traits)
-        request = self._calibrated(request, asked, choice)
+        rule = await self._calibrations.for_request(named, how, bool(asked.aggregation), workers, traits)
+        request = self._calibrated(request, asked, rule)
+        workers, request = await self._enforcing(workers, request)
         remaining = context.time_remaining()
         budget = (
             self._settings.request_timeout_s if remaining is None else min(remaining, self._settings.request_timeout_s)
@@ -257,7 +344,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             async with self._admission.slot(wait_s=budget):
                 with observing(self._observer), self._observer.fusion(request_id):
-                    return await work(workers, request, deadline), choice
+                    return await work(workers, request, deadline, rule)
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;
@@ -265,12 +352,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 raise RequestTimedOut(f"the request took longer than {budget:.0f} s") from error
             raise
 
+    async def _enforcing(
+        self, workers: list[ReplicaSet], request: FusionRequest
+    ) -> tuple[list[ReplicaSet], FusionRequest]:
+        """Under a constraint, the workers that enforce it; the others are left out (and listed
+        among the dropped), never asked for unconstrained text (docs/design.md section 9.3)."""
+        constraint = request.structure.constraint
+        if constraint is None:
+            return workers, request
+        kept, left_out = await self._info.enforcing(workers, constraint.kind)
+        if not kept:
+            reasons = "; ".join(f"{d.worker} {d.reason}" for d in left_out)
+            raise InvalidFusionRequest(f"no worker of this request enforces {constraint.kind} constraints: {reasons}")
+        return kept, replace(request, left_out=tuple(left_out))
+
     @staticmethod
-    def _calibrated(
-        request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, choice: RuleChoice
-    ) -> FusionRequest:
+    def _calibrated(request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, rule: RuleChoice) -> FusionRequest:
         """The request with the calibration it runs with, if any (calibrations.py decides which)."""
-        calibration = choice.calibration
+        calibration = rule.calibration
         if calibration is None:
             return request
         guard = request.strategy.repetition_guard if asked.repetition_guard else None
@@ -306,8 +405,13 @@ async def _probe_replica(client: WorkerClient) -> worker_pb2.GetInfoResponse | s
         return str(error)
 
 
-def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
+async def _with_choice(on_step: Callable[[Step, int], Awaitable[None]], choice: int, step: Step) -> None:
+    await on_step(step, choice)
+
+
+def _step_proto(step: Step, choice: int = 0) -> orchestrator_pb2.FuseStep:
     return orchestrator_pb2.FuseStep(
+        choice=choice,
         index=step.index,
         candidates=[candidate_proto(c) for c in step.candidates],
         winner_index=step.winner_index,
@@ -317,7 +421,7 @@ def _step_proto(step: Step) -> orchestrator_pb2.FuseStep:
     )
 
 
-def _result_proto(result: FusionResult, include_trace: bool, choice: RuleChoice) -> orchestrator_pb2.FuseResult:
+def _result_proto(result: FusionResult, include_trace: bool, rule: RuleChoice) -> orchestrator_pb2.FuseResult:
     fused = result.fused
     shares = {name: orchestrator_pb2.WorkerShare(worker=name) for name in result.workers}
     position = 0  # a stop string may have cut the last segments: count only characters kept
@@ -340,16 +444,19 @@ def _result_proto(result: FusionResult, include_trace: bool, choice: RuleChoice)
             steps=len(fused.steps),
             worker_compute_ms=sum(s.worker_compute_ms for s in fused.steps),
         ),
-        trace=[_step_proto(s) for s in fused.steps] if include_trace else [],
+        trace=[_step_proto(s, result.choice) for s in fused.steps] if include_trace else [],
         source=result.source,
         rerank=[
             orchestrator_pb2.RerankEntry(source=r.source, text=r.text, fused_score=r.fused_score)
             for r in result.ranking
         ],
         request_id=result.request_id,
+        choice=result.choice,
+        seed=result.seed,
         strategy=strategy_proto(result.strategy),
         usage=_usage_proto(result.usage),
-        rule_choice=orchestrator_pb2.RuleChoice(reason=f"RULE_REASON_{choice.reason.name}", detail=choice.detail),
+        rule_choice=orchestrator_pb2.RuleChoice(reason=f"RULE_REASON_{rule.reason.name}", detail=rule.detail),
+        tool_calls=[worker_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in result.tool_calls],
     )
 
 

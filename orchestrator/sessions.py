@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from coolfusion.constraints import Constraint
 from coolfusion.orchestrator.domain import CandidateScore, Dropped, GeneratedSegment, Prompt
 from coolfusion.orchestrator.observer import FusionObserver
 from coolfusion.orchestrator.replicas import ReplicaSet
+from coolfusion.orchestrator.sampling import Draw
 from coolfusion.orchestrator.worker_client import (
     SessionLost,
     WorkerBusy,
@@ -73,12 +75,20 @@ class WorkerSession:
     a lost session is re-opened with the full text, and a session whose pod is gone moves to
     another replica, so that callers see one session that answers or fails for good."""
 
-    def __init__(self, replicas: ReplicaSet, session_id: str, prompt: Prompt, request_id: str):
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        session_id: str,
+        prompt: Prompt,
+        request_id: str,
+        constraint: Constraint | None = None,
+    ):
         self.replicas = replicas
         self.session_id = session_id
         self.prompt_tokens = 0
         self.context_tokens = 0
         self._prompt = prompt
+        self._constraint = constraint  # sent with every open, re-opens included
         self._request_id = request_id
         self._client: WorkerClient | None = None  # the replica holding the session, from placement to close
 
@@ -107,14 +117,16 @@ class WorkerSession:
         max_tokens: int,
         stop_strings: tuple[str, ...],
         deadline: Deadline,
+        draw: Draw | None = None,
     ) -> GeneratedSegment:
-        """Appends `append` (the end of `answer_text`, not yet sent), then generates a segment."""
+        """Appends `append` (the end of `answer_text`, not yet sent), then generates a segment
+        (greedily, or drawn as `draw` says: a retry draws with the same seed)."""
 
         def call(client: WorkerClient, reopened: bool) -> Awaitable[GeneratedSegment]:
             sent = "" if reopened else append  # a re-opened context already holds it
             return client.generate(
                 self.session_id, self.context_tokens, len(answer_text) - len(sent), sent,
-                max_tokens, stop_strings, deadline.timeout(),
+                max_tokens, stop_strings, deadline.timeout(), draw,
             )  # fmt: skip
 
         segment = await self._call(call, answer_text, deadline)
@@ -182,7 +194,10 @@ class WorkerSession:
 
     async def _open(self, answer_text: str, deadline: Deadline) -> None:
         opened = await self._patiently(
-            lambda: self._replica.open(self.session_id, self._prompt, answer_text, deadline.timeout()), deadline
+            lambda: self._replica.open(
+                self.session_id, self._prompt, answer_text, deadline.timeout(), self._constraint
+            ),
+            deadline,
         )
         self.prompt_tokens, self.context_tokens = opened.prompt_tokens, opened.context_tokens
 
@@ -261,6 +276,10 @@ class SessionGroup:
             else:
                 answers[session.name] = result
         return answers
+
+    def drop(self, name: str, error: WorkerFailed, step: int) -> None:
+        """Leaves a worker out of the rest of the loop, as if its call had failed with `error`."""
+        self._drop(next(s for s in self.active if s.name == name), error, step)
 
     async def close_all(self) -> None:
         """Closes every session that was placed, concurrently."""

@@ -32,6 +32,8 @@ class RequestLimits:
     # ExploreFusion visits at most this many nodes per request: a tree of short answers needs
     # tens, and each node costs a step on every worker.
     max_explore_nodes: int = 1024
+    # Answers one request may ask for (n): each is a fusion of its own, sharing the prompt's prefill.
+    max_choices: int = 8
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,13 @@ class Strategy:
             return rule.score(nlls, proposed_by)
         return self.fused_score({name: s.perplexity for name, s in scores.items()}, proposed_by)
 
+    def nats(self, score: float) -> float:
+        """A fused score in nats per token (per unit, for a calibration), as sampling weighs it:
+        the aggregations' scores are perplexities; a calibration's rule scores in nats already."""
+        if self.calibration is not None:
+            return score
+        return math.log(score) if score > 0 else -math.inf
+
     def rank(self, scores: Sequence[float], proposers: Sequence[Collection[str]]) -> list[int]:
         """Indices best first: the lowest score, ties to the earlier; a calibration with a lead
         puts first what its rule chooses (the lead's own unless beaten by its margin)."""

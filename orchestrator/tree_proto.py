@@ -19,6 +19,7 @@ FINISH_PROTO = {
     Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH,
     Finish.STOP: worker_pb2.FINISH_REASON_STOP,
     Finish.REPETITION: worker_pb2.FINISH_REASON_REPETITION,
+    Finish.TOOL_CALLS: worker_pb2.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_OF = {number: finish for finish, number in FINISH_PROTO.items()}
 

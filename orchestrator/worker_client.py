@@ -7,8 +7,11 @@ import math
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coolfusion.constraints import Constraint
+from coolfusion.constraints.protocol import constraint_proto
 from coolfusion.orchestrator.domain import CandidateScore, GeneratedSegment, OpenedSession, Prompt
 from coolfusion.orchestrator.observer import current_observer
+from coolfusion.orchestrator.sampling import Draw
 from coolfusion.serving.security import TokenFile
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -26,8 +29,26 @@ def _prompt_proto(prompt: Prompt) -> worker_pb2.Prompt:
     """The protocol's form of a prompt."""
     if prompt.text is not None:
         return worker_pb2.Prompt(text=prompt.text)
-    messages = [worker_pb2.ChatMessage(role=t.role, content=t.content) for t in prompt.chat]
-    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages))
+    messages = [
+        worker_pb2.ChatMessage(
+            role=t.role,
+            content=t.content,
+            tool_calls=[worker_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in t.tool_calls],
+            tool_call_id=t.tool_call_id,
+        )
+        for t in prompt.chat
+    ]
+    tools = [
+        worker_pb2.ToolDefinition(name=t.name, description=t.description, parameters=t.parameters) for t in prompt.tools
+    ]
+    return worker_pb2.Prompt(chat=worker_pb2.ChatConversation(messages=messages, tools=tools))
+
+
+def _sampling_proto(draw: Draw | None) -> worker_pb2.SegmentSampling | None:
+    if draw is None:
+        return None
+    plan = draw.plan
+    return worker_pb2.SegmentSampling(temperature=plan.temperature, top_p=plan.top_p, top_k=plan.top_k, seed=draw.seed)
 
 
 class WorkerFailed(Exception):
@@ -83,9 +104,14 @@ class WorkerClient:
     async def get_info(self, timeout: float) -> worker_pb2.GetInfoResponse:
         return await self._call(_WORKER_SERVICE + "GetInfo", self._stub.GetInfo, worker_pb2.GetInfoRequest(), timeout)
 
-    async def open(self, session_id: str, prompt: Prompt, answer_text: str, timeout: float) -> OpenedSession:
+    async def open(
+        self, session_id: str, prompt: Prompt, answer_text: str, timeout: float, constraint: Constraint | None = None
+    ) -> OpenedSession:
         request = worker_pb2.OpenSessionRequest(
-            session_id=session_id, prompt=_prompt_proto(prompt), answer_text=answer_text
+            session_id=session_id,
+            prompt=_prompt_proto(prompt),
+            answer_text=answer_text,
+            constraint=constraint_proto(constraint),
         )
         response = await self._call(_WORKER_SERVICE + "OpenSession", self._stub.OpenSession, request, timeout)
         if not 0 < response.prompt_tokens <= response.context_tokens:
@@ -103,6 +129,7 @@ class WorkerClient:
         max_tokens: int,
         stop_strings: tuple[str, ...],
         timeout: float,
+        draw: Draw | None = None,
     ) -> GeneratedSegment:
         request = worker_pb2.GenerateSegmentRequest(
             session_id=session_id,
@@ -111,6 +138,7 @@ class WorkerClient:
             append_text=append_text,
             max_tokens=max_tokens,
             stop_strings=stop_strings,
+            sampling=_sampling_proto(draw),
         )
         r = await self._call(_WORKER_SERVICE + "GenerateSegment", self._stub.GenerateSegment, request, timeout)
         self._check_segment(r, max_tokens)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from coolfusion.worker import model_files
 from coolfusion.worker.backend import CandidateText, PromptSpec
 from coolfusion.worker.hf import loading
 from coolfusion.worker.hf.backend import TransformersBackend
@@ -222,7 +223,7 @@ def main() -> None:
 
 
 async def bench_preset(preset: str, repeats: int, answer_tokens: int) -> dict:
-    folder = loading.resolve_model_folder(preset=preset)
+    folder = model_files.resolve_model_folder(preset=preset)
     lm = HFModel(*loading.load_model(folder), preset)
     plain, _ = loading.load_model(folder)
     backend = TransformersBackend(lm, "float32", BatchLimits())

@@ -11,11 +11,11 @@ python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # absolute: 
 root=.typecheck/coolfusion
 rm -rf .typecheck
 mkdir -p "$root"
-for package in worker orchestrator calibration gateway client cli serving; do
+for package in worker orchestrator calibration constraints gateway client cli serving; do
   ln -s "../../$package" "$root/$package"
 done
 ln -s ../../gen/coolfusion/v1 "$root/v1"
 cd .typecheck
 # The cache lives outside .typecheck/, which is laid out anew each time: later checks reuse it.
-exec "$python" -m mypy --config-file ../pyproject.toml --cache-dir ../.mypy_cache -p coolfusion.worker -p coolfusion.orchestrator -p coolfusion.calibration -p coolfusion.gateway -p coolfusion.client \
+exec "$python" -m mypy --config-file ../pyproject.toml --cache-dir ../.mypy_cache -p coolfusion.worker -p coolfusion.orchestrator -p coolfusion.calibration -p coolfusion.constraints -p coolfusion.gateway -p coolfusion.client \
   -p coolfusion.cli -p coolfusion.serving "$@"

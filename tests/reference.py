@@ -1,6 +1,9 @@
 """A cache-free, in-process reference of docs/design.md section 2 (the paper strategy), with plain transformers forward passes.
 
-It shares no code with the service: every step re-reads the whole context from scratch.
+It shares no code with the service: every step re-reads the whole context from scratch. Under a
+constraint (section 9) each model's greedy choice is the best token the grammar allows after the
+whole answer so far, read afresh every token by llguidance, the grammar engine the constraint is
+written for.
 """
 
 from __future__ import annotations
@@ -11,11 +14,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import numpy
 import torch
 
 from coolfusion.v1 import orchestrator_pb2
 
 BOUNDARY = re.compile(r"\S(?=\s)")
+# How a constrained answer writes JSON (docs/design.md section 9.1).
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def schema_grammar(schema: dict) -> str:
+    """The grammar of answers that are one JSON value valid against `schema`, written compactly."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT_JSON)
+
+
+def regex_grammar(pattern: str) -> str:
+    return llguidance.LLMatcher.grammar_from_regex(pattern)
 
 
 @dataclass
@@ -44,22 +62,55 @@ class ReferenceModel:
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     @torch.no_grad()
-    def next_token(self, ids: list[int]) -> tuple[int, float]:
-        """The greedy next token, and its margin: the gap between the two highest logits."""
+    def next_token(self, ids: list[int], allowed: torch.Tensor | None = None) -> tuple[int, float]:
+        """The greedy next token (among `allowed`, when given), and its margin: the gap between the
+        two highest logits."""
         # The whole context is recomputed; only the last position's logits are projected (a 262k
         # vocabulary times every position would dominate the run time for nothing).
         logits = self.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -torch.inf)
         top = torch.topk(logits, 2)
         return int(top.indices[0]), float(top.values[0] - top.values[1])
 
-    def segment(self, context: str, special: bool, cap: int, stops: tuple[str, ...]) -> tuple[str, bool, float]:
-        """(segment text, ended at EOS, smallest greedy margin among its tokens), every token from scratch."""
+    def allowed_after(self, grammar: str, answer: str, new: list[int]) -> torch.Tensor:
+        """Which tokens the grammar allows after `answer` (any spelling of it) and then `new`."""
+        vocabulary = self.grammar_vocabulary()
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
+        assert matcher.consume_tokens(vocabulary.greedy_tokenize(answer) + new), matcher.get_error()
+        width = self.model.config.get_text_config().vocab_size
+        bitmask = llguidance.numpy.allocate_token_bitmask(1, vocabulary.vocab_size)
+        llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
+        bits = numpy.unpackbits(bitmask[0].view(numpy.uint8), bitorder="little")[:width]
+        return torch.from_numpy(bits.astype(bool))
+
+    def grammar_vocabulary(self) -> llguidance.LLTokenizer:
+        if getattr(self, "_vocabulary", None) is None:
+            width = self.model.config.get_text_config().vocab_size
+            self._vocabulary = llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=width, eos_token=sorted(self.eos_ids)
+            )
+        return self._vocabulary
+
+    def complete(self, grammar: str, answer: str) -> bool:
+        """Whether the grammar allows nothing after `answer` but its end."""
+        vocabulary = self.grammar_vocabulary()
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
+        matcher.consume_tokens(vocabulary.greedy_tokenize(answer))
+        return matcher.is_accepting() and matcher.is_stopped()
+
+    def segment(
+        self, context: str, special: bool, cap: int, stops: tuple[str, ...], constrained: tuple[str, str] | None = None
+    ) -> tuple[str, bool, float]:
+        """(segment text, ended at EOS, smallest greedy margin among its tokens), every token from
+        scratch; `constrained` is (grammar, answer so far)."""
         ids = self.ids(context, special)
         before = self.decode(ids)
         new: list[int] = []
         text, margin = "", math.inf
         for _ in range(cap):
-            token, gap = self.next_token(ids + new)
+            allowed = None if constrained is None else self.allowed_after(*constrained, new)
+            token, gap = self.next_token(ids + new, allowed)
             margin = min(margin, gap)
             if token in self.eos_ids:
                 return text, True, margin
@@ -115,15 +166,18 @@ def reference_steps(
     stop_strings: tuple[str, ...] = (),
     segment_cap: int = 16,
     aggregate: Callable[[list[float]], float] | None = None,
+    grammar: str | None = None,
 ) -> tuple[str, str, list[ReferenceStep]]:
     """The fused answer, why it ended ("eos", "stop" or "length"), and every step. `aggregate`
     turns the models' perplexities of a candidate (in model order) into its fused score; default:
-    their mean."""
+    their mean. Under `grammar` (an llguidance grammar) the answer also ends ("eos") once the
+    grammar allows nothing more."""
     rendered = [m.render(prompt) for m in models]
     answer, steps = "", []
     with ThreadPoolExecutor(len(models)) as pool:
         while True:
-            step = _step(pool, models, rendered, answer, segment_cap, stop_strings, aggregate)
+            constrained = None if grammar is None else (grammar, answer)
+            step = _step(pool, models, rendered, answer, segment_cap, stop_strings, aggregate, constrained)
             steps.append(step)
             winner = step.candidates[step.winner]
             previous = len(answer)
@@ -134,6 +188,8 @@ def reference_steps(
             hits = [h for h in hits if h >= 0]
             if hits:
                 return answer[: min(hits)], "stop", steps
+            if grammar is not None and models[0].complete(grammar, answer):
+                return answer, "eos", steps
             if models[0].answer_tokens(*rendered[0], answer) >= max_new_tokens or not winner[0]:
                 return answer, "length", steps
 
@@ -146,12 +202,15 @@ def _step(
     segment_cap: int,
     stop_strings: tuple[str, ...],
     aggregate: Callable[[list[float]], float] | None,
+    constrained: tuple[str, str] | None = None,
 ) -> ReferenceStep:
     """One step. Each model's work runs in its own thread: no model waits for another's within a
     step, and with one torch thread per Python thread (tests/conftest.py) the models use both cores
     of an idle machine without the intra-op threads that stall on a busy one."""
     contexts = [(r + answer, s) for r, s in rendered]
-    proposals = list(pool.map(lambda m, c: m.segment(c[0], c[1], segment_cap, stop_strings), models, contexts))
+    proposals = list(
+        pool.map(lambda m, c: m.segment(c[0], c[1], segment_cap, stop_strings, constrained), models, contexts)
+    )
     segments = [(text, eos) for text, eos, _ in proposals]
     candidates = list(dict.fromkeys(segments))  # distinct, in worker order
     fused: list[float] = []
@@ -172,7 +231,8 @@ def reference_fuse(
     stop_strings: tuple[str, ...] = (),
     segment_cap: int = 16,
     aggregate: Callable[[list[float]], float] | None = None,
+    grammar: str | None = None,
 ) -> tuple[str, str]:
     """The fused answer and why it ended (see reference_steps)."""
-    text, finish, _ = reference_steps(models, prompt, max_new_tokens, stop_strings, segment_cap, aggregate)
+    text, finish, _ = reference_steps(models, prompt, max_new_tokens, stop_strings, segment_cap, aggregate, grammar)
     return text, finish

@@ -100,12 +100,12 @@ def _bpe_tokenizer() -> PreTrainedTokenizerFast:
 def _metaspace_tokenizer() -> PreTrainedTokenizerFast:
     """SentencePiece-style BPE that prepends <bos> to plain text, like Gemma."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    # prepend_scheme="never": no "▁" is invented at the start of a text, so the decoder
-    # never strips one either. A continuation that starts with "▁word" therefore decodes
+    # prepend_scheme="never": no "▁" is invented at the start of a text, and the decoder (Gemma's:
+    # "▁" back to a space) strips none. A continuation that starts with "▁word" therefore decodes
     # to " word" on its own, and decode(a) + decode(b) == decode(a + b), as with Gemma.
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=sorted(PRINTABLE))
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -130,7 +130,9 @@ def _char_tokenizer() -> PreTrainedTokenizerFast:
     # BPE without merges is a character model that still supports an unknown token.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.add_special_tokens(specials)
-    tok.decoder = decoders.Fuse()
+    # Joins the characters; spelled as SentencePiece's decoder (with nothing to replace) because
+    # that is a decoder the constraint engine, llguidance, can read, and a bare Fuse is not.
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

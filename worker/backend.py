@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from coolfusion.constraints import Constraint, ConstraintKind
+from coolfusion.constraints.tools import ToolCall, ToolDefinition
+
 if TYPE_CHECKING:
     from coolfusion.worker.settings import WorkerSettings
 
@@ -31,18 +34,22 @@ class Finish(enum.Enum):
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One chat message."""
+    """One chat message: an assistant turn may call tools, a tool turn answers one call."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """A prompt: plain text, or chat turns rendered with the model's chat template."""
+    """A prompt: plain text, or chat turns (and the tools they offer) rendered with the model's
+    chat template."""
 
     text: str | None = None
     chat: tuple[ChatTurn, ...] = ()
+    tools: tuple[ToolDefinition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,42 @@ class Segment:
     text: str
     finish: Finish
     generated_tokens: int
+
+
+class SessionGuide(ABC):
+    """A session's place in its constraint's language, inside the engine (opaque to the session
+    store, like its cache); see worker/constraints.py for the transformers engine's."""
+
+
+@dataclass(frozen=True)
+class ConstrainedAnswer:
+    """The session's constraint for one segment: its guide, and the committed answer it follows."""
+
+    guide: SessionGuide
+    answer_text: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a segment's tokens are drawn (docs/design.md section 10.1): temperature (> 0; greedy is
+    no Sampling at all), then top_k (0: all), then top_p (1: all), from a generator seeded with
+    `seed` for this call alone."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegmentRules:
+    """How one segment ends (docs/design.md section 2.2), what it may contain (section 9.2) and how
+    its tokens are drawn (section 10.1; None: greedily)."""
+
+    max_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    constraint: ConstrainedAnswer | None = None
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +156,7 @@ class ModelDescription:
     # Every device holding parameters, in the order the model uses them; empty when unknown.
     placement: tuple[DeviceShare, ...] = ()
     engine: str = ""  # the engine serving the model: one of ENGINES
+    constraint_kinds: tuple[ConstraintKind, ...] = ()  # the constraints it enforces while generating
 
 
 @dataclass(frozen=True)
@@ -192,13 +236,22 @@ class ModelBackend(ABC):
         """Makes `cache` hold exactly `context_ids` (prefill), recomputing only past the first
         token that differs from what it holds."""
 
+    @property
+    def grammar_compiles(self) -> int:
+        """Constraint grammars compiled so far (each distinct constraint once)."""
+        return 0
+
+    def guide(self, constraint: Constraint) -> SessionGuide:
+        """A new session's guide for `constraint` (compiled once per distinct constraint);
+        ConstraintError when it does not compile. Only for kinds in description.constraint_kinds."""
+        raise NotImplementedError(f"the {self.description.engine} engine enforces no constraints")
+
     @abstractmethod
-    async def generate(
-        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
-    ) -> Timed[Segment]:
-        """Greedily generates one segment after `context_ids` (docs/design.md section 2.2). The
-        cache then holds the context plus the segment's own tokens (never tokens past the cut),
-        so that appending this segment if it wins costs nothing."""
+    async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
+        """Greedily generates one segment after `context_ids` (docs/design.md section 2.2), within
+        the rules' constraint if any (section 9.2). The cache then holds the context plus the
+        segment's own tokens (never tokens past the cut), so that appending this segment if it
+        wins costs nothing."""
 
     @abstractmethod
     async def score(

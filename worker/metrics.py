@@ -54,6 +54,21 @@ class SessionLoadCollector(Collector):
         yield evictions
 
 
+class CompileCounter(Collector):
+    """Constraint grammars the worker compiled, read from the backend at each scrape (a plain
+    integer read, safe from any thread)."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "coolfusion_worker_grammar_compiles",
+            "Constraint grammars compiled against this model's vocabulary; a constraint seen before compiles nothing.",
+            value=self.read(),
+        )
+
+
 class WorkerMetrics:
     """Everything a worker exports: its RPCs, its session cache and its model calls in flight."""
 
@@ -62,6 +77,8 @@ class WorkerMetrics:
         self.rpc = RpcMetrics(registry)
         self.sessions = SessionLoadCollector()
         registry.register(self.sessions)
+        self.grammar_compiles = CompileCounter()
+        registry.register(self.grammar_compiles)
         self._queue_depth = Gauge(
             "coolfusion_worker_model_queue_depth",
             "Model calls waiting for a forward pass or running in one.",

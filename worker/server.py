@@ -70,6 +70,7 @@ class RunningWorker:
         self.metrics.sessions.watch(store.load)
         self.metrics.sessions.sample()  # so that the first scrape sees the store
         self.metrics.watch_queue(lambda: backend.queue_depth)
+        self.metrics.grammar_compiles.read = lambda: backend.grammar_compiles
         backend.observe_passes(self.metrics.observe_pass)
         self.servicer.attach(backend, store)
         self._sweeper = asyncio.create_task(_sweep_idle(store, self.settings.limits.idle_ttl_s))

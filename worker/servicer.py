@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import grpc
 
-from coolfusion.client.version import PACKAGE_VERSION
+from coolfusion.constraints import Constraint
+from coolfusion.constraints.protocol import constraint_of, kind_number
+from coolfusion.constraints.tools import ToolCall, ToolDefinition
+from coolfusion.serving.version import SERVER_VERSION
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
-from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec
+from coolfusion.worker.backend import CandidateText, ChatTurn, Finish, ModelBackend, PromptSpec, Sampling
 from coolfusion.worker.errors import InvalidRequest, NotReady
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
@@ -49,15 +53,44 @@ class RequestValidator:
             return PromptSpec(text=self.text(prompt.text, "prompt.text"))
         if kind == "chat" and prompt.chat.messages:
             turns = tuple(self._turn(i, m) for i, m in enumerate(prompt.chat.messages))
-            self.text("".join(t.content for t in turns), "prompt.chat")
-            return PromptSpec(chat=turns)
+            tools = tuple(_tool(i, t) for i, t in enumerate(prompt.chat.tools))
+            spelled = [t.content + "".join(c.arguments for c in t.tool_calls) for t in turns]
+            self.text("".join(spelled) + "".join(t.description + t.parameters for t in tools), "prompt.chat")
+            return PromptSpec(chat=turns, tools=tools)
         raise InvalidRequest("prompt must be non-empty text or at least one chat message")
 
     @staticmethod
     def _turn(index: int, message: worker_pb2.ChatMessage) -> ChatTurn:
-        if message.role not in ("system", "user", "assistant"):
-            raise InvalidRequest(f"prompt.chat.messages[{index}].role must be system, user or assistant")
-        return ChatTurn(message.role, message.content)
+        field = f"prompt.chat.messages[{index}]"
+        if message.role not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest(f"{field}.role must be system, user, assistant or tool")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(f"{field}: only assistant turns call tools")
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest(f"{field}: a tool turn names the call it answers (tool_call_id)")
+        calls = tuple(
+            ToolCall(c.id, c.name, _json_object(c.arguments, f"{field}.tool_calls")) for c in message.tool_calls
+        )
+        return ChatTurn(message.role, message.content, calls, message.tool_call_id)
+
+    def constraint(self, request: worker_pb2.OpenSessionRequest) -> Constraint | None:
+        self.text(request.constraint.definition, "constraint.definition")
+        try:
+            return constraint_of(request.constraint)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+
+    @staticmethod
+    def sampling(request: worker_pb2.GenerateSegmentRequest) -> Sampling | None:
+        """The call's sampling; None (greedy) when unset or at temperature 0."""
+        if not request.HasField("sampling") or request.sampling.temperature == 0:
+            return None
+        sampling = request.sampling
+        if not 0 < sampling.temperature <= 2:  # also refuses NaN
+            raise InvalidRequest(f"sampling.temperature is {sampling.temperature}; it must be in [0, 2]")
+        if not 0 <= sampling.top_p <= 1:
+            raise InvalidRequest(f"sampling.top_p is {sampling.top_p}; it must be in (0, 1] (0 for 1)")
+        return Sampling(sampling.temperature, sampling.top_p or 1.0, sampling.top_k, sampling.seed)
 
     def expected_tokens(self, value: int) -> int:
         if value == 0:
@@ -85,6 +118,25 @@ class RequestValidator:
         return [
             CandidateText(self.text(c.text, f"candidates[{i}].text"), c.ends_with_eos) for i, c in enumerate(values)
         ]
+
+
+def _tool(index: int, tool: worker_pb2.ToolDefinition) -> ToolDefinition:
+    if not tool.name:
+        raise InvalidRequest(f"prompt.chat.tools[{index}].name is empty")
+    return ToolDefinition(
+        tool.name, tool.description, _json_object(tool.parameters or "{}", f"prompt.chat.tools[{index}]")
+    )
+
+
+def _json_object(text: str, field: str) -> str:
+    """`text` when it is a JSON object, or empty (tool arguments and parameter schemas)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"{field}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field}: a JSON object is required")
+    return text
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -152,8 +204,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             placement=[
                 worker_pb2.DevicePlacement(device=p.device, parameter_share=p.parameter_share) for p in model.placement
             ],
-            server_version=PACKAGE_VERSION,
+            server_version=SERVER_VERSION,
             engine=model.engine,
+            constraint_kinds=[kind_number(kind) for kind in model.constraint_kinds],
         )
 
     async def OpenSession(
@@ -164,6 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._validate.session_id(request.session_id, allow_empty=True),
             self._validate.prompt(request.prompt),
             self._validate.text(request.answer_text, "answer_text"),
+            self._validate.constraint(request),
         )
         return worker_pb2.OpenSessionResponse(
             session_id=opened.session_id,
@@ -185,6 +239,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._validate.text(request.append_text, "append_text"),
             self._validate.max_tokens(request.max_tokens),
             self._validate.stop_strings(request.stop_strings),
+            self._validate.sampling(request),
         )
         segment = generated.segment
         return worker_pb2.GenerateSegmentResponse(

@@ -15,7 +15,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from coolfusion.worker.backend import CandidateText, ModelBackend, PromptSpec, Segment, SessionCache, TextScore
+from coolfusion.constraints import Constraint, ConstraintError, TextMatcher
+from coolfusion.worker.backend import (
+    CandidateText,
+    ConstrainedAnswer,
+    ModelBackend,
+    PromptSpec,
+    Sampling,
+    Segment,
+    SegmentRules,
+    SessionCache,
+    SessionGuide,
+    TextScore,
+)
 from coolfusion.worker.errors import (
     InvalidRequest,
     OverCapacity,
@@ -42,6 +54,11 @@ class Session:
     answer_text: str
     context_ids: list[int]
     cache: SessionCache
+    # Under a constraint: the committed answer as the constraint reads it (checked here, on the
+    # event loop, before any model work), and the engine's guide, which follows it while generating.
+    constraint: Constraint | None = None
+    checker: TextMatcher | None = None
+    guide: SessionGuide | None = None
     last_used: float = 0.0
     # Tokens the call in flight may grow the cache to; the budget counts them before they exist.
     reserved_tokens: int = 0
@@ -121,16 +138,20 @@ class SessionStore:
 
     # ---- public operations ----------------------------------------------------------------
 
-    async def open(self, session_id: str, prompt: PromptSpec, answer_text: str) -> OpenedSession:
+    async def open(
+        self, session_id: str, prompt: PromptSpec, answer_text: str, constraint: Constraint | None = None
+    ) -> OpenedSession:
         """Creates a session and prefills its cache; re-opening the same context is a no-op."""
         self.evict_idle()
         rendered = self._backend.render(prompt)
         existing = self._sessions.get(session_id)
         if existing is not None:
-            return self._reopen(existing, rendered.text, answer_text)
+            return self._reopen(existing, rendered.text, answer_text, constraint)
         session = self._new_session(
             session_id or uuid.uuid4().hex, rendered.text, rendered.add_special_tokens, answer_text
         )
+        if constraint is not None:
+            self._constrain(session, constraint)
         self._make_room(session, len(session.context_ids))
         self._sessions[session.session_id] = session
         async with session.lock, self._using(session, len(session.context_ids)):
@@ -144,8 +165,9 @@ class SessionStore:
         append_text: str,
         max_tokens: int,
         stop_strings: tuple[str, ...],
+        sampling: Sampling | None = None,
     ) -> Generated:
-        """Appends `append_text`, then generates one segment."""
+        """Appends `append_text`, then generates one segment (greedily unless `sampling`)."""
         session = self._get(session_id)
         async with session.lock:
             self._check(session, expected)
@@ -153,15 +175,18 @@ class SessionStore:
             if append_text:
                 context_ids = self._context_ids(session.context_text + append_text, session)
             self._check_fits(len(context_ids) + max_tokens, "context + segment cap")
+            checker = self._checked_append(session, append_text)
             async with self._using(session, len(context_ids) + max_tokens):
-                before = session.answer_text, session.context_ids
+                before = session.answer_text, session.context_ids, session.checker
                 session.answer_text, session.context_ids = session.answer_text + append_text, context_ids
+                session.checker = checker
                 try:
-                    timed = await self._backend.generate(session.cache, context_ids, max_tokens, stop_strings)
-                except OverCapacity:
+                    rules = self._rules(session, max_tokens, stop_strings, sampling)
+                    timed = await self._backend.generate(session.cache, context_ids, rules)
+                except (OverCapacity, InvalidRequest):
                     # Refused before any work: the caller may retry the same call, so it must
                     # find the session as it was.
-                    session.answer_text, session.context_ids = before
+                    session.answer_text, session.context_ids, session.checker = before
                     raise
         return Generated(timed.value, len(context_ids), timed.compute_ms)
 
@@ -230,14 +255,45 @@ class SessionStore:
         session.last_used = self._clock()
         return session
 
-    def _reopen(self, session: Session, prompt_text: str, answer_text: str) -> OpenedSession:
-        if (session.prompt_text, session.answer_text) != (prompt_text, answer_text):
+    def _reopen(
+        self, session: Session, prompt_text: str, answer_text: str, constraint: Constraint | None
+    ) -> OpenedSession:
+        if (session.prompt_text, session.answer_text, session.constraint) != (prompt_text, answer_text, constraint):
             raise SessionConflict(
                 f"session {session.session_id!r} is already open with a different context; "
                 "close it or choose another id"
             )
         self._touch(session)
         return OpenedSession(session.session_id, session.prompt_tokens, len(session.context_ids), 0.0)
+
+    def _constrain(self, session: Session, constraint: Constraint) -> None:
+        """Holds the session's answer to `constraint` (docs/design.md section 9.2)."""
+        if constraint.kind not in self._backend.description.constraint_kinds:
+            raise InvalidRequest(f"this worker does not enforce {constraint.kind} constraints")
+        try:
+            checker = TextMatcher.of(constraint)
+            session.guide = self._backend.guide(constraint)
+        except ConstraintError as error:
+            raise InvalidRequest(f"constraint: {error}") from None
+        if reason := checker.allows(session.answer_text):
+            raise InvalidRequest(f"answer_text {reason}")
+        checker.advance(session.answer_text)
+        session.constraint, session.checker = constraint, checker
+
+    def _checked_append(self, session: Session, append_text: str) -> TextMatcher | None:
+        """The session's checker after `append_text`, which must keep the answer in the language."""
+        if session.checker is None or not append_text:
+            return session.checker
+        if reason := session.checker.allows(append_text):
+            raise InvalidRequest(f"append_text {reason}")
+        return session.checker.after(append_text)
+
+    @staticmethod
+    def _rules(
+        session: Session, max_tokens: int, stop_strings: tuple[str, ...], sampling: Sampling | None
+    ) -> SegmentRules:
+        constrained = None if session.guide is None else ConstrainedAnswer(session.guide, session.answer_text)
+        return SegmentRules(max_tokens, stop_strings, constrained, sampling)
 
     def _context_ids(self, context_text: str, session: Session) -> list[int]:
         # The whole context is re-tokenized (a fast tokenizer needs ~1 ms for 2k tokens) so that the

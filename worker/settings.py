@@ -94,7 +94,7 @@ class WorkerSettings:
     """Everything the worker process needs, resolved from the command line."""
 
     model: str | None = None  # a model folder or .gguf file
-    preset: str | None = None  # or one of hf.loading.PRESETS
+    preset: str | None = None  # or one of model_files.PRESETS
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "cpu"  # the whole model on one device, unless device_map is set
@@ -107,7 +107,7 @@ class WorkerSettings:
     # 0 keeps torch's default (all cores); co-located workers should split the cores instead,
     # because oversubscribed OpenMP threads spin and slow every process down many times over.
     threads: int = 0
-    cache_dir: Path | None = None  # where GGUF conversions are kept; None = hf.loading.default_cache_dir()
+    cache_dir: Path | None = None  # where GGUF conversions are kept; None = model_files.default_cache_dir()
     # Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds (30 by default): drain in less.
     grace_s: float = 20.0
     log_json: bool | None = None  # None: JSON when stderr is not a terminal

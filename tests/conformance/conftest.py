@@ -92,7 +92,7 @@ def open_session(stub: worker_pb2_grpc.WorkerServiceStub) -> Iterator[OpenSessio
     """Opens sessions with fresh caller-chosen ids; closes them all when the test ends.
 
     open_session("text prompt") or open_session(chat=[("user", "hi")]), optionally with
-    answer_text=... and session_id=... (pass session_id="" to let the worker choose).
+    answer_text=..., session_id=... (pass session_id="" to let the worker choose) and constraint=....
     """
     opened: list[str] = []
 
@@ -102,6 +102,7 @@ def open_session(stub: worker_pb2_grpc.WorkerServiceStub) -> Iterator[OpenSessio
         chat: list[tuple[str, str]] | None = None,
         answer_text: str = "",
         session_id: str | None = None,
+        constraint: worker_pb2.Constraint | None = None,
     ) -> worker_pb2.OpenSessionResponse:
         if chat is not None:
             messages = [worker_pb2.ChatMessage(role=r, content=c) for r, c in chat]
@@ -112,6 +113,7 @@ def open_session(stub: worker_pb2_grpc.WorkerServiceStub) -> Iterator[OpenSessio
             session_id=new_session_id() if session_id is None else session_id,
             prompt=prompt,
             answer_text=answer_text,
+            constraint=constraint,
         )
         response = stub.OpenSession(request, timeout=RPC_TIMEOUT_S)
         opened.append(response.session_id)

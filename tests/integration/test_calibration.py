@@ -31,7 +31,9 @@ def calibration_files(tiny_trio, tmp_path_factory):
     with FusionClient(tiny_trio.address) as client:
         models = {s.name: s.info.model_id for s in client.list_workers()}
     folder = tmp_path_factory.mktemp("calibrations")
-    scoped = SelectionRule({"char": WorkerFit(1.0, 1.0, 0.5), "bpe": WorkerFit(1.0, 2.0, 0.0)}, lead="char", margin=0.25)
+    scoped = SelectionRule(
+        {"char": WorkerFit(1.0, 1.0, 0.5), "bpe": WorkerFit(1.0, 2.0, 0.0)}, lead="char", margin=0.25
+    )
     routed = SelectionRule({w: WorkerFit(1.0, 1.0, 0.25) for w in ("bpe", "metaspace", "char")})
     for name, rule, scope in ((SCOPED, scoped, Scope(("extract",), ("plain",), CAP)), (ROUTED, routed, None)):
         fitted = tuple(FittedWorker(w, models[w]) for w in rule.workers)
@@ -74,8 +76,16 @@ def test_the_default_calibration_runs_for_a_request_inside_its_scope(client):
 @pytest.mark.parametrize(
     ("prompt", "options", "says"),
     [
-        ([{"role": "user", "content": "Tell me about rivers."}], {}, "the request's prompt is chat; it was fitted on plain prompts"),
-        (PROMPT, {"max_new_tokens": CAP + 2}, f"allows {CAP + 2} new tokens; it was fitted on answers of at most {CAP}"),
+        (
+            [{"role": "user", "content": "Tell me about rivers."}],
+            {},
+            "the request's prompt is chat; it was fitted on plain prompts",
+        ),
+        (
+            PROMPT,
+            {"max_new_tokens": CAP + 2},
+            f"allows {CAP + 2} new tokens; it was fitted on answers of at most {CAP}",
+        ),
         (PROMPT, {"tag": "support"}, "the request's tag is 'support'; it was fitted on tags extract"),
     ],
 )
@@ -108,9 +118,15 @@ def test_a_route_runs_its_calibration_on_its_workers(client):
     ("options", "says"),
     [
         ({"route": "coolfusion/nope"}, "unknown route 'coolfusion/nope'; routes: coolfusion/chat"),
-        ({"route": ROUTE, "strategy": fusion_strategy(calibration=SCOPED)}, f"runs calibration {ROUTED!r}, not {SCOPED!r}"),
+        (
+            {"route": ROUTE, "strategy": fusion_strategy(calibration=SCOPED)},
+            f"runs calibration {ROUTED!r}, not {SCOPED!r}",
+        ),
         ({"route": ROUTE, "strategy": fusion_strategy("ppl_mean")}, "which replaces the aggregation"),
-        ({"route": ROUTE, "workers": ("bpe", "char")}, "fitted for workers ['bpe', 'metaspace', 'char'], not ['bpe', 'char']"),
+        (
+            {"route": ROUTE, "workers": ("bpe", "char")},
+            "fitted for workers ['bpe', 'metaspace', 'char'], not ['bpe', 'char']",
+        ),
         ({"tag": "Not A Tag"}, "tag 'Not A Tag' must be lowercase letters"),
     ],
 )
@@ -137,7 +153,12 @@ def test_the_gateway_serves_a_route_as_a_model(gateway):
         body = {"model": ROUTE, "prompt": PROMPT, "max_tokens": CAP}
         routed = http.post("/completions", json=body).json()["coolfusion"]
         assert routed["calibration"] == ROUTED and routed["rule_choice"] == {"reason": "route", "detail": ""}
-        chat = {"model": "coolfusion", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "workers": ["char", "bpe"]}
+        chat = {
+            "model": "coolfusion",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "workers": ["char", "bpe"],
+        }
         outside = http.post("/chat/completions", json=chat).json()["coolfusion"]
         assert outside["calibration"] is None and outside["rule_choice"]["reason"] == "outside_scope"
 
@@ -156,7 +177,11 @@ def test_explore_a_labelled_file_and_calibrate_per_tag(orchestrator, tmp_path):
     argv = ["explore", "--orchestrator", orchestrator.address, "--data", str(data), "--out", str(trees)]
     assert coolfusion([*argv, "--workers", "char,bpe", "--concurrency", "4"]) == 0
     assert coolfusion(["calibrate", str(trees), "--out", str(fitted)]) == 0
-    assert sorted(p.name for p in fitted.glob("*.json")) == ["count-char-bpe.json", "echo-char-bpe.json", "pooled-char-bpe.json"]
+    assert sorted(p.name for p in fitted.glob("*.json")) == [
+        "count-char-bpe.json",
+        "echo-char-bpe.json",
+        "pooled-char-bpe.json",
+    ]
     pooled = load_calibration(fitted / "pooled-char-bpe.json")
     assert pooled.scope == Scope(("count", "echo"), ("plain",), 3)
     assert pooled.fitted_on["data"]["items"] == 12 and pooled.fitted_on["data"]["split"]["tuning"] == 8
@@ -165,5 +190,7 @@ def test_explore_a_labelled_file_and_calibrate_per_tag(orchestrator, tmp_path):
     assert "Held-out items" in (fitted / "fit.md").read_text()
     lines[0]["prompt"] = "Count to zero:"  # another question under the same id needs its own tree
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    with pytest.raises(SystemExit, match=r"1 items of .* have no tree for their question .* \(first: line 1, id 'count-0'\)"):
+    with pytest.raises(
+        SystemExit, match=r"1 items of .* have no tree for their question .* \(first: line 1, id 'count-0'\)"
+    ):
         coolfusion(["calibrate", str(trees), "--out", str(fitted)])

@@ -90,6 +90,24 @@ def test_fuse_stream_prints_segments_then_the_summary(address: str) -> None:
     assert_share_table(done.stdout)
 
 
+def test_fuse_holds_the_answer_to_a_json_schema_file(address: str, tmp_path: Path) -> None:
+    n = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema = {"type": "object", "properties": {"n": n}, "required": ["n"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    longer = ("--max-new-tokens", "48", "--segment-max-tokens", "16")  # after the module's short limits
+    done = fuse_cli(address, "--json", "--json-schema", str(tmp_path / "schema.json"), *longer)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(json.loads(done.stdout)["text"])) == {"n"}
+
+
+def test_fuse_samples_with_a_seed_and_prints_n_answers(address: str) -> None:
+    once = fuse_cli(address, "--json", "--temperature", "0.9", "--seed", "5")
+    again = fuse_cli(address, "--json", "--temperature", "0.9", "--seed", "5", "-n", "2")
+    assert once.returncode == again.returncode == 0, again.stderr
+    first = json.loads(once.stdout)
+    assert first["seed"] == "5" and json.loads(again.stdout.split("\n}\n")[0] + "\n}")["text"] == first["text"]
+
+
 def test_unknown_worker_is_an_invalid_argument(address: str) -> None:
     done = fuse_cli(address, "--workers", "bpe,nope")
     assert done.returncode == 2

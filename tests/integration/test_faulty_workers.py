@@ -7,14 +7,18 @@ corrupts one kind of answer, so the orchestrator sees exactly what a broken remo
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
 import pytest
 
 from coolfusion.cli.cluster import launch, stop_processes, wait_ready, worker_argv
+from coolfusion.constraints import Constraint, ConstraintKind
 from coolfusion.orchestrator.domain import Prompt
 from coolfusion.orchestrator.fusion import FusionRequest, fuse
+from coolfusion.orchestrator.strategy import PAPER
+from coolfusion.orchestrator.structured import Structure
 from coolfusion.orchestrator.worker_client import WorkerClient
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
@@ -76,16 +80,31 @@ async def hang(response):
     await asyncio.sleep(3600)
 
 
-async def fuse_with_faulty(workers, rpc: str, corrupt, call_timeout_s: float = 30.0):
-    """Fuses the real bpe worker with a corrupted proxy of the real char worker."""
+class ConstraintIgnoringWorker(CorruptingWorker):
+    """A worker that says it enforces constraints (its GetInfo is the real worker's) and opens every
+    session without one: what a third-party worker that ignores the field sends."""
+
+    def __init__(self, target: str):
+        super().__init__(target, "", None)
+
+    async def OpenSession(self, request, context):
+        request.ClearField("constraint")
+        return await self._forward("OpenSession", request)
+
+
+async def fuse_with_faulty(workers, rpc: str, corrupt, call_timeout_s: float = 30.0, proxy=None, request=None):
+    """Fuses the real bpe worker with a corrupted proxy of the real char worker; `proxy(target)`
+    makes another kind of proxy (inside the event loop, which its channel belongs to)."""
     server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(CorruptingWorker(workers["char"].address, rpc, corrupt), server)
+    target = workers["char"].address
+    proxy = proxy(target) if proxy else CorruptingWorker(target, rpc, corrupt)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(proxy, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channels = [grpc.aio.insecure_channel(workers["bpe"].address), grpc.aio.insecure_channel(f"127.0.0.1:{port}")]
     try:
         clients = [WorkerClient("bpe", channels[0]), WorkerClient("faulty", channels[1])]
-        request = FusionRequest(Prompt(text=PROMPT), 16, (), 16, False, f"faulty-{rpc}")
+        request = request or FusionRequest(Prompt(text=PROMPT), 16, (), 16, False, f"faulty-{rpc}")
         return await fuse(clients, request, time.monotonic() + 120, call_timeout_s)
     finally:
         for channel in channels:
@@ -115,3 +134,17 @@ def test_a_hanging_worker_is_dropped_by_the_call_deadline(workers):
     assert [d.worker for d in result.dropped] == ["faulty"]
     assert result.dropped[0].reason.startswith("DEADLINE_EXCEEDED")
     assert result.text and time.monotonic() - started < 60
+
+
+def test_a_worker_that_ignores_the_constraint_loses_its_proposal_and_is_named(workers):
+    """The orchestrator checks every proposal against the constraint (docs/design.md section 9.3):
+    the worker that proposed free text is dropped, and the answer stays within the language."""
+    n = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema = {"type": "object", "properties": {"n": n}, "required": ["n"], "additionalProperties": False}
+    structure = Structure(Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema)))
+    request = FusionRequest(Prompt(text=PROMPT), 32, (), 16, False, "ignores-constraint", PAPER, structure)
+    result = asyncio.run(fuse_with_faulty(workers, "", None, proxy=ConstraintIgnoringWorker, request=request))
+    assert [d.worker for d in result.dropped] == ["faulty"]
+    assert "leaves the constraint's language" in result.dropped[0].reason
+    assert result.finish == "eos" and 0 <= json.loads(result.text)["n"] <= 99
+    assert open_sessions(workers.values()) == [0, 0]

@@ -10,11 +10,13 @@ import time
 import urllib.error
 import urllib.request
 
+import jsonschema
 import openai
 import pytest
 
 from coolfusion.cli.cluster import gateway_argv, launch, stop_processes, wait_ready
-from coolfusion.client import FuseOptions, FusionClient, fusion_strategy
+from coolfusion.client import FuseOptions, FusionClient, fusion_strategy, json_schema
+from coolfusion.constraints import Constraint, ConstraintKind, TextMatcher
 from coolfusion.v1 import worker_pb2
 
 from worker_probes import open_sessions, wait_for_no_sessions
@@ -255,16 +257,13 @@ def test_an_unknown_model_is_not_found(client):
 
 
 REFUSED = [
-    ("chat", {"n": 2}, "n"),
-    ("chat", {"temperature": 0.7}, "temperature"),
-    ("chat", {"top_p": 0.5}, "top_p"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"logit_bias": {"1": -100}}, "logit_bias"),
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]}, "tools"),
-    ("chat", {"tool_choice": "required"}, "tool_choice"),
-    ("text", {"n": 3}, "n"),
-    ("text", {"temperature": 1.0}, "temperature"),
-    ("text", {"top_p": 0.9}, "top_p"),
+    ("chat", {"functions": [{"name": "add", "parameters": {}}]}, "functions"),
+    ("text", {"frequency_penalty": 1.0}, "frequency_penalty"),
+    ("text", {"best_of": 2}, "best_of"),
     ("text", {"logprobs": 1}, "logprobs"),
 ]
 
@@ -500,3 +499,189 @@ def test_a_rotated_token_file_is_read_again_without_a_restart(gateway):
         os.replace(fresh, token_file)
     with sdk(url, TOKENS[1]) as restored:
         assert restored.models.list().data
+
+
+# ---- structured output and tools (docs/http-api.md) ---------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+NAMED = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_a_json_schema_response_format_gives_json_valid_against_it(client, fusion):
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    answer = client.chat.completions.create(
+        model="coolfusion", messages=MESSAGES, max_tokens=64, response_format=response_format
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+    assert answer.choices[0].finish_reason == "stop"
+    assert (
+        answer.choices[0].message.content
+        == fusion.fuse(MESSAGES, FuseOptions(max_new_tokens=64, constraint=json_schema(PERSON))).text
+    )
+
+
+def test_json_mode_gives_a_json_object_or_its_beginning_when_cut(client):
+    answer = client.chat.completions.create(
+        model="coolfusion", messages=MESSAGES, max_tokens=64, response_format={"type": "json_object"}
+    )
+    text = answer.choices[0].message.content
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # the tiny models write one long key: cut by the cap, still a valid beginning
+        assert answer.choices[0].finish_reason == "length" and text.startswith('{"')
+        assert TextMatcher.of(Constraint(ConstraintKind.JSON_OBJECT)).allows(text) is None
+
+
+@pytest.mark.parametrize(
+    ("choice", "names"), [("required", {"get_weather", "get_time"}), (NAMED, {"get_time"})], ids=["required", "named"]
+)
+def test_tool_choice_that_must_call_returns_tool_calls(client, choice, names):
+    answer = client.chat.completions.create(
+        model="coolfusion", messages=ASK, max_tokens=64, tools=[WEATHER, CLOCK], tool_choice=choice,
+        parallel_tool_calls=False,
+    )  # fmt: skip
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls  # parallel_tool_calls=False: one call
+    assert call.type == "function" and call.function.name in names and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_tool_choice_none_answers_in_text_and_auto_in_either(client, fusion):
+    none = client.chat.completions.create(
+        model="coolfusion", messages=ASK, max_tokens=16, tools=[WEATHER], tool_choice="none"
+    )
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    auto = client.chat.completions.create(model="coolfusion", messages=ASK, max_tokens=64, tools=[WEATHER])
+    options = FuseOptions(max_new_tokens=64, tools=(WEATHER,))
+    expected = fusion.fuse(ASK, options)
+    if expected.tool_calls:
+        assert [c.function.name for c in auto.choices[0].message.tool_calls] == [c.name for c in expected.tool_calls]
+    else:
+        assert auto.choices[0].message.content == expected.text
+
+
+def test_streamed_tool_calls_read_like_openais(client):
+    """The SDK's stream helper accumulates the tool_calls deltas into the final message."""
+    with client.chat.completions.stream(
+        model="coolfusion", messages=ASK, max_tokens=64, tools=[WEATHER, CLOCK], tool_choice=NAMED
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    [call] = final.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+
+
+def test_a_conversation_with_a_tool_result_continues_in_text(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    turns = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"},
+    ]
+    answer = client.chat.completions.create(
+        model="coolfusion", messages=turns, max_tokens=16, tools=[WEATHER], tool_choice="none"
+    )
+    assert answer.choices[0].message.content
+
+
+STRUCTURED_REFUSALS = [
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}},
+            }
+        },
+        "response_format",
+    ),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "("}},
+            }
+        },
+        "response_format",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "bad name", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nothing"}}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_moon"}}}, "tool_choice"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "4 C"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"), STRUCTURED_REFUSALS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(STRUCTURED_REFUSALS)]
+)
+def test_malformed_schemas_and_tools_are_refused_at_once_naming_the_field(client, tiny_trio, params, field):
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="coolfusion", **{"messages": ASK, "max_tokens": 8, **params})
+    # Refused before any worker is asked: far less than one model step. 5 s is a bound for a busy
+    # CI machine, not a measurement (it takes milliseconds).
+    assert time.monotonic() - started < 5
+    assert raised.value.param == field
+    assert open_sessions(tiny_trio.workers.values()) == [0, 0, 0]
+
+
+def test_langchain_structured_output_by_json_schema_and_by_function_calling(gateway):
+    llm = chat_model(gateway[0], max_tokens=64)
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output({"title": "Person", **PERSON}, method=method, include_raw=True)
+        out = person.invoke("Describe a person.")
+        assert out["parsing_error"] is None
+        jsonschema.validate(out["parsed"], PERSON)
+
+
+def test_langchain_bind_tools(gateway):
+    llm = chat_model(gateway[0], max_tokens=64).bind_tools([WEATHER, CLOCK], tool_choice="get_time")
+    message = llm.invoke("What time is it?")
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    assert [(call["name"], call["args"]) for call in message.tool_calls] == [("get_time", {})]
+
+
+def test_litellm_response_format_and_tools(gateway):
+    litellm = litellm_module()
+    call = {
+        "model": "openai/coolfusion",
+        "api_base": gateway[0],
+        "api_key": TOKENS[1],
+        "num_retries": 0,
+        "max_tokens": 64,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    answer = litellm.completion(**call, messages=MESSAGES, response_format=response_format)
+    assert answer.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+    called = litellm.completion(**call, messages=ASK, tools=[WEATHER, CLOCK], tool_choice=NAMED)
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in called.choices[0].message.tool_calls] == ["get_time"]

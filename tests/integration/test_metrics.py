@@ -276,3 +276,26 @@ def test_a_cancelled_stream_is_counted_and_leaves_no_fusion_in_flight(tiny_model
     assert sample(running, "coolfusion_fusions_in_flight") == 1
     assert sample(ended, "coolfusion_fusions_in_flight") == 0
     assert handled(ended, *CANCELLED_STREAM) == 1
+
+
+def test_a_constraint_seen_before_compiles_nothing(tiny_model_dirs):
+    """The worker compiles each distinct constraint once; sessions copy the compiled grammar."""
+    schema = worker_pb2.Constraint(kind=worker_pb2.CONSTRAINT_KIND_JSON_SCHEMA, definition='{"type": "array"}')
+
+    async def scenario():
+        worker = await start_tiny_worker(tiny_model_dirs["bpe"], "bpe")
+        counts = [await asyncio.to_thread(scrape, worker.metrics_port)]
+        try:
+            async with grpc.aio.insecure_channel(address(worker)) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                for session_id in ("first", "second"):
+                    request = worker_pb2.OpenSessionRequest(
+                        session_id=session_id, prompt=text_prompt(), constraint=schema
+                    )
+                    await stub.OpenSession(request, timeout=RPC_TIMEOUT_S)
+                    counts.append(await asyncio.to_thread(scrape, worker.metrics_port))
+        finally:
+            await worker.stop(0)
+        return [sample(c, "coolfusion_worker_grammar_compiles_total") for c in counts]
+
+    assert asyncio.run(scenario()) == [0, 1, 1]

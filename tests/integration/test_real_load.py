@@ -12,6 +12,7 @@ from near_ties import batched_logit_error
 from coolfusion.cli.cluster import launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2
+from coolfusion.worker import model_files
 from coolfusion.worker.backend import ChatTurn, PromptSpec
 from coolfusion.worker.hf import loading
 from coolfusion.worker.hf.model import HFModel
@@ -85,7 +86,7 @@ def test_an_overload_burst_is_refused_or_fused_whole_never_degraded(real_pair, o
 @pytest.mark.parametrize("preset", REAL_PAIR.values())
 def test_batched_logits_of_the_real_models_differ_from_alone_by_rounding_only(preset):
     """The batched-vs-alone logit error on these prompts: what a near-tie must fall within."""
-    model = HFModel(*loading.load_model(loading.resolve_model_folder(preset=preset)), preset)
+    model = HFModel(*loading.load_model(model_files.resolve_model_folder(preset=preset)), preset)
     contexts = []
     for question in QUESTIONS:
         rendered = model.render(PromptSpec(chat=(ChatTurn("user", question),)))

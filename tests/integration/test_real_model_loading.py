@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub, even by accident
 
+from coolfusion.worker import model_files
 from coolfusion.worker.hf import loading
 
 torch = pytest.importorskip("torch")
@@ -23,13 +24,13 @@ def _greedy(model, tokenizer, ids, max_new_tokens: int = 24) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    folder = loading.resolve_model_folder(preset="smollm2-135m-instruct")
+    folder = model_files.resolve_model_folder(preset="smollm2-135m-instruct")
     return loading.load_model(folder)
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    folder = loading.resolve_model_folder(preset="gemma3-270m")
+    folder = model_files.resolve_model_folder(preset="gemma3-270m")
     return loading.load_model(folder)
 
 
@@ -75,7 +76,7 @@ def test_gemma_continuation_is_sensible(gemma):
 
 
 def test_bfloat16_load_runs():
-    folder = loading.resolve_model_folder(preset="smollm2-135m-instruct")
+    folder = model_files.resolve_model_folder(preset="smollm2-135m-instruct")
     model, tokenizer = loading.load_model(folder, dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
     ids = tokenizer("Hello", return_tensors="pt").input_ids

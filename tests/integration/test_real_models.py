@@ -11,6 +11,7 @@ import torch
 
 from coolfusion.v1 import orchestrator_pb2 as opb
 from coolfusion.v1 import orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from coolfusion.worker import model_files
 from coolfusion.worker.hf import loading
 
 from reference import PAPER_STRATEGY, ReferenceModel, reference_fuse
@@ -32,7 +33,7 @@ def gsm8k_prompt(index: int) -> list[dict]:
 def references() -> dict[str, ReferenceModel]:
     models = {}
     for name, preset in REAL_PAIR.items():
-        model, tokenizer = loading.load_model(loading.resolve_model_folder(preset=preset))
+        model, tokenizer = loading.load_model(model_files.resolve_model_folder(preset=preset))
         models[name] = ReferenceModel(name, model, tokenizer)
     return models
 

@@ -13,8 +13,9 @@ import pytest
 from transformers import AutoConfig
 
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+from coolfusion.worker import model_files
 from coolfusion.worker.errors import StartupError
-from coolfusion.worker.hf import loading, memory
+from coolfusion.worker.hf import memory
 from coolfusion.worker.server import _token_budget
 from coolfusion.worker.settings import FALLBACK_TOKEN_BUDGET, SessionLimits
 
@@ -60,8 +61,8 @@ def test_tiny_gemma_sliding_layer_counts_in_full_here_but_not_in_a_window_capped
 def default_config(preset: str) -> tuple[dict, memory.KVCost]:
     """The converted preset's config.json (no weights are loaded) and its float32 KV cost."""
     try:
-        folder = loading.resolve_model_folder(preset=preset)
-    except loading.ModelNotInstalledError as error:
+        folder = model_files.resolve_model_folder(preset=preset)
+    except model_files.ModelNotInstalledError as error:
         pytest.skip(str(error))
     return json.loads((folder / "config.json").read_text()), memory.kv_cost(AutoConfig.from_pretrained(folder), 4)
 

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from coolfusion.worker.backend import CandidateText, Finish, PromptSpec
 from coolfusion.worker.hf.backend import TransformersBackend
-from coolfusion.worker.hf.jobs import common_prefix_length
 from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.segments import segment_cut
 from coolfusion.worker.sessions import Expectation, SessionStore
 from coolfusion.worker.settings import SessionLimits
+from coolfusion.worker.text import common_prefix_length
 
 from in_process import StoreDriver, tiny_backend
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from hypothesis import given
@@ -12,7 +14,7 @@ from coolfusion.gateway.errors import ApiError, from_orchestrator
 from coolfusion.gateway.parsing import bind_model, parse_chat, parse_completion
 from coolfusion.gateway.streaming import REPEAT_HOLD_CHARS, held_back_text, hold_chars
 from coolfusion.orchestrator.strategy import MIN_REPEAT_CHARS, repeated_tail
-from coolfusion.v1 import orchestrator_pb2
+from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 CHAT = {"model": "coolfusion", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -44,7 +46,7 @@ def test_a_chat_request_becomes_fusion_options():
     }
     call = parse_chat(body)
     strategy = fusion_strategy("robust", "steer", {"a": 2.0}, {"b": "Q: {prompt}\nA:"}, "pooled-a-b")
-    expected = FuseOptions(("a", "b"), 30, ("\n\n",), 8, rerank=True, strategy=strategy)
+    expected = FuseOptions(("a", "b"), 30, ("\n\n",), 8, rerank=True, strategy=strategy, seed=3)
     assert call.options == expected and call.prompt == [{"role": "user", "content": "Hi"}]
     assert (call.stream, call.include_usage, call.prompt_param) == (False, False, "messages")
 
@@ -65,8 +67,9 @@ def test_messages_are_text_in_the_roles_the_workers_know():
 @pytest.mark.parametrize(
     ("message", "param"),
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "1"}, "messages[0].role"),
-        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].role"),
+        ({"role": "tool", "content": "42"}, "messages[0].tool_call_id"),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].tool_calls"),
+        ({"role": "function", "content": "42", "name": "f"}, "messages[0].role"),
         (
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
             "messages[0].content[0].type",
@@ -92,19 +95,16 @@ def test_a_completion_takes_one_text_prompt_and_openais_default_length():
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"temperature": 0.1}, "temperature"),
-        ({"top_p": 0.99}, "top_p"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.05}, "min_p"),
         ({"frequency_penalty": -1}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 0}, "top_logprobs"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"modalities": ["text", "audio"]}, "modalities"),
     ],
 )
@@ -118,8 +118,17 @@ def test_what_fusion_cannot_honour_is_refused_by_name(extra, param):
     ("extra", "param"),
     [
         ({"n": 0}, "n"),
+        ({"n": 1.5}, "n"),
         ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"seed": "seven"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": -3}, "seed"),
+        ({"selection": "vote"}, "selection"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": "10"}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
@@ -265,3 +274,113 @@ def test_cool_r_streams_only_the_final_answer():
 
 def test_strategy_field_is_the_proto():
     assert isinstance(parse_chat(CHAT).options.strategy, orchestrator_pb2.FusionStrategy)
+
+
+# ---- structured output and tools ------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_response_formats_become_constraints():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    described = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    constraint = parse_chat({**CHAT, "response_format": described}).options.constraint
+    assert constraint.kind == worker_pb2.CONSTRAINT_KIND_JSON_SCHEMA and json.loads(constraint.definition) == schema
+    loose = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert parse_chat({**CHAT, "response_format": loose}).options.constraint == constraint  # strict or not
+    json_mode = parse_chat({**CHAT, "response_format": {"type": "json_object"}}).options.constraint
+    assert json_mode.kind == worker_pb2.CONSTRAINT_KIND_JSON_OBJECT
+    assert parse_chat({**CHAT, "response_format": {"type": "text"}}).options.constraint is None
+    assert parse_completion({"model": "m", "prompt": "x", "response_format": described}).options.constraint is not None
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": [1]}}, "json"],
+)
+def test_malformed_response_formats_are_refused(response_format):
+    assert refusal(parse_chat, {**CHAT, "response_format": response_format}).param == "response_format"
+
+
+def test_tools_tool_choice_and_tool_turns_pass_to_the_fusion():
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "4 C"},
+    ]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    body = {**CHAT, "messages": messages, "tools": [WEATHER], "tool_choice": named, "parallel_tool_calls": False}
+    call = parse_chat(body)
+    assert call.options.tools == (WEATHER,) and call.options.tool_choice == named
+    assert call.options.parallel_tool_calls is False
+    assert call.prompt[1]["tool_calls"] == messages[1]["tool_calls"] and call.prompt[2]["tool_call_id"] == "c1"
+    assert parse_chat({**CHAT, "tools": [WEATHER]}).options.parallel_tool_calls is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools[0].function"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ],
+)
+def test_malformed_tools_are_refused_by_name(extra, param):
+    assert refusal(parse_chat, {**CHAT, **extra}).param == param
+
+
+def test_tools_belong_to_chat_completions():
+    body = {"model": "m", "prompt": "x", "tools": [WEATHER]}
+    assert refusal(parse_completion, body).param == "tools"
+
+
+def test_an_answer_that_may_call_tools_is_held_until_its_end():
+    assert hold_chars(FuseOptions(tools=(WEATHER,))) is None
+    assert hold_chars(FuseOptions(tools=(WEATHER,), tool_choice="none")) == REPEAT_HOLD_CHARS
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ("constraint: json_schema does not compile: Unknown format: colour", "response_format"),
+        ("prompt.chat.tools[0].parameters: ...", "tools"),
+        ("tool_choice.function_name 'f' is not among the offered tools", "tool_choice"),
+        ("prompt.chat.messages[2]: tool_call_id 'x' answers no earlier tool call", "messages"),
+    ],
+)
+def test_the_orchestrators_structured_refusals_name_the_openai_field(message, param):
+    error = from_orchestrator(CoolfusionError(grpc.StatusCode.INVALID_ARGUMENT, message), "messages")
+    assert (error.status, error.param) == (400, param)
+
+
+def test_sampling_fields_become_fusion_options():
+    body = {**CHAT, "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 123, "n": 3, "selection": "sample"}
+    options = parse_chat(body).options
+    assert (options.temperature, options.top_p, options.top_k, options.seed, options.n) == (0.8, 0.9, 40, 123, 3)
+    assert options.selection == "sample"
+    greedy = parse_completion({"model": "m", "prompt": "x"}).options
+    assert (greedy.temperature, greedy.top_p, greedy.top_k, greedy.seed, greedy.n) == (0.0, 0.0, 0, None, 0)
+
+
+def test_each_choice_streams_its_own_text_held_back_alike():
+    """The hold of 8.3 applies to every choice: choices interleave, each with its own text."""
+    options = FuseOptions(n=2, stop=("!",), strategy=fusion_strategy(repetition_guard="off"))
+    texts = [held_back_text(options), held_back_text(options)]
+    assert texts[0].add("Hello") == "" and texts[1].add("Bye") == ""
+    assert texts[0].add(" there") == "Hello" and texts[1].finish("Bye now") == "Bye now"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
+from coolfusion.worker import model_files
 from coolfusion.worker.__main__ import parse_settings
 from coolfusion.worker.backend import CandidateText, DeviceShare, PromptSpec
 from coolfusion.worker.hf import loading, placement
@@ -302,8 +303,8 @@ def test_tied_embeddings_count_once():
     # Gemma-3-270M ties its output layer to its embeddings: 268,098,176 parameters, 2 bytes each
     # in bfloat16 (plus 2 bytes of buffers), not the 872 MB that counting the tie twice would give.
     try:
-        folder = loading.resolve_model_folder(preset="gemma3-270m")  # its config only: no weights are read
-    except loading.ModelNotInstalledError as error:
+        folder = model_files.resolve_model_folder(preset="gemma3-270m")  # its config only: no weights are read
+    except model_files.ModelNotInstalledError as error:
         pytest.skip(str(error))
     with pytest.raises(placement.ModelDoesNotFitError, match=r"weights take 511\.36 MiB in bfloat16"):
         loading.load_model(folder, dtype="bfloat16", device_map="auto", max_memory=(("cpu", 100 * MIB),))

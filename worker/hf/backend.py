@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
+from coolfusion.constraints import Constraint
+from coolfusion.worker import model_files
 from coolfusion.worker.backend import (
     CandidateText,
     ModelBackend,
@@ -15,10 +18,12 @@ from coolfusion.worker.backend import (
     PromptSpec,
     RenderedPrompt,
     Segment,
+    SegmentRules,
     SessionCache,
     TextScore,
     Timed,
 )
+from coolfusion.worker.constraints import ENFORCED_KINDS, AnswerGuide, load_vocabulary
 from coolfusion.worker.hf import loading, memory, placement
 from coolfusion.worker.hf.cpu_linear import compile_row_counts
 from coolfusion.worker.hf.donors import PromptDonors
@@ -35,8 +40,10 @@ def load_backend(settings: WorkerSettings) -> TransformersBackend:
     """Resolves the preset or path (converting GGUF once), loads the model and starts its scheduler."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    folder = loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
-    cache = settings.cache_dir if settings.cache_dir is not None else loading.default_cache_dir()
+    folder = model_files.resolve_model_folder(
+        preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir
+    )
+    cache = settings.cache_dir if settings.cache_dir is not None else model_files.default_cache_dir()
     model, tokenizer = loading.load_model(
         folder,
         device=settings.device,
@@ -57,7 +64,9 @@ class TransformersBackend(ModelBackend):
     def __init__(self, model: HFModel, dtype: str, limits: BatchLimits):
         self._model = model
         self._limits = limits
-        self._description = model.describe(dtype)
+        self._vocabulary = load_vocabulary(model.tokenizer, model.logits_width, model.stop_ids)
+        kinds = ENFORCED_KINDS if self._vocabulary is not None else ()
+        self._description = replace(model.describe(dtype), constraint_kinds=kinds)
         started = time.perf_counter()
         if kernels := compile_row_counts(model.model, limits.max_tokens):
             logger.info("compiled %d linear-layer kernels in %.1f s", kernels, time.perf_counter() - started)
@@ -98,10 +107,17 @@ class TransformersBackend(ModelBackend):
     async def sync(self, cache: SessionCache, context_ids: list[int]) -> Timed[None]:
         return await self._scheduler.run(SyncJob(_kv(cache), context_ids, self._donors))
 
-    async def generate(
-        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
-    ) -> Timed[Segment]:
-        return await self._scheduler.run(GenerateJob(self._model, _kv(cache), context_ids, max_tokens, stop_strings))
+    @property
+    def grammar_compiles(self) -> int:
+        return 0 if self._vocabulary is None else self._vocabulary.compiles
+
+    def guide(self, constraint: Constraint) -> AnswerGuide:
+        if self._vocabulary is None:
+            raise NotImplementedError("this model's tokenizer cannot be read by the constraint engine")
+        return self._vocabulary.guide(constraint)
+
+    async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
+        return await self._scheduler.run(GenerateJob(self._model, _kv(cache), context_ids, rules))
 
     async def score(
         self, cache: SessionCache, context_ids: list[int], rows: list[list[int]], candidates: list[CandidateText]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import weakref
 
-from coolfusion.worker.hf.kv import SessionKV, common_prefix_length
+from coolfusion.worker.hf.kv import SessionKV
+from coolfusion.worker.text import common_prefix_length
 
 
 class PromptDonors:

@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
-from coolfusion.worker.backend import CandidateText, TextScore, Timed
+from coolfusion.worker.backend import CandidateText, SegmentRules, TextScore, Timed
+from coolfusion.worker.constraints import AnswerGuide
 from coolfusion.worker.hf.donors import PromptDonors
-from coolfusion.worker.hf.kv import SessionKV, common_prefix_length
+from coolfusion.worker.hf.kv import SessionKV
 from coolfusion.worker.hf.model import Feed, HFModel
+from coolfusion.worker.hf.sampler import TokenChooser
 from coolfusion.worker.segments import SegmentScan
+from coolfusion.worker.text import common_prefix_length
 
 
 class Job(ABC):
@@ -136,14 +139,19 @@ class SyncJob(Job):
 
 class GenerateJob(Job):
     """One segment (docs/design.md section 2.2): prefill what changed, then decode a token per
-    pass until the segment ends. The cache keeps the context plus the segment's kept tokens."""
+    pass until the segment ends. The cache keeps the context plus the segment's kept tokens.
+    Under a constraint, each token is the best the constraint allows (section 9.2)."""
 
-    def __init__(self, model: HFModel, kv: SessionKV, context_ids: list[int], max_tokens: int, stops: tuple[str, ...]):
+    def __init__(self, model: HFModel, kv: SessionKV, context_ids: list[int], rules: SegmentRules):
         super().__init__(kv)
         self._context = context_ids
         self._scan = SegmentScan(
-            functools.partial(model.decode_continuation, context_ids), model.stop_ids, max_tokens, stops
-        )
+            functools.partial(model.decode_continuation, context_ids), model.stop_ids, rules.max_tokens,
+            rules.stop_strings,
+        )  # fmt: skip
+        self._constraint = rules.constraint
+        self._guide = _answer_guide(rules)
+        self._choose_token = TokenChooser(rules.sampling)
         self._prefill: Prefill | None = None
         self._pending: int | None = None  # the last token chosen, to be fed next pass
 
@@ -152,6 +160,9 @@ class GenerateJob(Job):
         return self._pending is not None
 
     def start(self) -> None:
+        if self._guide is not None:
+            assert self._constraint is not None
+            self._guide.start_segment(self._constraint.answer_text)
         self._prefill = Prefill(self.kv, self._context)
         if self._prefill.done:
             self._choose(self._next_logits())
@@ -178,18 +189,34 @@ class GenerateJob(Job):
         return self.kv.next_logits
 
     def _choose(self, logits: torch.Tensor) -> None:
-        """Takes the greedy token and decides whether the segment ended."""
-        token = int(torch.argmax(logits))
+        """Takes the next token (greedy, or drawn) and decides whether the segment ended."""
+        if self._guide is not None:
+            allowed = torch.from_numpy(self._guide.allowed()).to(logits.device)
+            logits = logits.masked_fill(~allowed, -torch.inf)
+        token = self._choose_token(logits)
         segment = self._scan.add(token)
         if segment is None:
+            if self._guide is not None:
+                self._guide.take(token)
             self._pending = token
             return
+        if self._guide is not None:
+            self._guide.end_segment()
         if self._scan.cut:
             # The last token crossed the cut and was never fed; earlier ones whose text ends past
             # the cut are rolled back too. (At EOS or the cap the cache already holds what it should:
             # the EOS, or the last token, was never fed.)
             self.kv.crop(len(self._context) + self._scan.kept)
         self._finish(segment)
+
+
+def _answer_guide(rules: SegmentRules) -> AnswerGuide | None:
+    if rules.constraint is None:
+        return None
+    guide = rules.constraint.guide
+    if not isinstance(guide, AnswerGuide):
+        raise TypeError(f"a {type(guide).__name__} is not this engine's guide")
+    return guide
 
 
 class ScoreJob(Job):

@@ -28,15 +28,6 @@ ATTENTION_NAME = "coolfusion_ragged"
 _GROWTH_TOKENS = 64
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """Number of leading ids that `a` and `b` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class SessionKV(SessionCache):
     """One session's keys and values for every layer, and the token ids they hold."""
 

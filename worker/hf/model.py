@@ -11,7 +11,7 @@ from coolfusion.worker.backend import ModelDescription, PromptSpec, RenderedProm
 from coolfusion.worker.hf import placement
 from coolfusion.worker.hf.cpu_linear import pack_linear_layers
 from coolfusion.worker.hf.kv import Piece, RaggedBatch, SessionKV, use_ragged_attention
-from coolfusion.worker.hf.text import ModelText
+from coolfusion.worker.text import ModelText
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class HFModel:
         self.eos_id = self.text.eos_id
         self.stop_ids = self.text.stop_ids
         self.max_context_tokens = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.logits_width = int(model.config.get_text_config().vocab_size)  # rows of the logits
         # Where the input embeddings compute (their weights may be offloaded, on the meta device).
         self.input_device = placement.execution_device(model, model.get_input_embeddings())
         # Under accelerate's hooks the logits index stays on the CPU, valid whichever device

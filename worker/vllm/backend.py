@@ -14,6 +14,7 @@ from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coolfusion.worker import model_files
 from coolfusion.worker.backend import (
     CandidateText,
     DeviceShare,
@@ -22,16 +23,15 @@ from coolfusion.worker.backend import (
     PromptSpec,
     RenderedPrompt,
     Segment,
+    SegmentRules,
     SessionCache,
     TextScore,
     Timed,
 )
 from coolfusion.worker.errors import OverCapacity, SessionNotFound, StartupError
-from coolfusion.worker.hf import loading
-from coolfusion.worker.hf.kv import common_prefix_length
-from coolfusion.worker.hf.text import ModelText
 from coolfusion.worker.segments import SegmentScan
 from coolfusion.worker.settings import BatchLimits, WorkerSettings
+from coolfusion.worker.text import ModelText, common_prefix_length
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -146,12 +146,14 @@ def _model_folder(settings: WorkerSettings) -> Path:
     """The safetensors folder of the preset or --model. vLLM reads folders; a GGUF file must have
     been converted by the transformers engine first, which owns that conversion."""
     try:
-        return loading.resolve_model_folder(preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir)
+        return model_files.resolve_model_folder(
+            preset=settings.preset, model=settings.model, cache_dir=settings.cache_dir
+        )
     except ImportError as error:  # the conversion's own packages are the transformers engine's
         source = settings.preset or settings.model
         raise StartupError(
             f"{source} has no converted folder yet and this environment cannot convert it ({error}); "
-            f"convert it once with the transformers engine (python -c 'from coolfusion.worker.hf.loading "
+            f"convert it once with the transformers engine (python -c 'from coolfusion.worker.model_files "
             f'import prepare; prepare("{source}")\' where `make setup` installed it) and start again'
         ) from error
 
@@ -290,12 +292,13 @@ class VLLMBackend(ModelBackend):
         session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
 
-    async def generate(
-        self, cache: SessionCache, context_ids: list[int], max_tokens: int, stop_strings: tuple[str, ...]
-    ) -> Timed[Segment]:
+    async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
         session = _session(cache)
         scan = SegmentScan(
-            lambda new: self._text.decode_continuation(context_ids, new), self._text.stop_ids, max_tokens, stop_strings
+            lambda new: self._text.decode_continuation(context_ids, new),
+            self._text.stop_ids,
+            rules.max_tokens,
+            rules.stop_strings,
         )
         async with self._call() as started:
             stream = self._stream_for(session, context_ids)

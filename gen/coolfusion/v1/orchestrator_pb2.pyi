@@ -29,6 +29,20 @@ class RepetitionGuard(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPETITION_GUARD_STOP: _ClassVar[RepetitionGuard]
     REPETITION_GUARD_STEER: _ClassVar[RepetitionGuard]
 
+class Selection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SELECTION_UNSPECIFIED: _ClassVar[Selection]
+    SELECTION_BEST: _ClassVar[Selection]
+    SELECTION_SAMPLE: _ClassVar[Selection]
+
+class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_AUTO: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_NONE: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_REQUIRED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_MODE_FUNCTION: _ClassVar[ToolChoiceMode]
+
 class RuleReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RULE_REASON_UNSPECIFIED: _ClassVar[RuleReason]
@@ -50,6 +64,14 @@ REPETITION_GUARD_UNSPECIFIED: RepetitionGuard
 REPETITION_GUARD_OFF: RepetitionGuard
 REPETITION_GUARD_STOP: RepetitionGuard
 REPETITION_GUARD_STEER: RepetitionGuard
+SELECTION_UNSPECIFIED: Selection
+SELECTION_BEST: Selection
+SELECTION_SAMPLE: Selection
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode
 RULE_REASON_UNSPECIFIED: RuleReason
 RULE_REASON_REQUESTED: RuleReason
 RULE_REASON_ROUTE: RuleReason
@@ -87,7 +109,7 @@ class FusionStrategy(_message.Message):
     def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
-    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "tag", "route")
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "constraint", "tool_choice", "parallel_tool_calls", "sampling", "n", "tag", "route")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +118,11 @@ class FusionParameters(_message.Message):
     RERANK_MODE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TRACE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     prompt: _worker_pb2.Prompt
@@ -106,9 +133,36 @@ class FusionParameters(_message.Message):
     rerank_mode: RerankMode
     include_trace: bool
     strategy: FusionStrategy
+    constraint: _worker_pb2.Constraint
+    tool_choice: ToolChoice
+    parallel_tool_calls: bool
+    sampling: Sampling
+    n: int
     tag: str
     route: str
-    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., tag: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., constraint: _Optional[_Union[_worker_pb2.Constraint, _Mapping]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n: _Optional[int] = ..., tag: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "selection")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    selection: Selection
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., selection: _Optional[_Union[Selection, str]] = ...) -> None: ...
+
+class ToolChoice(_message.Message):
+    __slots__ = ("mode", "function_name")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
+    mode: ToolChoiceMode
+    function_name: str
+    def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
 
 class FuseRequest(_message.Message):
     __slots__ = ("parameters",)
@@ -149,20 +203,22 @@ class StepCandidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., ends_with_eos: _Optional[bool] = ..., proposed_by: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[ModelScore, _Mapping]]] = ..., fused_score: _Optional[float] = ...) -> None: ...
 
 class FuseStep(_message.Message):
-    __slots__ = ("index", "candidates", "winner_index", "winner_worker", "generate_ms", "score_ms")
+    __slots__ = ("index", "candidates", "winner_index", "winner_worker", "generate_ms", "score_ms", "choice")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     WINNER_INDEX_FIELD_NUMBER: _ClassVar[int]
     WINNER_WORKER_FIELD_NUMBER: _ClassVar[int]
     GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
     SCORE_MS_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
     index: int
     candidates: _containers.RepeatedCompositeFieldContainer[StepCandidate]
     winner_index: int
     winner_worker: str
     generate_ms: float
     score_ms: float
-    def __init__(self, index: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[StepCandidate, _Mapping]]] = ..., winner_index: _Optional[int] = ..., winner_worker: _Optional[str] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ...) -> None: ...
+    choice: int
+    def __init__(self, index: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[StepCandidate, _Mapping]]] = ..., winner_index: _Optional[int] = ..., winner_worker: _Optional[str] = ..., generate_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., choice: _Optional[int] = ...) -> None: ...
 
 class WorkerShare(_message.Message):
     __slots__ = ("worker", "segments", "chars")
@@ -223,7 +279,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "rule_choice")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "tool_calls", "seed", "choice", "rule_choice")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +291,9 @@ class FuseResult(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
     RULE_CHOICE_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
@@ -247,8 +306,11 @@ class FuseResult(_message.Message):
     request_id: str
     strategy: FusionStrategy
     usage: Usage
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_worker_pb2.ToolCall]
+    seed: int
+    choice: int
     rule_choice: RuleChoice
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., rule_choice: _Optional[_Union[RuleChoice, _Mapping]] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[_worker_pb2.ToolCall, _Mapping]]] = ..., seed: _Optional[int] = ..., choice: _Optional[int] = ..., rule_choice: _Optional[_Union[RuleChoice, _Mapping]] = ...) -> None: ...
 
 class RuleChoice(_message.Message):
     __slots__ = ("reason", "detail")
@@ -259,10 +321,12 @@ class RuleChoice(_message.Message):
     def __init__(self, reason: _Optional[_Union[RuleReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
-    __slots__ = ("result",)
+    __slots__ = ("result", "choices")
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     result: FuseResult
-    def __init__(self, result: _Optional[_Union[FuseResult, _Mapping]] = ...) -> None: ...
+    choices: _containers.RepeatedCompositeFieldContainer[FuseResult]
+    def __init__(self, result: _Optional[_Union[FuseResult, _Mapping]] = ..., choices: _Optional[_Iterable[_Union[FuseResult, _Mapping]]] = ...) -> None: ...
 
 class FuseStreamResponse(_message.Message):
     __slots__ = ("step", "summary")

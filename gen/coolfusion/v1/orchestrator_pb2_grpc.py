@@ -71,7 +71,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FuseStream(self, request, context):
-        """FuseStream runs a fusion and streams one event per chosen segment, then a final summary.
+        """FuseStream runs a fusion and streams one event per chosen segment, then a final summary (one
+        per answer when it asks for several).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

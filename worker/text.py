@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from coolfusion.worker.backend import PromptSpec, RenderedPrompt
+from coolfusion.worker.tool_prompts import plain_turns, renders_tools, template_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,13 +47,19 @@ class ModelText:
         """The prompt as this model sees it (docs/design.md section 2.1)."""
         if prompt.text is not None:
             return RenderedPrompt(prompt.text, add_special_tokens=True)
-        messages = [{"role": t.role, "content": t.content} for t in prompt.chat]
-        if self.tokenizer.chat_template:
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        template = self.tokenizer.chat_template
+        if template and renders_tools(template):
+            messages, tools = template_messages(prompt)
+        else:
+            messages, tools = [{"role": role, "content": content} for role, content in plain_turns(prompt)], None
+        if template:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
             # The template already spells out its special tokens.
             return RenderedPrompt(str(rendered), add_special_tokens=False)
         # A base model has no template: the turns become plain paragraphs.
-        return RenderedPrompt("\n\n".join(t.content for t in prompt.chat) + "\n\n", add_special_tokens=True)
+        return RenderedPrompt("\n\n".join(m["content"] for m in messages) + "\n\n", add_special_tokens=True)
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -64,3 +71,12 @@ class ModelText:
         """The text that `new_ids` add after `context_ids`."""
         tail = context_ids[-_DECODE_TAIL:]
         return self.decode(tail + new_ids)[len(self.decode(tail)) :]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Number of leading ids that `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
