@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from coolfusion.calibration import Calibration, CalibrationError, load_calibration
-from coolfusion.calibration.items import POOLED
+from coolfusion.calibration.items import HELD_OUT, POOLED
 from coolfusion.cli import quality
 from coolfusion.cli.calibrate import scopes, worker_sets
 from coolfusion.cli.explore import Explored, load_explored
@@ -36,14 +36,20 @@ class Mode:
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trees", type=Path, help="a `coolfusion explore` folder (the held-out split, once fitted)")
+    parser.add_argument(
+        "trees", type=Path, help="a `coolfusion explore` folder (its held-out items, where it holds both parts)"
+    )
     parser.add_argument("--calibrations", type=Path, help="the folder `coolfusion calibrate` wrote")
     parser.add_argument("--out", type=Path, default=None, help="where report.md/json and the chart go (default: TREES)")
 
 
 def run_report(args: argparse.Namespace) -> int:
     run = load_explored(args.trees)
-    explored, settings = run.explored, run.settings
+    settings = run.settings
+    # A folder of a labelled-items file holds both parts: report the held-out one, which no fit saw.
+    explored = [e for e in run.explored if e.item.split == HELD_OUT] or run.explored
+    if len(explored) < len(run.explored):
+        print(f"report: the {len(explored)} held-out items of {len(run.explored)}", file=sys.stderr)
     calibrations = _calibrations(args.calibrations, settings["models"])
     out = args.out or args.trees
     out.mkdir(parents=True, exist_ok=True)

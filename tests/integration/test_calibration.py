@@ -188,6 +188,10 @@ def test_explore_a_labelled_file_and_calibrate_per_tag(orchestrator, tmp_path):
     assert pooled.tuning["items"] == 8 and pooled.held_out["items"] == 4
     assert set(pooled.held_out["alone"]) == {"char", "bpe"} and len(pooled.held_out["gain_interval_95"]) == 2
     assert "Held-out items" in (fitted / "fit.md").read_text()
+    assert coolfusion(["report", str(trees), "--calibrations", str(fitted)]) == 0  # the held-out part only
+    report = json.loads((trees / "report.json").read_text())
+    pooled_modes = next(r for r in report if r["family"] == "pooled")["modes"]
+    assert {m["mode"]: m["accuracy"]["total"] for m in pooled_modes}["cool, fitted"] == 4
     lines[0]["prompt"] = "Count to zero:"  # another question under the same id needs its own tree
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(
