@@ -462,9 +462,9 @@ def tie_order(tuning: list[Explored], workers: Sequence[str]) -> list[str]:
 
 
 def _summary(fit: Fit) -> str:
-    best_solo = fit.best_alone
+    best = fit.best_alone
     return (
-        f"fitted {fit.correct}/{fit.items}, best alone {best_solo} {fit.reached[f'{best_solo} alone']}, "
+        f"fitted {fit.correct}/{fit.items}, best alone {best} {fit.reached[f'{best} alone']}, "
         f"paper {fit.reached['paper']}, default {fit.reached['default']}; {describe_rule(fit.rule)}"
     )
 
