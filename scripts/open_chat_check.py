@@ -3,7 +3,8 @@ of the fusion model under the deployment's default (`coolfusion up` loads the ca
 ship for its workers and makes the pooled fit its default) and under `nll_mean`; counts the answers
 the repetition guard cut and their lengths (docs/results.md, "Open chat under a scoped default").
 
-    .venv/bin/python scripts/open_chat_check.py --presets smollm2-135m-instruct,gemma3-270m --out eval-results/open-chat-pair
+    .venv/bin/python scripts/open_chat_check.py --presets smollm2-135m-instruct,gemma3-270m \\
+        --out eval-results/open-chat-pair --with-pooled-fit
     .venv/bin/python scripts/open_chat_check.py --presets smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct \\
         --out eval-results/open-chat-trio --with-pooled-fit
 
