@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coolfusion.calibration.rule import SelectionRule, Unit, WorkerFit
+from coolfusion.calibration.scope import Scope, scope_document, scope_from_document
 
 FORMAT = "coolfusion.calibration/v1"
 GUARDS = ("off", "stop", "steer")
@@ -39,9 +40,15 @@ class Calibration:
     workers: tuple[FittedWorker, ...]
     rule: SelectionRule
     repetition_guard: str = "stop"
-    # Where the fit came from and what it reached, kept for whoever reads the file.
+    # The traffic it was fitted on, where it runs as a deployment's default; None (a file written
+    # before scopes were recorded): every request.
+    scope: Scope | None = None
+    # Where the fit came from and what it reached, kept for whoever reads the file: the data, the
+    # right answers of each choice on the tuning items, and, measured once after fitting, on the
+    # held-out items (each worker alone, the default, the fit, the gain over the best alone).
     fitted_on: Mapping[str, Any] = field(default_factory=dict)
     tuning: Mapping[str, Any] = field(default_factory=dict)
+    held_out: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def worker_names(self) -> tuple[str, ...]:
@@ -95,13 +102,19 @@ def from_document(document: Mapping[str, Any]) -> Calibration:
         raise CalibrationError(f"unit is {unit!r}; choose from {', '.join(Unit)}")
     if guard not in GUARDS:
         raise CalibrationError(f"repetition_guard is {guard!r}; choose from {', '.join(GUARDS)}")
+    try:
+        scope = None if document.get("scope") is None else scope_from_document(document["scope"])
+    except (ValueError, AttributeError) as error:
+        raise CalibrationError(str(error)) from None
     return Calibration(
         name=name,
         workers=tuple(fitted for fitted, _ in workers),
         rule=SelectionRule({fitted.name: fit for fitted, fit in workers}, lead, margin, Unit(unit)),
         repetition_guard=guard,
+        scope=scope,
         fitted_on=document.get("fitted_on", {}),
         tuning=document.get("tuning", {}),
+        held_out=document.get("held_out", {}),
     )
 
 
@@ -125,8 +138,10 @@ def to_document(calibration: Calibration) -> dict[str, Any]:
         # JSON has no infinity: a lead that never yields is written with a null margin.
         "rule": {"lead": rule.lead, "margin": None if math.isinf(rule.margin) else rule.margin, "unit": str(rule.unit)},
         "repetition_guard": calibration.repetition_guard,
+        "scope": None if calibration.scope is None else scope_document(calibration.scope),
         "fitted_on": dict(calibration.fitted_on),
         "tuning": dict(calibration.tuning),
+        "held_out": dict(calibration.held_out),
     }
 
 

@@ -1,7 +1,8 @@
-"""`coolfusion calibrate`: fits a selection rule (calibration/rule.py) for each task family and for
-their pooled mix, for every ordered set of two or more explored workers, by replaying the tuning
-trees of `coolfusion explore` (docs/design.md section 3.7); writes one calibration file per fit and
-fit.md, what every choice reached on the tuning items."""
+"""`coolfusion calibrate`: fits a selection rule (calibration/rule.py) for each tag of the explored
+items (each task family) and for their pooled mix, for every ordered set of two or more explored
+workers, by replaying the tuning trees of `coolfusion explore` (docs/design.md section 3.7); writes
+one calibration file per fit, each with its scope, then measures every fit once on the held-out
+items beside each worker alone (cli/held_out.py), and writes fit.md."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, Unit, WorkerFit, nll_per_unit
 from coolfusion.calibration.file import save_calibration
+from coolfusion.calibration.items import HELD_OUT, POOLED, TUNING
+from coolfusion.calibration.scope import FORMS, Scope
+from coolfusion.cli import held_out
 from coolfusion.cli.eval import commit
-from coolfusion.cli.explore import Explored, load_explored, read_run
+from coolfusion.cli.explore import Explored, ExploredRun, load_explored
 from coolfusion.orchestrator.domain import StepCandidate, TreeNode
 from coolfusion.orchestrator.replay import Unexplored, branch_of, candidates_for, replay
 from coolfusion.orchestrator.strategy import DEFAULT, PAPER, RepetitionGuard, Strategy
 
-POOLED = "pooled"
 # The values the search tries, in scaled units (one unit: a worker's spread of NLL per character
 # on the tuning items). Coarse on purpose: a few hundred items per family cannot tell finer
 # steps apart, and a finer grid only fits their noise.
@@ -46,38 +48,69 @@ GUARD = RepetitionGuard.STOP
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trees", type=Path, help="a `coolfusion explore --split tuning` folder")
+    parser.add_argument("trees", type=Path, help="a `coolfusion explore` folder")
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help="the labelled-items file (default: the one the trees were explored from)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("calibrations"), help="where the calibration files go")
     parser.add_argument("--workers", default="", help="comma-separated workers to fit for (default: all explored)")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    run = read_run(args.trees)
-    explored = load_explored(args.trees)
-    if splits := {e.item.split for e in explored} - {"tuning"}:
-        raise SystemExit(f"coolfusion: calibrate fits on tuning items only; {args.trees} holds {sorted(splits)}")
-    workers = [w for w in args.workers.split(",") if w] or run["workers"]
-    fits = []
-    for scope, items in scopes(explored):
+    run = load_explored(args.trees, args.data)
+    tuning = [e for e in run.explored if e.item.split == TUNING]
+    if not tuning:
+        raise SystemExit(f"coolfusion: calibrate fits on tuning items only, and {args.trees} holds none")
+    held = [e for e in run.explored if e.item.split == HELD_OUT]
+    workers = [w for w in args.workers.split(",") if w] or run.settings["workers"]
+    print(f"split: {_split_statement(run, len(tuning), len(held))}", flush=True)
+    preference = tie_order(tuning, workers)
+    print(f"workers alone that tie on a scope's items go in their order on all tuning items: {', '.join(preference)}")
+    fits: list[tuple[str, Fit, Calibration]] = []
+    for scope, items in scopes(tuning):
         for chosen in worker_sets(workers):
             started = time.monotonic()
-            fit = fit_rule(items, chosen)
+            fit = fit_rule(items, chosen, preference=preference)
             calibration = _calibration(scope, fit, run, items)
             save_calibration(calibration, args.out / f"{calibration.name}.json")
-            fits.append((scope, fit))
+            fits.append((scope, fit, calibration))
             print(f"{calibration.name}: {_summary(fit)} ({time.monotonic() - started:.0f} s)", flush=True)
-    (args.out / "fit.md").write_text(fit_table(fits) + "\n", encoding="utf-8")
+    text = fit_table([(scope, fit) for scope, fit, _ in fits])
+    if held:  # measured once, after every fit is written
+        rows = []
+        for scope, fit, calibration in fits:
+            by_tag = {s: c for s, _, c in fits if s != POOLED and c.worker_names == fit.workers}
+            routed = by_tag if scope == POOLED and by_tag else None
+            measured = held_out.measure(calibration, in_scope(held, scope), fit.best_alone, routed)
+            save_calibration(replace(calibration, held_out=measured.document()), args.out / f"{calibration.name}.json")
+            rows.append((scope, measured))
+        text += "\n\n" + held_out.table(rows)
+        print("\n" + held_out.table(rows))
+    (args.out / "fit.md").write_text(text + "\n", encoding="utf-8")
     print(f"\n{len(fits)} calibrations and fit.md in {args.out}")
     return 0
 
 
+def _split_statement(run: ExploredRun, tuning: int, held: int) -> str:
+    rule = run.data.split_rule() if run.data else "the task families' own split (cli/tasks/README.md)"
+    measured = f"{held} held-out items, measured once after fitting" if held else "no held-out items explored"
+    return f"{rule}: fitting on {tuning} tuning items; {measured}"
+
+
 def scopes(explored: list[Explored]) -> Iterator[tuple[str, list[Explored]]]:
-    """Each family's items, then all of them pooled (the mixed workload)."""
-    families = list(dict.fromkeys(e.item.family for e in explored))
-    for name in families:
-        yield name, [e for e in explored if e.item.family == name]
-    if len(families) > 1:
+    """Each tag's items (a task family's), then all of them pooled (the mixed workload) where that
+    is another set of items: with several tags, or untagged items beside the tagged."""
+    tags = list(dict.fromkeys(e.item.tag for e in explored))
+    for tag in (t for t in tags if t):
+        yield tag, in_scope(explored, tag)
+    if len(tags) > 1 or tags == [""]:
         yield POOLED, explored
+
+
+def in_scope(explored: list[Explored], scope: str) -> list[Explored]:
+    """The items a scope's fit is made on and measured on: a tag's, or all of them (pooled)."""
+    return list(explored) if scope == POOLED else [e for e in explored if e.item.tag == scope]
 
 
 def worker_sets(workers: Sequence[str]) -> list[tuple[str, ...]]:
@@ -222,24 +255,27 @@ class Fit:
     correct: int
     reached: dict[str, int]  # label -> correct answers on the tuning items (solo, paper, default, each start)
     unexplored: int  # answers some choice reached through a node the exploration did not visit
+    best_alone: str  # the worker best alone on these items (ties by the preference given to fit_rule)
 
 
-def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> Fit:
+def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0, preference: Sequence[str] = ()) -> Fit:
     """The rule of the family (calibration/rule.py) with the most right answers on `items`, found by
     coordinate ascent from every worker alone (a lead that never yields), from the product's default
     choice (NLL per token, unscaled), from per-character scaled scores and from seeded random
     points; ties go to the simpler rule. It is kept only if it also wins under cross-validation
-    (FOLDS), else the best worker alone stands. Starting from each worker alone, the fit is never
-    worse than the best of them on these items."""
+    (FOLDS), else the best worker alone stands; workers alone that tie go by `preference` (workers
+    named earlier first, then the order of `workers`). Starting from each worker alone, the fit is
+    never worse than the best of them on these items."""
     spreads = {unit: tuple(_spread(items, w, unit) for w in workers) for unit in Unit}
     trees = [compile_tree(e, workers) for e in items]
     rng = random.Random(f"{seed}/{','.join(workers)}/{len(items)}")
+    ranks = _ranks(workers, preference)
     best, reached = _search(trees, spreads, _starts(rng, workers, RANDOM_STARTS), len(workers))
     reached["cross-validated fitted"], reached["cross-validated best alone"] = _cross_validated(
-        trees, spreads, rng, workers
+        trees, spreads, rng, workers, ranks
     )
     if reached["cross-validated fitted"] <= reached["cross-validated best alone"]:
-        best = _best_alone(trees, spreads, len(workers))
+        best = _best_alone(trees, spreads, ranks)
     rule = _rule(best, spreads, workers)
     exact, unexplored = _replayed(items, workers, Strategy(repetition_guard=GUARD, calibration=_bare(rule, workers)))
     if exact != _correct(trees, best, spreads):
@@ -248,7 +284,8 @@ def fit_rule(items: list[Explored], workers: tuple[str, ...], seed: int = 0) -> 
         reached[f"{name} alone"] = _replayed(items, [name], DEFAULT)[0]
     reached["paper"] = _replayed(items, workers, PAPER)[0]
     reached["default"] = _replayed(items, workers, DEFAULT)[0]
-    return Fit(workers, rule, len(items), exact, reached, unexplored)
+    best_alone = max(workers, key=lambda w: (reached[f"{w} alone"], -ranks[workers.index(w)]))
+    return Fit(workers, rule, len(items), exact, reached, unexplored, best_alone)
 
 
 Compiled = list[list[_Node]]
@@ -282,12 +319,21 @@ def _search(trees: Compiled, spreads: Spreads, starts: dict[str, _Params], size:
     return best, reached
 
 
-def _best_alone(trees: Compiled, spreads: Spreads, size: int) -> _Params:
-    """The worker with the most right answers alone (ties to the earliest)."""
-    return max((_alone(size, i) for i in range(size)), key=lambda p: _correct(trees, p, spreads))
+def _ranks(workers: Sequence[str], preference: Sequence[str]) -> tuple[int, ...]:
+    """Each worker's place in the tie order: those in `preference` first, in its order, then the rest."""
+    order = [w for w in preference if w in workers] + [w for w in workers if w not in preference]
+    return tuple(order.index(w) for w in workers)
 
 
-def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, workers: Sequence[str]) -> tuple[int, int]:
+def _best_alone(trees: Compiled, spreads: Spreads, ranks: Sequence[int]) -> _Params:
+    """The worker with the most right answers alone; ties go to the lowest rank."""
+    size = len(ranks)
+    return max((_alone(size, i) for i in range(size)), key=lambda p: (_correct(trees, p, spreads), -ranks[p.lead or 0]))
+
+
+def _cross_validated(
+    trees: Compiled, spreads: Spreads, rng: random.Random, workers: Sequence[str], ranks: Sequence[int]
+) -> tuple[int, int]:
     """Right answers on each fold of the rule fitted without it, and of the worker best alone
     without it, summed over the folds. The spreads (unlabelled) come from all the items."""
     fitted = alone = 0
@@ -296,7 +342,7 @@ def _cross_validated(trees: Compiled, spreads: Spreads, rng: random.Random, work
         test = [t for i, t in enumerate(trees) if i % FOLDS == fold]
         point, _ = _search(train, spreads, _starts(rng, workers, FOLD_RANDOM_STARTS), len(workers))
         fitted += _correct(test, point, spreads)
-        alone += _correct(test, _best_alone(train, spreads, len(workers)), spreads)
+        alone += _correct(test, _best_alone(train, spreads, ranks), spreads)
     return fitted, alone
 
 
@@ -382,24 +428,43 @@ def _bare(rule: SelectionRule, workers: Sequence[str]) -> Calibration:
 # ---- output -------------------------------------------------------------------------------------
 
 
-def _calibration(scope: str, fit: Fit, run: dict[str, Any], items: list[Explored]) -> Calibration:
-    families: dict[str, int] = {}
+def _calibration(scope: str, fit: Fit, run: ExploredRun, items: list[Explored]) -> Calibration:
+    tags: dict[str, int] = {}
     for e in items:
-        families[e.item.family] = families.get(e.item.family, 0) + 1
+        tags[e.item.tag or "(untagged)"] = tags.get(e.item.tag or "(untagged)", 0) + 1
+    data = run.data.describe() if run.data else {"task families": sorted(tags)}
     return Calibration(
         name=f"{scope}-{'-'.join(fit.workers)}",
-        workers=tuple(FittedWorker(w, run["models"][w]) for w in fit.workers),
+        workers=tuple(FittedWorker(w, run.settings["models"][w]) for w in fit.workers),
         rule=fit.rule,
         repetition_guard=GUARD.value,
-        fitted_on={"scope": scope, "split": "tuning", "items": families, "commit": commit()},
+        scope=scope_of(items),
+        fitted_on={"scope": scope, "split": "tuning", "items": tags, "data": data, "commit": commit()},
         tuning={"items": fit.items, "correct": fit.correct, "unexplored": fit.unexplored, "reached": fit.reached},
     )
 
 
+def scope_of(items: list[Explored]) -> Scope:
+    """Where a fit on `items` applies: their tags, their prompt forms and their longest answer cap."""
+    return Scope(
+        tags=tuple(dict.fromkeys(e.item.tag for e in items if e.item.tag)),
+        forms=tuple(form for form in FORMS if any(e.item.form == form for e in items)),
+        max_new_tokens=max(e.max_new_tokens for e in items),
+    )
+
+
+def tie_order(tuning: list[Explored], workers: Sequence[str]) -> list[str]:
+    """The workers by their right answers alone on every tuning item, most first (ties: their order).
+    A tag has few items and workers alone often tie there; the record on all of a deployment's
+    tuning items is the larger evidence of which to serve alone."""
+    right = {w: _replayed(tuning, [w], DEFAULT)[0] for w in workers}
+    return sorted(workers, key=lambda w: -right[w])
+
+
 def _summary(fit: Fit) -> str:
-    best_solo = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+    best = fit.best_alone
     return (
-        f"fitted {fit.correct}/{fit.items}, best alone {best_solo} {fit.reached[f'{best_solo} alone']}, "
+        f"fitted {fit.correct}/{fit.items}, best alone {best} {fit.reached[f'{best} alone']}, "
         f"paper {fit.reached['paper']}, default {fit.reached['default']}; {describe_rule(fit.rule)}"
     )
 
@@ -425,7 +490,7 @@ def fit_table(fits: list[tuple[str, Fit]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for scope, fit in fits:
-        best = max(fit.workers, key=lambda w: fit.reached[f"{w} alone"])
+        best = fit.best_alone
         lines.append(
             f"| {scope} | {', '.join(fit.workers)} | {fit.items} | {best} {fit.reached[f'{best} alone']} "
             f"| {fit.reached['paper']} | {fit.reached['default']} | **{fit.correct}** "

@@ -9,11 +9,13 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from coolfusion.calibration import Calibration, shipped_calibrations
+from coolfusion.calibration import Calibration, CalibrationError, load_calibration, shipped_calibrations
+from coolfusion.calibration.items import POOLED
 from coolfusion.cli.cluster import DEFAULT_PRESETS, LocalCluster
 from coolfusion.client import AGGREGATIONS, REPETITION_GUARDS, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2
@@ -22,6 +24,9 @@ DEFAULT_ORCHESTRATOR = "127.0.0.1:50050"
 # Short worker names for the presets, so segment labels stay readable.
 PRESET_NAMES = {"smollm2-135m-instruct": "smollm2", "gemma3-270m": "gemma3", "qwen2.5-coder-0.5b-instruct": "qwen"}
 DEFAULT_LOG = Path(tempfile.gettempdir()) / "coolfusion-cluster.log"
+# A local cluster's routes are the gateway's model names: its fusion model ("coolfusion"), a slash
+# and the calibration's scope, e.g. coolfusion/facts.
+ROUTE_PREFIX = "coolfusion/"
 
 
 # flags --------------------------------------------------------------------------------------------
@@ -85,37 +90,104 @@ def default_spec() -> dict[str, list[str]]:
     return cluster_spec(",".join(DEFAULT_PRESETS), [])
 
 
-def start_cluster(spec: dict[str, list[str]], log: Path, out: TextIO, gateway_port: int | None = None) -> LocalCluster:
-    """Starts the workers of `spec`, an orchestrator with the calibrations that ship for them and,
-    given a port (0: any), the gateway, telling `out` what it does and how long it took."""
+def start_cluster(
+    spec: dict[str, list[str]],
+    log: Path,
+    out: TextIO,
+    gateway_port: int | None = None,
+    calibrations: CalibrationChoice | None = None,
+) -> LocalCluster:
+    """Starts the workers of `spec`, an orchestrator with `calibrations` (default: those that ship
+    for them) and, given a port (0: any), the gateway, telling `out` what it does and how long it took."""
     described = ", ".join(f"{name} ({' '.join(model_args)})" for name, model_args in spec.items())
     print(f"starting workers: {described}", file=out)
     print(f"server logs: {log}", file=out, flush=True)
-    flags, default = calibration_flags(spec)
-    if default:
-        print(f"default strategy: calibration {default} (fitted on the task families' tuning parts)", file=out)
+    chosen = calibrations or choose_calibrations(spec)
+    if chosen.default:
+        print(f"default strategy: calibration {chosen.default} ({chosen.source}), inside its scope", file=out)
+    if chosen.routes:
+        print(f"routes: {', '.join(f'{r} ({c})' for r, c in chosen.routes.items())}", file=out)
     started = time.monotonic()
-    cluster = LocalCluster(spec, log_path=log, gateway_port=gateway_port, orchestrator_flags=flags)
+    cluster = LocalCluster(spec, log_path=log, gateway_port=gateway_port, orchestrator_flags=chosen.flags())
     cluster.start()  # stops what it started on failure
     print(f"cluster up in {time.monotonic() - started:.0f} s", file=out, flush=True)
     return cluster
 
 
-def calibration_flags(spec: dict[str, list[str]]) -> tuple[tuple[str, ...], str | None]:
-    """The orchestrator flags that load every shipped calibration fitted for workers of `spec`
-    (presets, by name and model), and make the pooled fit for exactly these workers the default
-    where one ships; with that default's name, or None."""
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """The calibrations a local orchestrator loads (name -> file), its default one and its routes
+    (route -> calibration name), and where they came from."""
+
+    files: dict[str, Path]
+    default: str | None
+    routes: dict[str, str]
+    source: str
+
+    def flags(self) -> tuple[str, ...]:
+        loaded = [arg for path in self.files.values() for arg in ("--calibration", str(path))]
+        routes = [arg for route, name in self.routes.items() for arg in ("--route", f"{route}={name}")]
+        default = ["--default-calibration", self.default] if self.default else []
+        return (*loaded, *routes, *default)
+
+
+def choose_calibrations(
+    spec: dict[str, list[str]], folder: Path | None = None, default: str | None = None
+) -> CalibrationChoice:
+    """The calibrations of `folder` (a `coolfusion calibrate` output; default: those that ship,
+    fitted on the task families), those fitted for workers of `spec`: every one whose preset
+    workers serve the models it names (from `folder`, any other fails at once, naming the file).
+    Each fitted for exactly these workers gets a route, ROUTE_PREFIX + its scope; the default is
+    `default` ("none": no default calibration), else the pooled fit for exactly these workers
+    where it beat the unfitted default on its tuning items."""
     presets = {name: args[1] for name, args in spec.items() if args[:1] == ["--preset"]}
-    flags: list[str] = []
-    names = []
-    for path, calibration in shipped_calibrations():  # a handful of small files, read at start-up
-        if all(presets.get(w.name) == w.model_id for w in calibration.workers):
-            flags += ["--calibration", str(path)]
-            names.append(calibration.name)
-    pooled = {c.name: c for _, c in shipped_calibrations()}.get(f"pooled-{'-'.join(spec)}")
-    if pooled is None or pooled.name not in names or not _won(pooled):
-        return tuple(flags), None
-    return (*flags, "--default-calibration", pooled.name), pooled.name
+    found = shipped_calibrations() if folder is None else _folder_calibrations(folder)
+    files: dict[str, Path] = {}
+    for path, calibration in found:
+        if reason := _not_for(calibration, spec, presets):
+            if folder is not None:
+                raise SystemExit(f"coolfusion: {path}: {reason}")
+            continue
+        files[calibration.name] = path
+    loaded = {name: calibration for _, calibration in found if (name := calibration.name) in files}
+    routes = {
+        f"{ROUTE_PREFIX}{calibration.fitted_on.get('scope') or name}": name
+        for name, calibration in loaded.items()
+        if calibration.worker_names == tuple(spec)
+    }
+    source = "fitted on the task families' tuning parts" if folder is None else f"from {folder}"
+    if default == "none":
+        return CalibrationChoice(files, None, routes, source)
+    if default is not None:
+        if default not in loaded:
+            raise SystemExit(f"coolfusion: --default-calibration {default!r} is not among {sorted(loaded)}")
+        return CalibrationChoice(files, default, routes, source)
+    pooled = loaded.get(f"{POOLED}-{'-'.join(spec)}")
+    return CalibrationChoice(files, pooled.name if pooled and _won(pooled) else None, routes, source)
+
+
+def _folder_calibrations(folder: Path) -> list[tuple[Path, Calibration]]:
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise SystemExit(f"coolfusion: no calibration files (*.json) in {folder}")
+    try:
+        return [(path, load_calibration(path)) for path in paths]
+    except CalibrationError as error:
+        raise SystemExit(f"coolfusion: {error}") from None
+
+
+def _not_for(calibration: Calibration, spec: dict[str, list[str]], presets: dict[str, str]) -> str | None:
+    """Why a calibration does not fit the workers of `spec` (None: it does); a worker loaded from a
+    path says which model it serves only once it runs, where the orchestrator checks it."""
+    for fitted in calibration.workers:
+        if fitted.name not in spec:
+            return f"calibration {calibration.name!r} was fitted for worker {fitted.name}, which this cluster lacks"
+        if fitted.name in presets and presets[fitted.name] != fitted.model_id:
+            return (
+                f"calibration {calibration.name!r} was fitted for {fitted.name} serving {fitted.model_id!r}; "
+                f"it serves {presets[fitted.name]!r}"
+            )
+    return None
 
 
 def _won(calibration: Calibration) -> bool:

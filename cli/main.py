@@ -26,6 +26,7 @@ from coolfusion.cli.common import (
     DEFAULT_ORCHESTRATOR,
     add_orchestrator_flag,
     add_strategy_flags,
+    choose_calibrations,
     cluster_spec,
     signals_interrupt,
     start_cluster,
@@ -34,6 +35,7 @@ from coolfusion.cli.common import (
 from coolfusion.cli.demo import add_demo
 from coolfusion.cli.eval import add_eval_arguments, run_eval
 from coolfusion.cli.explore import add_explore_arguments, run_explore
+from coolfusion.cli.items import add_items_arguments
 from coolfusion.cli.report import add_report_arguments, run_report
 from coolfusion.client import (
     SELECTIONS,
@@ -240,18 +242,29 @@ def add_up(subparsers: Subparsers) -> None:
     parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="where the servers' logs go")
     parser.add_argument("--gateway-port", type=int, default=0, help="the HTTP gateway's port (default: any free one)")
     parser.add_argument("--no-gateway", action="store_true", help="start no OpenAI-compatible HTTP gateway")
+    parser.add_argument(
+        "--calibrations", type=Path, default=None, metavar="DIR",
+        help="calibrations of `coolfusion calibrate` to load instead of those that ship (each must fit these workers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--default-calibration", default=None, metavar="NAME",
+        help="the calibration requests inside its scope run with, or 'none' (default: the pooled fit for "
+        "exactly these workers, where one is loaded and beat the unfitted default)",
+    )  # fmt: skip
     parser.set_defaults(run=run_up)
 
 
 def run_up(args: argparse.Namespace) -> int:
     spec = cluster_spec(args.presets, args.model)
+    calibrations = choose_calibrations(spec, args.calibrations, args.default_calibration)  # fails before starting
     gateway_port = None if args.no_gateway or not _gateway_installed() else args.gateway_port
     with signals_interrupt():
-        cluster = start_cluster(spec, args.log, sys.stdout, gateway_port)
+        cluster = start_cluster(spec, args.log, sys.stdout, gateway_port, calibrations)
         try:
             print(f"orchestrator: {cluster.address}")
             if cluster.gateway is not None:
-                print(f"OpenAI-compatible API: {cluster.gateway_url} (models: coolfusion, {', '.join(spec)})")
+                models = ", ".join(["coolfusion", *calibrations.routes, *spec])
+                print(f"OpenAI-compatible API: {cluster.gateway_url} (models: {models})")
             print(f"ready: {len(spec)} workers ({', '.join(spec)}); Ctrl-C or SIGTERM stops the cluster", flush=True)
             return _wait_while_running(cluster)
         except KeyboardInterrupt:
@@ -303,6 +316,13 @@ def add_calibrate(subparsers: Subparsers) -> None:
     parser.set_defaults(run=run_calibrate)
 
 
+def add_items(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "items", help="check a labelled-items file (your own prompts and answers), or export the task families as one"
+    )
+    add_items_arguments(parser)
+
+
 def add_report(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="every worker alone, pair and trio under each strategy, replayed from explored trees"
@@ -343,6 +363,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_up,
     add_demo,
     add_eval,
+    add_items,
     add_explore,
     add_calibrate,
     add_report,

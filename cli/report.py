@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from coolfusion.calibration import Calibration, CalibrationError, load_calibration
+from coolfusion.calibration.items import HELD_OUT, POOLED
 from coolfusion.cli import quality
-from coolfusion.cli.calibrate import POOLED, scopes, worker_sets
-from coolfusion.cli.explore import Explored, load_explored, read_run
+from coolfusion.cli.calibrate import scopes, worker_sets
+from coolfusion.cli.explore import Explored, load_explored
 from coolfusion.orchestrator.replay import Unexplored, replay, rerank
 from coolfusion.orchestrator.strategy import DEFAULT, PAPER, RepetitionGuard, Strategy
 
@@ -35,26 +36,32 @@ class Mode:
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trees", type=Path, help="a `coolfusion explore` folder (the held-out split, once fitted)")
+    parser.add_argument(
+        "trees", type=Path, help="a `coolfusion explore` folder (its held-out items, where it holds both parts)"
+    )
     parser.add_argument("--calibrations", type=Path, help="the folder `coolfusion calibrate` wrote")
     parser.add_argument("--out", type=Path, default=None, help="where report.md/json and the chart go (default: TREES)")
 
 
 def run_report(args: argparse.Namespace) -> int:
-    run = read_run(args.trees)
-    explored = load_explored(args.trees)
-    calibrations = _calibrations(args.calibrations, run["models"])
+    run = load_explored(args.trees)
+    settings = run.settings
+    # A folder of a labelled-items file holds both parts: report the held-out one, which no fit saw.
+    explored = [e for e in run.explored if e.item.split == HELD_OUT] or run.explored
+    if len(explored) < len(run.explored):
+        print(f"report: the {len(explored)} held-out items of {len(run.explored)}", file=sys.stderr)
+    calibrations = _calibrations(args.calibrations, settings["models"])
     out = args.out or args.trees
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for scope, items in scopes(explored):
-        for chosen in worker_sets(run["workers"]):
+        for chosen in worker_sets(settings["workers"]):
             modes = modes_for(scope, chosen, calibrations)
             reports.append(_report(scope, chosen, items, modes))
     text = "\n\n".join(quality.family_table(r, seconds=False) for r in reports)
     (out / "report.md").write_text(summary_table(reports) + "\n\n" + text + "\n", encoding="utf-8")
     (out / "report.json").write_text(json.dumps([quality.report_json(r) for r in reports], indent=2) + "\n")
-    trio = [r for r in reports if r.label.count(",") == len(run["workers"]) - 1]
+    trio = [r for r in reports if r.label.count(",") == len(settings["workers"]) - 1]
     try:
         quality.plot_accuracy(trio, out / "report.png")
     except ImportError:
@@ -120,7 +127,7 @@ def answer_record(scope: str, explored: Explored, mode: Mode) -> dict[str, Any]:
 
 
 def _item_key(scope: str, explored: Explored) -> str:
-    return f"{explored.item.family}:{explored.item.id}" if scope == POOLED else explored.item.id
+    return f"{explored.item.tag}:{explored.item.id}" if scope == POOLED else explored.item.id
 
 
 def _accuracy_cell(scores: dict[str, quality.ModeScore], mode: str) -> str:

@@ -98,6 +98,8 @@ class FuseOptions:
     seed: int | None = None  # the same seed gives the same answers; None: the orchestrator draws one
     selection: str = ""  # "best" (the default) or "sample": how a step's winner is chosen when sampling
     n: int = 0  # answers to fuse (0: one); read them with fuse_choices
+    tag: str = ""  # what the request is (a task, a tenant): a default calibration runs only inside its scope
+    route: str = ""  # a route of the orchestrator's registry: runs with the calibration it names
 
     def __post_init__(self) -> None:
         # Any iterable of names is accepted; stored as tuples so the options stay immutable.
@@ -160,6 +162,8 @@ def fusion_parameters(
         parallel_tool_calls=options.parallel_tool_calls,
         sampling=_sampling(options),
         n=options.n,
+        tag=options.tag,
+        route=options.route,
     )
 
 

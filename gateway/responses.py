@@ -108,4 +108,9 @@ def details(result: orchestrator_pb2.FuseResult) -> dict[str, Any]:
         "usage_counted_by": result.usage.worker if result.HasField("usage") else None,
         "shares": [{"worker": s.worker, "segments": s.segments, "chars": s.chars} for s in result.shares],
         "dropped": [{"worker": d.worker, "reason": d.reason, "step": d.step} for d in result.dropped],
+        "calibration": result.strategy.calibration or None,
+        "rule_choice": {
+            "reason": orchestrator_pb2.RuleReason.Name(result.rule_choice.reason).removeprefix("RULE_REASON_").lower(),
+            "detail": result.rule_choice.detail,
+        },
     }

@@ -11,7 +11,15 @@ from pathlib import Path
 from coolfusion.calibration import Calibration, load_calibration
 from coolfusion.orchestrator.admission import AdmissionLimits
 from coolfusion.orchestrator.calibrations import Calibrations
-from coolfusion.orchestrator.registry import WorkerEntry, load_registry, registry_calibrations, workers_from_environment
+from coolfusion.orchestrator.registry import (
+    RegistryError,
+    WorkerEntry,
+    add_route,
+    load_registry,
+    registry_calibrations,
+    registry_routes,
+    workers_from_environment,
+)
 from coolfusion.orchestrator.server import serve
 from coolfusion.orchestrator.settings import OrchestratorSettings
 from coolfusion.orchestrator.strategy import Aggregation, RepetitionGuard, Strategy
@@ -71,7 +79,13 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     )  # fmt: skip
     strategy.add_argument(
         "--default-calibration", metavar="NAME",
-        help="run requests that choose no aggregation with this calibration, where it fits their workers",
+        help="run requests that choose no aggregation with this calibration, where they are inside its scope "
+        "and it fits their workers",
+    )  # fmt: skip
+    strategy.add_argument(
+        "--route", action="append", default=[], metavar="NAME=CALIBRATION",
+        help="a route (e.g. coolfusion/extract, a gateway model name) that runs requests with a loaded "
+        "calibration (repeatable; the registry's `routes` add more)",
     )  # fmt: skip
     add_security_flags(parser)
     args = parser.parse_args(argv)
@@ -83,7 +97,9 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
     try:
         workers = load_registry(args.workers, workers_from_environment())
         calibrations = _calibrations(args.calibration + registry_calibrations(args.workers), workers)
-        Calibrations(calibrations, args.default_calibration)  # refuses shared names and an unknown default
+        routes = _routes(args.route, registry_routes(args.workers), workers)
+        # Refuses shared names, an unknown default, and routes to calibrations not loaded.
+        Calibrations(calibrations, args.default_calibration, routes)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     return OrchestratorSettings(
@@ -103,6 +119,7 @@ def parse_settings(argv: list[str] | None = None) -> OrchestratorSettings:
         strategy=Strategy(aggregation=args.aggregation, repetition_guard=args.repetition_guard),
         calibrations=calibrations,
         default_calibration=args.default_calibration,
+        routes=routes,
         tls=tls,
         auth_tokens=auth_tokens,
     )
@@ -116,6 +133,20 @@ def _calibrations(paths: list[Path], workers: list[WorkerEntry]) -> tuple[Calibr
         if missing := [name for name in calibration.worker_names if name not in registered]:
             raise ValueError(f"calibration {calibration.name!r} was fitted for unregistered workers {missing}")
     return loaded
+
+
+def _routes(flags: list[str], listed: dict[str, str], workers: list[WorkerEntry]) -> dict[str, str]:
+    """The registry's routes, then those of --route NAME=CALIBRATION; no route may be named like a
+    worker, since the HTTP gateway offers both as models."""
+    routes = dict(listed)
+    for flag in flags:
+        name, sep, calibration = flag.partition("=")
+        if not (sep and name and calibration):
+            raise RegistryError(f"--route wants NAME=CALIBRATION, got {flag!r}")
+        add_route(routes, name, calibration, "--route")
+    if clashes := sorted(set(routes) & {w.name for w in workers}):
+        raise RegistryError(f"routes {clashes} are named like workers; the gateway offers both as models")
+    return routes
 
 
 def _admission(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AdmissionLimits:

@@ -19,6 +19,8 @@ from coolfusion.orchestrator.worker_client import WorkerClient
 from coolfusion.serving.security import TokenFile
 
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A route is named as the HTTP gateway's models are: "coolfusion/extract".
+_ROUTE = re.compile(r"[a-z0-9][a-z0-9/._-]{0,126}[a-z0-9]|[a-z0-9]")
 # Fusion streams candidates and traces; 16 MB bounds a misbehaving worker's answers.
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _REPLICAS_HELP = (
@@ -169,6 +171,31 @@ def registry_calibrations(path: Path | None) -> list[Path]:
     if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
         raise RegistryError("the registry's 'calibrations' must be a list of file paths")
     return [Path(path).parent / p for p in listed]
+
+
+def registry_routes(path: Path | None) -> dict[str, str]:
+    """The routes a registry file lists (`routes:`, each a `name` and the `calibration` it runs),
+    as route name -> calibration name, in file order."""
+    if path is None:
+        return {}
+    listed = _read_document(path).get("routes", [])
+    if not isinstance(listed, list):
+        raise RegistryError("the registry's 'routes' must be a list of {name, calibration}")
+    routes: dict[str, str] = {}
+    for index, item in enumerate(listed):
+        if not isinstance(item, dict) or set(item) != {"name", "calibration"}:
+            raise RegistryError(f"routes[{index}] must have exactly a name and a calibration")
+        add_route(routes, str(item["name"]), str(item["calibration"]), f"routes[{index}]")
+    return routes
+
+
+def add_route(routes: dict[str, str], name: str, calibration: str, where: str) -> None:
+    """Adds one route, refusing a malformed or repeated name (`where` says which entry or flag)."""
+    if not _ROUTE.fullmatch(name):
+        raise RegistryError(f"{where}: route {name!r} must be lowercase letters, digits, '-', '.', '_' and '/'")
+    if name in routes:
+        raise RegistryError(f"{where}: route {name!r} is given twice")
+    routes[name] = calibration
 
 
 def _read_document(path: Path) -> dict:

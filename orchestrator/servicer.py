@@ -14,7 +14,7 @@ import grpc
 
 from coolfusion.constraints.tools import ToolCall
 from coolfusion.orchestrator.admission import Admission
-from coolfusion.orchestrator.calibrations import Calibrations
+from coolfusion.orchestrator.calibrations import Calibrations, RuleChoice, Traits, check_tag
 from coolfusion.orchestrator.domain import ChatTurn, Prompt, Step, Usage
 from coolfusion.orchestrator.explore import DEFAULT_MAX_NODES, Explorer, ExploreRequest
 from coolfusion.orchestrator.fusion import FusionRequest, FusionResult, fuse
@@ -202,15 +202,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         # The operator's flags, then each registry entry's weight and template; requests override.
         self._default_strategy = settings.strategy.overridden_by(registry_strategy(pool.entries))
         self._worker_names = {entry.name for entry in pool.entries}  # what a strategy may name
-        self._calibrations = Calibrations(settings.calibrations, settings.default_calibration)
+        self._calibrations = Calibrations(settings.calibrations, settings.default_calibration, settings.routes)
         self._info = WorkerInfo()  # what workers say of themselves, for constrained requests
 
     async def Fuse(
         self, request: orchestrator_pb2.FuseRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.FuseResponse:
         """Runs one fusion (n, with n > 1) to the end."""
-        results = await self._fuse(request.parameters, context)
-        answers = [_result_proto(result, request.parameters.include_trace) for result in results]
+        results, rule = await self._fuse(request.parameters, context)
+        answers = [_result_proto(result, request.parameters.include_trace, rule) for result in results]
         return orchestrator_pb2.FuseResponse(result=answers[0], choices=answers if len(answers) > 1 else [])
 
     async def FuseStream(self, request: orchestrator_pb2.FuseStreamRequest, context: grpc.aio.ServicerContext):
@@ -220,8 +220,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         async def on_step(step: Step, choice: int) -> None:
             await events.put(orchestrator_pb2.FuseStreamResponse(step=_step_proto(step, choice)))
 
-        async def on_result(result: FusionResult) -> None:
-            await events.put(orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, include_trace=False)))
+        async def on_result(result: FusionResult, rule: RuleChoice) -> None:
+            await events.put(orchestrator_pb2.FuseStreamResponse(summary=_result_proto(result, False, rule)))
 
         task = asyncio.create_task(self._fuse(request.parameters, context, on_step, on_result))
         task.add_done_callback(lambda _: events.put_nowait(None))
@@ -238,7 +238,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Probes every registered worker's health and description (every replica), concurrently."""
         with observing(self._observer):
             statuses = await asyncio.gather(*(self._probe(entry) for entry in self._pool.entries))
-        return orchestrator_pb2.ListWorkersResponse(workers=statuses, orchestrator_version=SERVER_VERSION)
+        routes = [
+            orchestrator_pb2.Route(name=name, calibration=calibration, workers=self._calibrations.by_name[calibration].worker_names)
+            for name, calibration in self._calibrations.routes.items()
+        ]  # fmt: skip
+        return orchestrator_pb2.ListWorkersResponse(
+            workers=statuses, orchestrator_version=SERVER_VERSION, routes=routes
+        )
 
     async def ExploreFusion(
         self, request: orchestrator_pb2.ExploreFusionRequest, context: grpc.aio.ServicerContext
@@ -252,7 +258,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             )
         settings = self._settings
 
-        def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float):
+        def explore(workers: list[ReplicaSet], fusion: FusionRequest, deadline: float, _: RuleChoice):
             if fusion.left_out:  # a tree needs every worker's proposals
                 reasons = "; ".join(f"{d.worker} {d.reason}" for d in fusion.left_out)
                 raise InvalidFusionRequest(f"cannot explore under this constraint: {reasons}")
@@ -267,31 +273,38 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         parameters: orchestrator_pb2.FusionParameters,
         context: grpc.aio.ServicerContext,
         on_step: Callable[[Step, int], Awaitable[None]] | None = None,
-        on_result: Callable[[FusionResult], Awaitable[None]] | None = None,
-    ) -> list[FusionResult]:
-        """The request's n answers, each fused on its own (docs/design.md section 10.3); `on_step`
-        hears every chosen segment with its answer's number, `on_result` every finished answer."""
+        on_result: Callable[[FusionResult, RuleChoice], Awaitable[None]] | None = None,
+    ) -> tuple[list[FusionResult], RuleChoice]:
+        """The request's n answers, each fused on its own (docs/design.md section 10.3), and the rule
+        they ran with; `on_step` hears every chosen segment with its answer's number, `on_result`
+        every finished answer."""
         settings = self._settings
         n = choices(parameters, settings.limits)
 
-        async def answer(workers: list[ReplicaSet], request: FusionRequest, deadline: float) -> FusionResult:
+        async def answer(
+            workers: list[ReplicaSet], request: FusionRequest, deadline: float, rule: RuleChoice
+        ) -> FusionResult:
             steps = None if on_step is None else partial(_with_choice, on_step, request.choice)
             result = await fuse(workers, request, deadline, settings.call_timeout_s, steps, settings.busy_wait_s)
             if on_result is not None:
-                await on_result(result)
+                await on_result(result, rule)
             return result
 
-        async def answers(workers: list[ReplicaSet], request: FusionRequest, deadline: float) -> list[FusionResult]:
+        async def answers(
+            workers: list[ReplicaSet], request: FusionRequest, deadline: float, rule: RuleChoice
+        ) -> tuple[list[FusionResult], RuleChoice]:
             if request.sampling is None:  # greedy answers are all the same: fused once
-                first = await answer(workers, request, deadline)
+                first = await answer(workers, request, deadline, rule)
                 others = [replace(first, choice=i) for i in range(1, n)]
                 for other in others:
                     if on_result is not None:
-                        await on_result(other)
-                return [first, *others]
-            tasks = [asyncio.ensure_future(answer(workers, replace(request, choice=i), deadline)) for i in range(n)]
+                        await on_result(other, rule)
+                return [first, *others], rule
+            tasks = [
+                asyncio.ensure_future(answer(workers, replace(request, choice=i), deadline, rule)) for i in range(n)
+            ]
             try:
-                return list(await asyncio.gather(*tasks))
+                return list(await asyncio.gather(*tasks)), rule
             finally:  # one failed: the others stop too, and close their sessions
                 for task in tasks:
                     task.cancel()
@@ -303,19 +316,25 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self,
         parameters: orchestrator_pb2.FusionParameters,
         context: grpc.aio.ServicerContext,
-        work: Callable[[list[ReplicaSet], FusionRequest, float], Awaitable[T]],
+        work: Callable[[list[ReplicaSet], FusionRequest, float, RuleChoice], Awaitable[T]],
     ) -> T:
-        """Validates the parameters, waits for an admission slot and runs `work(workers, request,
-        deadline)` within the request's time budget (the caller's deadline, capped by ours)."""
+        """Validates the parameters, chooses the selection rule (calibrations.py), waits for an
+        admission slot and runs `work(workers, request, deadline, rule)` within the request's time
+        budget (the caller's deadline, capped by ours)."""
         request_id = uuid.uuid4().hex
         request = parse_request(
             parameters, self._settings.limits, request_id, self._default_strategy, self._worker_names
         )
-        try:
-            workers = self._pool.select(list(parameters.workers))
+        check_tag(parameters.tag)
+        asked = parameters.strategy
+        named, how = self._calibrations.requested(parameters.route, asked.calibration, bool(asked.aggregation))
+        try:  # a calibration named without workers fuses its own
+            workers = self._pool.select(list(parameters.workers) or list(named.worker_names if named else ()))
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
-        request = await self._calibrated(request, parameters.strategy, workers)
+        traits = Traits(parameters.tag, "plain" if request.prompt.text is not None else "chat", request.max_new_tokens)
+        rule = await self._calibrations.for_request(named, how, bool(asked.aggregation), workers, traits)
+        request = self._calibrated(request, asked, rule)
         workers, request = await self._enforcing(workers, request)
         remaining = context.time_remaining()
         budget = (
@@ -325,7 +344,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             async with self._admission.slot(wait_s=budget):
                 with observing(self._observer), self._observer.fusion(request_id):
-                    return await work(workers, request, deadline)
+                    return await work(workers, request, deadline, rule)
         except NoWorkersLeft as error:
             if time.monotonic() >= deadline:
                 # The workers did not fail: the request ran out of time (our own request timeout;
@@ -347,11 +366,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidFusionRequest(f"no worker of this request enforces {constraint.kind} constraints: {reasons}")
         return kept, replace(request, left_out=tuple(left_out))
 
-    async def _calibrated(
-        self, request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, workers: list[ReplicaSet]
-    ) -> FusionRequest:
+    @staticmethod
+    def _calibrated(request: FusionRequest, asked: orchestrator_pb2.FusionStrategy, rule: RuleChoice) -> FusionRequest:
         """The request with the calibration it runs with, if any (calibrations.py decides which)."""
-        calibration = await self._calibrations.for_request(asked.calibration, bool(asked.aggregation), workers)
+        calibration = rule.calibration
         if calibration is None:
             return request
         guard = request.strategy.repetition_guard if asked.repetition_guard else None
@@ -403,7 +421,7 @@ def _step_proto(step: Step, choice: int = 0) -> orchestrator_pb2.FuseStep:
     )
 
 
-def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2.FuseResult:
+def _result_proto(result: FusionResult, include_trace: bool, rule: RuleChoice) -> orchestrator_pb2.FuseResult:
     fused = result.fused
     shares = {name: orchestrator_pb2.WorkerShare(worker=name) for name in result.workers}
     position = 0  # a stop string may have cut the last segments: count only characters kept
@@ -437,6 +455,7 @@ def _result_proto(result: FusionResult, include_trace: bool) -> orchestrator_pb2
         seed=result.seed,
         strategy=strategy_proto(result.strategy),
         usage=_usage_proto(result.usage),
+        rule_choice=orchestrator_pb2.RuleChoice(reason=f"RULE_REASON_{rule.reason.name}", detail=rule.detail),
         tool_calls=[worker_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in result.tool_calls],
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coolfusion.calibration import Calibration
@@ -62,6 +63,9 @@ class OrchestratorSettings:
     # the one that requests choosing no aggregation run with where it fits their workers.
     calibrations: tuple[Calibration, ...] = ()
     default_calibration: str | None = None
+    # Route name -> calibration name (--route, the registry's `routes`): names a request or the
+    # HTTP gateway's model can give to run with that calibration on its workers.
+    routes: Mapping[str, str] = field(default_factory=dict)
     # Prometheus endpoint on `host` (0: any free port). None, the default, serves none: several
     # servers share one host in local clusters and tests, where a fixed port would collide;
     # the Kubernetes manifests turn it on (--metrics-port).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -16,11 +17,14 @@ from coolfusion.calibration import (
     WorkerFit,
     load_calibration,
     nll_per_unit,
+    shipped_calibrations,
 )
 from coolfusion.calibration.file import from_document, save_calibration, to_document
+from coolfusion.calibration.scope import Scope
 from coolfusion.cli import tasks
 from coolfusion.cli.calibrate import _Params, _walk, compile_tree, fit_rule
 from coolfusion.cli.explore import Explored
+from coolfusion.cli.tasks.export import labelled
 from coolfusion.orchestrator.domain import (
     CandidateScore,
     Finish,
@@ -73,6 +77,30 @@ def _calibration(margin: float = math.inf) -> Calibration:
 def test_a_calibration_file_reads_back_as_written(tmp_path, margin: float) -> None:
     save_calibration(_calibration(margin), tmp_path / "x.json")
     assert load_calibration(tmp_path / "x.json") == _calibration(margin)
+    scoped = replace(_calibration(margin), scope=Scope(("extract",), ("chat",), 64), held_out={"items": 3})
+    save_calibration(scoped, tmp_path / "scoped.json")
+    assert load_calibration(tmp_path / "scoped.json") == scoped
+
+
+def test_a_scope_says_why_a_request_lies_outside_it() -> None:
+    scope = Scope(("facts", "arithmetic"), ("plain",), 16)
+    assert scope.excludes("", "plain", 16) is None  # an untagged request is judged by form and length
+    assert scope.excludes("facts", "plain", 8) is None
+    assert (
+        scope.excludes("chat-support", "plain", 8)
+        == "the request's tag is 'chat-support'; it was fitted on tags facts, arithmetic"
+    )
+    assert scope.excludes("", "chat", 8) == "the request's prompt is chat; it was fitted on plain prompts"
+    assert scope.excludes("", "plain", 48) == "the request allows 48 new tokens; it was fitted on answers of at most 16"
+    assert Scope().excludes("any", "chat", 4096) == "the request's tag is 'any'; it was fitted on untagged items"
+    assert Scope().excludes("", "chat", 4096) is None
+
+
+def test_every_shipped_calibration_is_scoped_to_plain_short_answers_of_the_task_families() -> None:
+    for _, calibration in shipped_calibrations():
+        assert calibration.scope is not None and calibration.scope.forms == ("plain",)
+        assert set(calibration.scope.tags) <= set(tasks.FAMILIES) and calibration.scope.max_new_tokens <= 16
+        assert calibration.scope.excludes("", "chat", 48) is not None  # open chat gets the unfitted default
 
 
 @pytest.mark.parametrize(
@@ -87,6 +115,8 @@ def test_a_calibration_file_reads_back_as_written(tmp_path, margin: float) -> No
         (lambda d: d.update(repetition_guard="loud"), "repetition_guard is 'loud'"),
         (lambda d: d["rule"].update(unit="byte"), "unit is 'byte'"),
         (lambda d: d["workers"][0].pop("model_id"), "missing or malformed field"),
+        (lambda d: d.update(scope={"prompt_forms": ["voice"]}), "scope.prompt_forms must list one or both"),
+        (lambda d: d.update(scope={"max_new_tokens": 0}), "scope.max_new_tokens must be a positive"),
     ],
 )
 def test_a_malformed_calibration_is_refused_saying_what_is_wrong(tmp_path, change, says: str) -> None:
@@ -130,7 +160,7 @@ def _one_step(item: tasks.TaskItem, proposals: dict[str, str], judged: dict[str,
     root = TreeNode("", dict.fromkeys(proposals, 0), list(candidates.values()), branches)
     empty = TreeAnswer("", False, {w: _scored("x", 9.0) for w in proposals})
     tree = FusionTree(list(proposals), dict.fromkeys(proposals, 10), [root], [*answers, empty], True)
-    return Explored(item, tree, 8)
+    return Explored(labelled(item), tree, 8)
 
 
 def _specialists(count: int, seed: int = 3) -> list[Explored]:
@@ -216,3 +246,20 @@ def test_a_fit_that_wins_on_unseen_folds_is_kept() -> None:
     fit = fit_rule(_specialists(80), ("sure", "loose", "noisy"))
     assert fit.reached["cross-validated fitted"] > fit.reached["cross-validated best alone"]
     assert not math.isinf(fit.rule.margin) or fit.rule.lead is None
+
+
+def test_workers_alone_that_tie_go_by_the_preference_given() -> None:
+    """Two workers right on the same number of items, each candidate scored at random: no rule can
+    know whom to trust, the fit falls back to a worker alone, and the tie goes by the preference
+    (calibrate passes the workers' order on all of a deployment's tuning items)."""
+    rng = random.Random(14)
+    made = []
+    for n, item in enumerate(tasks.items("arithmetic", "tuning")[:80]):
+        right, wrong = f" {item.reference}", f" {int(float(item.reference)) + 1}"
+        proposals = {"first": right if n % 2 else wrong, "second": wrong if n % 2 else right}
+        judged = {text: {w: rng.uniform(0.2, 2.0) for w in proposals} for text in (right, wrong)}
+        made.append(_one_step(item, proposals, judged))
+    workers = ("first", "second")
+    plain, preferred = fit_rule(made, workers), fit_rule(made, workers, preference=("second",))
+    assert plain.reached["first alone"] == plain.reached["second alone"] and math.isinf(preferred.rule.margin)
+    assert (plain.rule.lead, preferred.rule.lead) == (plain.best_alone, preferred.best_alone) == ("first", "second")

@@ -42,6 +42,16 @@ class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOOL_CHOICE_MODE_NONE: _ClassVar[ToolChoiceMode]
     TOOL_CHOICE_MODE_REQUIRED: _ClassVar[ToolChoiceMode]
     TOOL_CHOICE_MODE_FUNCTION: _ClassVar[ToolChoiceMode]
+
+class RuleReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RULE_REASON_UNSPECIFIED: _ClassVar[RuleReason]
+    RULE_REASON_REQUESTED: _ClassVar[RuleReason]
+    RULE_REASON_ROUTE: _ClassVar[RuleReason]
+    RULE_REASON_DEFAULT_CALIBRATION: _ClassVar[RuleReason]
+    RULE_REASON_OUTSIDE_SCOPE: _ClassVar[RuleReason]
+    RULE_REASON_OTHER_WORKERS: _ClassVar[RuleReason]
+    RULE_REASON_NO_DEFAULT_CALIBRATION: _ClassVar[RuleReason]
 RERANK_MODE_UNSPECIFIED: RerankMode
 RERANK_MODE_NONE: RerankMode
 RERANK_MODE_FULL_ANSWER: RerankMode
@@ -62,6 +72,13 @@ TOOL_CHOICE_MODE_AUTO: ToolChoiceMode
 TOOL_CHOICE_MODE_NONE: ToolChoiceMode
 TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode
 TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode
+RULE_REASON_UNSPECIFIED: RuleReason
+RULE_REASON_REQUESTED: RuleReason
+RULE_REASON_ROUTE: RuleReason
+RULE_REASON_DEFAULT_CALIBRATION: RuleReason
+RULE_REASON_OUTSIDE_SCOPE: RuleReason
+RULE_REASON_OTHER_WORKERS: RuleReason
+RULE_REASON_NO_DEFAULT_CALIBRATION: RuleReason
 
 class FusionStrategy(_message.Message):
     __slots__ = ("aggregation", "worker_weights", "repetition_guard", "prompt_templates", "calibration")
@@ -92,7 +109,7 @@ class FusionStrategy(_message.Message):
     def __init__(self, aggregation: _Optional[_Union[Aggregation, str]] = ..., worker_weights: _Optional[_Mapping[str, float]] = ..., repetition_guard: _Optional[_Union[RepetitionGuard, str]] = ..., prompt_templates: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class FusionParameters(_message.Message):
-    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "constraint", "tool_choice", "parallel_tool_calls", "sampling", "n")
+    __slots__ = ("prompt", "workers", "max_new_tokens", "stop_strings", "segment_max_tokens", "rerank_mode", "include_trace", "strategy", "constraint", "tool_choice", "parallel_tool_calls", "sampling", "n", "tag", "route")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +123,8 @@ class FusionParameters(_message.Message):
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     prompt: _worker_pb2.Prompt
     workers: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
@@ -119,7 +138,9 @@ class FusionParameters(_message.Message):
     parallel_tool_calls: bool
     sampling: Sampling
     n: int
-    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., constraint: _Optional[_Union[_worker_pb2.Constraint, _Mapping]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
+    tag: str
+    route: str
+    def __init__(self, prompt: _Optional[_Union[_worker_pb2.Prompt, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., segment_max_tokens: _Optional[int] = ..., rerank_mode: _Optional[_Union[RerankMode, str]] = ..., include_trace: _Optional[bool] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., constraint: _Optional[_Union[_worker_pb2.Constraint, _Mapping]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n: _Optional[int] = ..., tag: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "selection")
@@ -258,7 +279,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class FuseResult(_message.Message):
-    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "tool_calls", "seed", "choice")
+    __slots__ = ("text", "finish_reason", "shares", "dropped", "timings", "trace", "source", "rerank", "request_id", "strategy", "usage", "tool_calls", "seed", "choice", "rule_choice")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +294,7 @@ class FuseResult(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
+    RULE_CHOICE_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _worker_pb2.FinishReason
     shares: _containers.RepeatedCompositeFieldContainer[WorkerShare]
@@ -287,7 +309,16 @@ class FuseResult(_message.Message):
     tool_calls: _containers.RepeatedCompositeFieldContainer[_worker_pb2.ToolCall]
     seed: int
     choice: int
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[_worker_pb2.ToolCall, _Mapping]]] = ..., seed: _Optional[int] = ..., choice: _Optional[int] = ...) -> None: ...
+    rule_choice: RuleChoice
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_worker_pb2.FinishReason, str]] = ..., shares: _Optional[_Iterable[_Union[WorkerShare, _Mapping]]] = ..., dropped: _Optional[_Iterable[_Union[DroppedWorker, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[FuseStep, _Mapping]]] = ..., source: _Optional[str] = ..., rerank: _Optional[_Iterable[_Union[RerankEntry, _Mapping]]] = ..., request_id: _Optional[str] = ..., strategy: _Optional[_Union[FusionStrategy, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[_worker_pb2.ToolCall, _Mapping]]] = ..., seed: _Optional[int] = ..., choice: _Optional[int] = ..., rule_choice: _Optional[_Union[RuleChoice, _Mapping]] = ...) -> None: ...
+
+class RuleChoice(_message.Message):
+    __slots__ = ("reason", "detail")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: RuleReason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[RuleReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
     __slots__ = ("result", "choices")
@@ -324,12 +355,24 @@ class WorkerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., info: _Optional[_Union[_worker_pb2.GetInfoResponse, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "orchestrator_version")
+    __slots__ = ("workers", "orchestrator_version", "routes")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ORCHESTRATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     orchestrator_version: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., orchestrator_version: _Optional[str] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("name", "calibration", "workers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    calibration: str
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., calibration: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExploreFusionRequest(_message.Message):
     __slots__ = ("parameters", "max_nodes")
