@@ -14,11 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from coolfusion.calibration.answers import AnswerRule, matches, read
+from coolfusion.constraints import Constraint, ConstraintError, ConstraintKind, compile_grammar
 
 TUNING, HELD_OUT = "tuning", "held-out"
 SPLITS = (TUNING, HELD_OUT)
 PLAIN, CHAT = "plain", "chat"  # the prompt forms: a `prompt` string, or `messages`
-FIELDS = ("id", "prompt", "messages", "answers", "rule", "field", "tag", "split", "max_new_tokens", "stop", "meta")
+FIELDS = (
+    "id", "prompt", "messages", "answers", "rule", "field", "tag", "split", "max_new_tokens", "stop", "json_schema",
+    "meta",
+)  # fmt: skip
+# What an answer is held to: free text, or one JSON value valid against the item's `json_schema`.
+TEXT_ANSWER, JSON_SCHEMA_ANSWER = "text", "json_schema"
 ROLES = ("system", "user", "assistant")
 # An item that sets no length gets this many tokens (of the first worker): room for a short answer
 # and its sentence, little for a runaway one; explored trees grow with every token allowed.
@@ -55,6 +61,12 @@ class LabelledItem:
     stop: tuple[str, ...] = ()
     line: int = 0  # its line in the file, from 1
     split_given: bool = False  # whether the file set its split (else hashed_split chose it)
+    json_schema: str | None = None  # the answer's JSON Schema, as JSON text (docs/design.md chapter 9)
+
+    @property
+    def answer_form(self) -> str:
+        """TEXT_ANSWER, or JSON_SCHEMA_ANSWER when the answer is held to a schema."""
+        return TEXT_ANSWER if self.json_schema is None else JSON_SCHEMA_ANSWER
 
     @property
     def form(self) -> str:
@@ -69,9 +81,12 @@ class LabelledItem:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of what exploring the item asks (prompt, length, stop strings): a tree explored
-        for another question under the same id is never mistaken for this one's."""
+        """A digest of what exploring the item asks (prompt, length, stop strings, schema): a tree
+        explored for another question under the same id is never mistaken for this one's, and items
+        that ask the same (one per field of a text) share one tree."""
         asked = {"prompt": self.request_prompt, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
+        if self.json_schema is not None:
+            asked["json_schema"] = self.json_schema
         return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
 
     def read(self, text: str) -> str | None:
@@ -204,6 +219,7 @@ def _item(document: Mapping[str, Any], number: int) -> LabelledItem:
         stop=_stop(document.get("stop")),
         line=number,
         split_given=split is not None,
+        json_schema=_json_schema(document.get("json_schema")),
     )
 
 
@@ -228,6 +244,20 @@ def _prompt(document: Mapping[str, Any]) -> Prompt:
             raise ItemsError(f"messages[{i}].content must be a string")
         turns.append((message["role"], message["content"]))
     return tuple(turns)
+
+
+def _json_schema(value: Any) -> str | None:
+    """The schema as JSON text, checked: it compiles as a constraint, or the line says why not."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ItemsError("json_schema must be a JSON Schema object")
+    text = json.dumps(value, sort_keys=True)
+    try:
+        compile_grammar(Constraint(ConstraintKind.JSON_SCHEMA, text))
+    except ConstraintError as error:
+        raise ItemsError(f"json_schema: {error}") from None
+    return text
 
 
 def _rule(document: Mapping[str, Any]) -> AnswerRule:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMS = ("plain", "chat")
+# What answers are held to: free text, or a constraint's kind (docs/design.md chapter 9).
+TEXT = "text"
 
 
 @dataclass(frozen=True)
@@ -19,12 +21,15 @@ class Scope:
     tags: tuple[str, ...] = ()  # the tags of its items; empty when they had none
     forms: tuple[str, ...] = FORMS  # "plain" (a prompt string) and/or "chat" (messages)
     max_new_tokens: int | None = None  # the longest answer cap among its items, tokens; None: any
+    # What its items' answers were held to: TEXT (free text) and/or constraint kinds ("json_schema").
+    answers: tuple[str, ...] = (TEXT,)
 
-    def excludes(self, tag: str, form: str, max_new_tokens: int) -> str | None:
-        """Why a request with this tag ("" when it has none), prompt form and answer cap lies outside
-        the scope, in words; None when it lies inside. An untagged request is judged by its form and
-        length alone: the tag is how a caller says what its request is, and a request that says
-        nothing is not refused a fit that its form and length match."""
+    def excludes(self, tag: str, form: str, max_new_tokens: int, answer: str = TEXT) -> str | None:
+        """Why a request with this tag ("" when it has none), prompt form, answer cap and answer
+        form (TEXT or its constraint's kind) lies outside the scope, in words; None when it lies
+        inside. An untagged request is judged by its form, length and answer alone: the tag is how
+        a caller says what its request is, and a request that says nothing is not refused a fit
+        that the rest matches."""
         if tag and tag not in self.tags:
             fitted = f"fitted on tags {', '.join(self.tags)}" if self.tags else "fitted on untagged items"
             return f"the request's tag is {tag!r}; it was {fitted}"
@@ -35,16 +40,25 @@ class Scope:
                 f"the request allows {max_new_tokens} new tokens; it was fitted on answers of at most "
                 f"{self.max_new_tokens}"
             )
+        if answer not in self.answers:
+            return f"the request's answer is {_spelled(answer)}; it was fitted on {' and '.join(map(_spelled, self.answers))}"
         return None
 
     def describe(self) -> str:
         tags = ", ".join(self.tags) or "untagged"
         length = "any length" if self.max_new_tokens is None else f"at most {self.max_new_tokens} new tokens"
-        return f"tags {tags}; {' and '.join(self.forms)} prompts; {length}"
+        return f"tags {tags}; {' and '.join(self.forms)} prompts; {length}; {' and '.join(map(_spelled, self.answers))}"
+
+
+def _spelled(answer: str) -> str:
+    return "free text" if answer == TEXT else f"held to a {answer} constraint"
 
 
 def scope_document(scope: Scope) -> dict[str, Any]:
-    return {"tags": list(scope.tags), "prompt_forms": list(scope.forms), "max_new_tokens": scope.max_new_tokens}
+    return {
+        "tags": list(scope.tags), "prompt_forms": list(scope.forms), "max_new_tokens": scope.max_new_tokens,
+        "answers": list(scope.answers),
+    }  # fmt: skip
 
 
 def scope_from_document(document: Mapping[str, Any]) -> Scope:
@@ -60,7 +74,10 @@ def scope_from_document(document: Mapping[str, Any]) -> Scope:
         raise ValueError(f"scope.prompt_forms must list one or both of {', '.join(FORMS)}, got {forms!r}")
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
         raise ValueError(f"scope.max_new_tokens must be a positive whole number or null, got {length!r}")
-    return Scope(tuple(tags), tuple(forms), length)
+    answers = document.get("answers", [TEXT])  # files before answer forms were recorded: free text
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ValueError(f"scope.answers must list what answers were held to, e.g. [{TEXT!r}], got {answers!r}")
+    return Scope(tuple(tags), tuple(forms), length, tuple(answers))
 
 
 def _known(forms: Collection[Any]) -> bool:

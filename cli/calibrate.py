@@ -450,6 +450,7 @@ def scope_of(items: list[Explored]) -> Scope:
         tags=tuple(dict.fromkeys(e.item.tag for e in items if e.item.tag)),
         forms=tuple(form for form in FORMS if any(e.item.form == form for e in items)),
         max_new_tokens=max(e.max_new_tokens for e in items),
+        answers=tuple(dict.fromkeys(e.item.answer_form for e in items)),
     )
 
 

@@ -30,7 +30,7 @@ from coolfusion.cli.eval import (
     record_invocation,
 )
 from coolfusion.cli.tasks.export import export
-from coolfusion.client import FuseOptions, FusionClient
+from coolfusion.client import FuseOptions, FusionClient, json_schema
 from coolfusion.orchestrator.domain import FusionTree
 from coolfusion.orchestrator.tree_proto import tree_from_proto
 from coolfusion.v1 import orchestrator_pb2
@@ -145,13 +145,20 @@ def explore_items(
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     end_cut_line(path)
+    # Items that ask the same question (each field of one extracted text) share one exploration.
+    alike: dict[str, list[LabelledItem]] = {}
+    for item in todo:
+        alike.setdefault(item.fingerprint, []).append(item)
     bar = progress_bar(len(todo), "explore", "tree")
     with open(path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, concurrency)) as pool:
         sink = Sink(out, [], bar)
-        futures = [pool.submit(_explore, client, item, workers, max_nodes, timeout_s) for item in todo]
+        futures = {
+            pool.submit(_explore, client, group[0], workers, max_nodes, timeout_s): group for group in alike.values()
+        }
         try:
             for future in as_completed(futures):
-                sink.emit([future.result()])
+                tree = future.result()
+                sink.emit([_record(item, tree) for item in futures[future]])
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -162,12 +169,19 @@ def explore_items(
 def _explore(
     client: FusionClient, item: LabelledItem, workers: list[str], max_nodes: int, timeout_s: float
 ) -> dict[str, Any]:
-    options = FuseOptions(workers=tuple(workers), max_new_tokens=item.max_new_tokens, stop=item.stop)
+    """The tree of `item`'s question, as a record's `tree` field; under its schema, if it has one."""
+    constraint = json_schema(item.json_schema) if item.json_schema is not None else None
+    options = FuseOptions(
+        workers=tuple(workers), max_new_tokens=item.max_new_tokens, stop=item.stop, constraint=constraint
+    )
     tree = client.explore(item.request_prompt, options, max_nodes=max_nodes, timeout_s=timeout_s)
+    return json_format.MessageToDict(tree, preserving_proto_field_name=True)
+
+
+def _record(item: LabelledItem, tree: dict[str, Any]) -> dict[str, Any]:
     return {
         "tag": item.tag, "id": item.id, "split": item.split, "fingerprint": item.fingerprint,
-        "max_new_tokens": item.max_new_tokens,
-        "tree": json_format.MessageToDict(tree, preserving_proto_field_name=True),
+        "max_new_tokens": item.max_new_tokens, "tree": tree,
     }  # fmt: skip
 
 

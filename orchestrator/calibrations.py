@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from coolfusion.calibration import Calibration
+from coolfusion.calibration.scope import TEXT
 from coolfusion.orchestrator.replicas import ReplicaSet
 from coolfusion.orchestrator.worker_client import SessionLost, WorkerFailed
 
@@ -57,11 +58,13 @@ class RuleChoice:
 @dataclass(frozen=True)
 class Traits:
     """What a request's scope is judged by: its tag ("" when it has none), its prompt's form
-    ("plain" or "chat") and its answer cap, tokens."""
+    ("plain" or "chat"), its answer cap (tokens) and what its answer is held to ("text", or its
+    constraint's kind)."""
 
     tag: str
     form: str
     max_new_tokens: int
+    answer: str = TEXT
 
 
 class Calibrations:
@@ -132,7 +135,7 @@ class Calibrations:
         if default is None:
             return RuleChoice(None, RuleReason.NO_DEFAULT_CALIBRATION)
         if default.scope is not None and (
-            outside := default.scope.excludes(traits.tag, traits.form, traits.max_new_tokens)
+            outside := default.scope.excludes(traits.tag, traits.form, traits.max_new_tokens, traits.answer)
         ):
             return RuleChoice(
                 None, RuleReason.OUTSIDE_SCOPE, f"outside the scope of default calibration {default.name!r}: {outside}"

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 
+from coolfusion.calibration.scope import TEXT as TEXT_ANSWER
 from coolfusion.constraints.tools import ToolCall
 from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.calibrations import Calibrations, RuleChoice, Traits, check_tag
@@ -332,7 +333,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             workers = self._pool.select(list(parameters.workers) or list(named.worker_names if named else ()))
         except RegistryError as error:
             raise InvalidFusionRequest(str(error)) from error
-        traits = Traits(parameters.tag, "plain" if request.prompt.text is not None else "chat", request.max_new_tokens)
+        constraint = request.structure.constraint
+        form = "plain" if request.prompt.text is not None else "chat"
+        answer = TEXT_ANSWER if constraint is None else constraint.kind.value
+        traits = Traits(parameters.tag, form, request.max_new_tokens, answer)
         rule = await self._calibrations.for_request(named, how, bool(asked.aggregation), workers, traits)
         request = self._calibrated(request, asked, rule)
         workers, request = await self._enforcing(workers, request)

@@ -94,6 +94,11 @@ def test_a_scope_says_why_a_request_lies_outside_it() -> None:
     assert scope.excludes("", "plain", 48) == "the request allows 48 new tokens; it was fitted on answers of at most 16"
     assert Scope().excludes("any", "chat", 4096) == "the request's tag is 'any'; it was fitted on untagged items"
     assert Scope().excludes("", "chat", 4096) is None
+    assert (
+        scope.excludes("facts", "plain", 8, "json_schema")
+        == "the request's answer is held to a json_schema constraint; it was fitted on free text"
+    )
+    assert Scope(answers=("json_schema",)).excludes("", "plain", 8) is not None  # a fit on JSON, not on text
 
 
 def test_every_shipped_calibration_is_scoped_to_plain_short_answers_of_the_task_families() -> None:

@@ -77,6 +77,11 @@ def test_a_chat_item_is_sent_as_messages() -> None:
         ('{"prompt": "x", "answers": ["4"], "stop": "\\n"}', "line 3: stop must be a list"),
         ('["prompt", "x"]', "line 3: must be a JSON object, not list"),
         ('{"prompt": "x", "answers": ["4"],}', "line 3: not JSON"),
+        ('{"prompt": "x", "answers": ["4"], "json_schema": "object"}', "line 3: json_schema must be a JSON Schema"),
+        (
+            '{"prompt": "x", "answers": ["4"], "json_schema": {"type": "object", "if": {}}}',
+            'line 3: json_schema: json_schema does not compile: Unimplemented keys: ["if"]',
+        ),
     ],
 )
 def test_a_bad_line_fails_with_its_number_and_what_is_wrong(tmp_path: Path, line: str, says: str) -> None:
@@ -166,3 +171,18 @@ def test_items_check_describes_the_file_and_export_writes_one(tmp_path: Path, ca
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(SystemExit, match="line 1: no `answers`"):
         coolfusion(["items", "check", str(path)])
+
+
+def test_an_item_held_to_a_schema_asks_under_it_and_shares_its_question_with_the_texts_other_fields() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "age": {"type": "integer"}}}
+    lines = [
+        json.dumps({"id": f"t:{field}", "prompt": "Ann, 7, Oslo\nJSON:\n", "answers": [answer], "rule": "json_field",
+                    "field": field, "json_schema": schema})
+        for field, answer in (("city", "Oslo"), ("age", "7"))
+    ]  # fmt: skip
+    free_line = json.dumps({"id": "free", "prompt": "Ann, 7, Oslo\nJSON:\n", "answers": ["x"]})
+    city, age, free = parse_items([*lines, free_line])
+    assert city.answer_form == "json_schema" and free.answer_form == "text"
+    assert json.loads(city.json_schema) == schema
+    assert city.fingerprint == age.fingerprint != free.fingerprint  # one tree serves both fields
+    assert city.correct(city.read('{"city": "Oslo", "age": 7}')) and age.correct(age.read('{"city": "Oslo", "age": 7}'))
