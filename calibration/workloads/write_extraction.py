@@ -209,7 +209,7 @@ def prompt(examples: list[tuple[str, dict]], text: str) -> str:
 def items() -> list[dict]:
     lines = []
     for tag, (schema, examples, draw, seed) in TAGS.items():
-        rng, seen = random.Random(seed), set()
+        rng, seen = random.Random(seed), set[str]()
         while len(seen) < TEXTS_PER_TAG:
             text, fields = draw(rng)
             if text in seen:
