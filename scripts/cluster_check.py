@@ -34,7 +34,7 @@ pod shares one `tmp`), and mounts a ConfigMap key with subPath as an empty folde
 Everything it makes carries the label coolfusion.check=<run id>: the network, the containers and
 the scratch folder are removed at the end, whatever happened; only the images stay.
 
-Usage: python scripts/cluster_check.py [--overlay overlays/demo] [--max-tokens 24] [--logs DIR]
+Usage: python scripts/cluster_check.py [--overlay overlays/demo ...] [--max-tokens 24] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -553,6 +553,35 @@ def check_metrics(plan: Plan) -> list[str]:
     return lines
 
 
+def peak_memory_lines(plan: Plan) -> list[str]:
+    """Each container's peak memory so far, from its cgroup, beside the limit its manifest sets."""
+    lines = []
+    for container in plan.main:
+        pid = podman("inspect", "--format", "{{.State.Pid}}", container.name).strip()
+        peak = _cgroup_peak_bytes(int(pid))
+        limit = container.argv[container.argv.index("--memory") + 1] if "--memory" in container.argv else None
+        shown = f"{peak / 2**30:.2f} GiB" if peak is not None else "unknown"
+        lines.append(
+            f"{container.name}: peak memory {shown}" + (f" (limit {int(limit) / 2**30:.2f} GiB)" if limit else "")
+        )
+    return lines
+
+
+def _cgroup_peak_bytes(pid: int) -> int | None:
+    """The memory high-water mark of a process's cgroup (cgroup v1 or v2); None where neither shows one."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            candidate = Path(f"/sys/fs/cgroup/memory{path}/memory.max_usage_in_bytes")
+        elif controllers == "":
+            candidate = Path(f"/sys/fs/cgroup{path}/memory.peak")
+        else:
+            continue
+        if candidate.is_file():
+            return int(candidate.read_text())
+    return None
+
+
 def check_probes(plan: Plan) -> None:
     """Every probe of every container passes now (health after the request)."""
     for container in plan.main:
@@ -562,12 +591,15 @@ def check_probes(plan: Plan) -> None:
 
 
 def stop(plan: Plan, logs_dir: Path | None) -> list[str]:
-    """SIGTERM to every container at once; each must exit 0 within its grace period."""
+    """SIGTERM to every container at once; each must exit 0 within its grace period. Their logs go
+    to `logs_dir`, if given."""
     names = [c.name for c in plan.main]
     started = time.monotonic()
     podman("stop", "--time", str(max(c.grace_s for c in plan.main)), *names)
     took = time.monotonic() - started
     failed = []
+    if logs_dir is not None:
+        logs_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         if logs_dir is not None:
             (logs_dir / f"{name}.log").write_text(logs(name))
@@ -638,10 +670,20 @@ def coolfusion_up_answer(presets: list[str], body: dict, log: Path, ready_timeou
 # --- the whole check -------------------------------------------------------------------------------
 
 
-def run(overlay: str, max_tokens: int, logs_dir: Path | None) -> int:
-    check_id = f"{os.getpid()}"
+@dataclass
+class Contained:
+    """What one overlay's containers answered, and under which default calibration."""
+
+    overlay: str
+    presets: list[str]
+    calibration: str | None
+    answer: dict
+
+
+def run_overlay(overlay: str, body: dict, logs_dir: Path | None) -> Contained:
+    """One overlay in containers, from start to a clean stop; the gateway's answer to `body`."""
+    check_id = f"{os.getpid()}-{overlay.replace('/', '-')}"
     docs = render(overlay)
-    body = chat_request(max_tokens)
     scratch = Path(tempfile.mkdtemp(prefix=f"coolfusion-check-{check_id}-"))
     report: list[str] = []
     try:
@@ -657,50 +699,66 @@ def run(overlay: str, max_tokens: int, logs_dir: Path | None) -> int:
                 report.append(f"containers ready in {time.monotonic() - started:.0f} s")
                 started = time.monotonic()
                 url, token, ca_pem = gateway_call(the_plan, the_plan.gateways[0])
-                contained = post_chat(url, body, token, ca_pem)
-                report.append(f"fused through the gateway in {time.monotonic() - started:.0f} s")
+                answer = post_chat(url, body, token, ca_pem)
+                report.append(f"fused through the gateway ({url}) in {time.monotonic() - started:.0f} s")
                 report += check_metrics(the_plan)
+                report += peak_memory_lines(the_plan)
                 check_probes(the_plan)
-                report += stop(the_plan, logs_dir)
+                report += stop(the_plan, logs_dir / overlay.replace("/", "-") if logs_dir else None)
             finally:
                 remove_containers(check_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report.append(left_behind(check_id))
     print("\n".join(f"  {line}" for line in report), flush=True)
+    return Contained(overlay, presets, calibration, answer)
+
+
+def run(overlays: list[str], max_tokens: int, logs_dir: Path | None) -> int:
+    """Each overlay in containers in turn, then `coolfusion up` once; every answer compared with its."""
+    body = chat_request(max_tokens)
+    contained = [run_overlay(overlay, body, logs_dir) for overlay in overlays]
+    if len({tuple(c.presets) for c in contained}) != 1:
+        raise Unsupported(f"the overlays serve different presets: {[c.presets for c in contained]}")
+    presets = contained[0].presets
     print(f"coolfusion up --presets {','.join(presets)}", flush=True)
     log = (logs_dir or Path(tempfile.gettempdir())) / "coolfusion-up.log"
     local, local_calibration = coolfusion_up_answer(presets, body, log)
-    return compare(contained, local, calibration, local_calibration)
+    return max(compare(c, local, local_calibration) for c in contained)
 
 
-def compare(contained: dict, local: dict, calibration: str | None, local_calibration: str) -> int:
+def compare(contained: Contained, local: dict, local_calibration: str) -> int:
     """Prints both answers; 0 when the texts are equal, no worker was dropped and both ran the same
     default calibration."""
-    texts = [r["choices"][0]["message"]["content"] for r in (contained, local)]
-    print(f"containers:    {texts[0]!r}\n  {json.dumps(contained['coolfusion'])}")
+    texts = [r["choices"][0]["message"]["content"] for r in (contained.answer, local)]
+    print(f"k8s/{contained.overlay}: {texts[0]!r}\n  {json.dumps(contained.answer['coolfusion'])}")
     print(f"coolfusion up: {texts[1]!r}\n  {json.dumps(local['coolfusion'])}")
     problems = []
-    if (calibration or "") != local_calibration:
-        problems.append(f"default calibration: {calibration} in the manifests, {local_calibration or None} under up")
+    if (contained.calibration or "") != local_calibration:
+        problems.append(
+            f"default calibration: {contained.calibration} in the manifests, {local_calibration or None} under up"
+        )
     if texts[0] != texts[1]:
         problems.append("the answers differ")
-    problems += [f"dropped by {where}: {r['coolfusion']['dropped']}" for where, r in
-                 (("the containers", contained), ("coolfusion up", local)) if r["coolfusion"]["dropped"]]  # fmt: skip
+    for where, answer in ((f"k8s/{contained.overlay}", contained.answer), ("coolfusion up", local)):
+        if answer["coolfusion"]["dropped"]:
+            problems.append(f"dropped by {where}: {answer['coolfusion']['dropped']}")
     print("\n".join(f"FAILED: {p}" for p in problems) or "OK: the same answer, every worker fused")
     return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--overlay", default="overlays/demo", help="the kustomization under k8s/ to run")
+    parser.add_argument(
+        "--overlay", action="append", help="a kustomization under k8s/ to run (repeatable; default: overlays/demo)"
+    )
     parser.add_argument("--max-tokens", type=int, default=24, help="the answer's length (the first worker's tokens)")
     parser.add_argument("--logs", type=Path, help="keep every container's log and `coolfusion up`'s here")
     args = parser.parse_args(argv)
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     try:
-        return run(args.overlay, args.max_tokens, args.logs)
+        return run(args.overlay or ["overlays/demo"], args.max_tokens, args.logs)
     except (CheckFailed, Unsupported) as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1

@@ -50,7 +50,14 @@ DEFAULT_GRACE_S = 20  # the CLIs' --grace-s default
 REGISTRY_PATH = "/etc/coolfusion/workers.yaml"
 GPU = "nvidia.com/gpu"
 
-RENDERS = ["overlays/demo", "overlays/gpu", "overlays/gpu-vllm", "examples/external-worker", "examples/large-model"]
+RENDERS = [
+    "overlays/demo",
+    "overlays/gpu",
+    "overlays/gpu-vllm",
+    "examples/external-worker",
+    "examples/large-model",
+    "examples/secure-demo",
+]
 # Every kustomization directory that must be rendered (each one renders on its own).
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
 
@@ -541,7 +548,7 @@ def test_gpu_overlay_workers_get_one_gpu(rel):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("rel", ["overlays/demo", "examples/external-worker"])
+@pytest.mark.parametrize("rel", ["overlays/demo", "examples/external-worker", "examples/secure-demo"])
 def test_cpu_renders_request_no_gpu(rel):
     docs = render(rel)
     assert GPU not in _render_text(rel)
@@ -616,6 +623,46 @@ def test_vllm_workers_run_the_vllm_image_with_a_gpu_per_tensor_parallel_rank(rel
         assert seed["image"].startswith("coolfusion-worker:")
 
 
+# Flags that name a file the server reads at start-up (or again when it changes).
+FILE_FLAGS = (
+    "--workers", "--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file",
+    "--orchestrator-ca", "--orchestrator-cert", "--orchestrator-key", "--orchestrator-token-file",
+)  # fmt: skip
+
+
+def mounted(container: dict, path: str) -> bool:
+    return any(
+        path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        for m in container.get("volumeMounts", [])
+    )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_every_file_a_server_reads_is_on_a_volume_of_its_container(rel):
+    docs = render(rel)
+    for d in of_kind(docs, "Deployment"):
+        container = main_container(d)
+        for flag in FILE_FLAGS:
+            if path := arg_value(container["args"], flag):
+                assert mounted(container, path), f"{d['metadata']['name']}: {flag} {path} is on no volume"
+    # The registry's credentials are read by the orchestrator.
+    container = main_container(orchestrator(docs))
+    for entry in registry(docs)[1]:
+        for path in filter(None, [entry.get("token_file"), *(entry.get("tls") or {}).values()]):
+            if path.startswith("/"):
+                assert mounted(container, path), f"{entry['name']}: {path} is not on a volume of the orchestrator"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_the_gateway_probes_use_https_exactly_when_it_serves_it(rel):
+    container = main_container(gateway(render(rel)))
+    https = arg_value(container["args"], "--tls-cert") is not None
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"].get("scheme", "HTTP") == ("HTTPS" if https else "HTTP"), probe
+
+
 def worker_presets(docs) -> dict[str, str]:
     """Worker Service name -> the preset its Deployment serves (None for a --model worker)."""
     return {d["metadata"]["name"]: arg_value(main_container(d)["args"], "--preset") for d in workers(docs)}
@@ -682,6 +729,22 @@ def test_the_container_check_runs_the_demo_as_its_manifests_configure_it(tmp_pat
     for entry in plan.registry:
         host = ADDRESS.match(entry["address"])["host"]
         assert any(a.startswith(f"--add-host={host}:10.89.200.") for a in orchestrator_argv), host
+
+
+@needs_kubectl
+def test_the_container_check_makes_up_the_secrets_the_secure_demo_names(tmp_path, monkeypatch):
+    cluster_check = _load_script("cluster_check")
+    monkeypatch.setattr(cluster_check.os, "chown", lambda path, uid, gid: None)  # root's to do (see above)
+    plan = cluster_check.plan(render("examples/secure-demo"), ipaddress.IPv4Network("10.89.200.0/24"), tmp_path, "t")
+    url, token, ca_pem = cluster_check.gateway_call(plan, plan.gateways[0])
+    assert url.startswith("https://10.89.200.") and token and "BEGIN CERTIFICATE" in ca_pem
+    # The token the orchestrator accepts is the one the gateway sends; the workers' is another.
+    gateway_files = plan.gateways[0].files
+    orchestrator_files = next(c for c in plan.main if "--workers" in c.args).files
+    sent = gateway_files["/var/run/secrets/coolfusion/orchestrator/token"].read_text()
+    assert sent == orchestrator_files["/var/run/secrets/coolfusion/orchestrator/token"].read_text()
+    assert sent != orchestrator_files["/var/run/secrets/coolfusion/worker/token"].read_text()
+    assert oct(gateway_files["/etc/coolfusion/tls/gateway/tls.key"].stat().st_mode & 0o777) == "0o440"
 
 
 def test_the_container_check_refuses_what_it_cannot_run(tmp_path):
