@@ -2,7 +2,7 @@
 
 It renders an overlay (`kubectl kustomize k8s/overlays/demo`) and starts every replica of every
 Deployment as a podman container with what the pod template says: the image, command, arguments
-and environment; the pod's user and group (runAsNonRoot checked against the image); a read-only
+and environment; the pod's user and group (runAsNonRoot: a non-zero runAsUser); a read-only
 root filesystem and only the volumes the manifest mounts writable (emptyDir as a fresh folder per
 pod, owned by fsGroup, as the kubelet makes it); ConfigMap and Secret files (subPath included);
 no capabilities and no privilege escalation; the memory limit; the termination grace period. Init
@@ -15,10 +15,11 @@ up for the run: a random token for a token file, certificates from a throwaway C
 The check then waits for every container's readiness probe (gRPC health or HTTP GET, run the way
 the kubelet runs it, within the startup probe's budget), fuses one chat request through the
 gateway (with a token where the gateway asks for one), reads every container's /metrics, runs
-every probe again, and stops the containers with SIGTERM: each must drain and exit with status 0
-within its grace period. Last it starts `coolfusion up` with the same presets in the registry's
-order, which loads the calibrations that ship for them, sends it the same request, stops it with
-Ctrl-C (SIGINT) and compares the two answers, which must be equal.
+every probe again, notes each container's peak memory, and stops the containers with SIGTERM: each
+must drain and exit with status 0 within its grace period. Several overlays run one after another.
+Last it starts `coolfusion up` with the same presets in the registry's order, which loads the
+calibrations that ship for them, sends it the same request, stops it with Ctrl-C (SIGINT), checks
+that none of its processes is left, and compares: each overlay's answer must equal its.
 
 What it does not run: the scheduler and replica controllers (each replica is started once and
 never restarted), Services' virtual IPs (names resolve to the pods themselves), HPAs, PDBs and
@@ -202,6 +203,8 @@ def pod_flags(pod: str, spec: dict, check_id: str) -> list[str]:
         if name in ("automountServiceAccountToken", "enableServiceLinks") and spec.get(name, False):
             raise Unsupported(f"{pod}: {name}: true ({reason})")
     flags = ["--label", f"{LABEL}={check_id}", "--log-driver", "k8s-file", *ulimit_flags()]
+    if security.get("runAsNonRoot") and not security.get("runAsUser"):
+        raise Unsupported(f"{pod}: runAsNonRoot without a non-zero runAsUser (the check does not read image users)")
     if "runAsUser" in security:
         flags += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"]
     if "fsGroup" in security:
