@@ -132,7 +132,6 @@ class Backoff:
     delay_s: float = RESTART_DELAY_S
     restarts: int = 0
     due_at: float | None = None  # set while the server is dead and waits for its restart
-    died_at: float = 0.0
 
     def schedule(self, started_at: float, now: float) -> float:
         """The server died at `now`: when it starts again."""
@@ -140,8 +139,12 @@ class Backoff:
             self.delay_s = min(2 * self.delay_s, RESTART_MAX_DELAY_S)
         else:
             self.delay_s = RESTART_DELAY_S
-        self.died_at, self.due_at = now, now + self.delay_s
+        self.due_at = now + self.delay_s
         return self.delay_s
+
+    def restarted(self) -> None:
+        """The server was started again: nothing is due until it dies again."""
+        self.due_at, self.restarts = None, self.restarts + 1
 
 
 def exit_reason(code: int) -> str:
@@ -236,7 +239,7 @@ class LocalCluster:
                 self._say(out, f"{server.name} {reason}; starting it again in {delay:.0f} s on port {server.port}")
                 self._returning.setdefault(server.name, now)
             elif now >= backoff.due_at:
-                backoff.due_at, backoff.restarts = None, backoff.restarts + 1
+                backoff.restarted()
                 self._restart(server)
 
     def _restart(self, dead: LocalProcess) -> None:
