@@ -98,19 +98,16 @@ def build(presets: list[str], torch_variant: str, torch_index: str | None, base_
         )
     print(f"wheels ready in {time.monotonic() - started:.0f} s ({wheel})", flush=True)
     for image, dockerfile in IMAGES.items():
-        arguments = ["--build-arg", f"BASE_IMAGE={base_image}"]
+        build_args = {"BASE_IMAGE": base_image}
         if image == "worker":
-            arguments += [
-                "--build-arg",
-                f"PRESETS={' '.join(presets)}",
-                "--build-arg",
-                f"TORCH_VARIANT={torch_variant}",
-            ]
+            build_args |= {"PRESETS": " ".join(presets), "TORCH_VARIANT": torch_variant}
+        arguments = [f"--build-arg={name}={value}" for name, value in build_args.items()]
         previous = image_id(tag(image))
         step = time.monotonic()
-        # --layers=false: one layer per image, and no cached intermediate layer whose key would miss
-        # a change in the bind-mounted wheel folder.
-        build_argv = ["podman", "build", "--network", "none", "--layers=false", "--file", dockerfile]
+        # --layers=false: the base plus one layer, and no intermediate image kept as a cache (its key
+        # would miss a change in the bind-mounted wheel folder); --force-rm: no build container
+        # outlives a failed build.
+        build_argv = ["podman", "build", "--network", "none", "--layers=false", "--force-rm", "--file", dockerfile]
         run([*build_argv, *arguments, "--tag", tag(image), "."], cwd=REPO)
         if previous and previous != image_id(tag(image)):
             subprocess.run(["podman", "rmi", previous], check=False, capture_output=True)  # kept while in use
@@ -160,22 +157,12 @@ def print_sizes(base_image: str = BASE_IMAGE) -> None:
     and the baked models (du inside the image), with the environment's largest packages."""
     if image_id(base_image):
         print(f"{base_image}: {image_size(base_image) / 1e9:.2f} GB (the base of every image)")
-    script = f"du -sb {' '.join(SIZE_PARTS)} 2>/dev/null; du -sb /opt/coolfusion/venv/lib/python3*/site-packages/* | sort -n | tail -4"
+    sizes = f"du -sb {' '.join(SIZE_PARTS)} 2>/dev/null; du -sb /opt/coolfusion/venv/lib/python3*/site-packages/*"
+    script = f"{sizes} | sort -n | tail -4"
+    runner = ["podman", "run", "--rm", "--network", "none", *ulimit_flags(), "--entrypoint", "sh"]
     for image in IMAGES:
         reference = tag(image)
-        inside = [
-            "podman",
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            *ulimit_flags(),
-            "--entrypoint",
-            "sh",
-            reference,
-            "-c",
-            script,
-        ]
+        inside = [*runner, reference, "-c", script]
         parts = subprocess.run(inside, check=True, capture_output=True, text=True).stdout.splitlines()
         print(f"{reference}: {image_size(reference) / 1e9:.2f} GB")
         for line in parts:
