@@ -202,7 +202,7 @@ def pod_flags(pod: str, spec: dict, check_id: str) -> list[str]:
     for name, reason in POD_FIELDS_LEFT.items():
         if name in ("automountServiceAccountToken", "enableServiceLinks") and spec.get(name, False):
             raise Unsupported(f"{pod}: {name}: true ({reason})")
-    flags = ["--label", f"{LABEL}={check_id}", "--log-driver", "k8s-file", *ulimit_flags()]
+    flags = ["--label", f"{LABEL}={check_id}", "--log-driver", "k8s-file"]
     if security.get("runAsNonRoot") and not security.get("runAsUser"):
         raise Unsupported(f"{pod}: runAsNonRoot without a non-zero runAsUser (the check does not read image users)")
     if "runAsUser" in security:
@@ -445,15 +445,17 @@ def image_lines(plan: Plan) -> list[str]:
 
 def start(plan: Plan, network: str) -> None:
     """Runs every init container to completion, then starts every container (all at once, as a
-    cluster starts a fresh deployment)."""
+    cluster starts a fresh deployment), within the limits this machine allows."""
+    limits = ulimit_flags()
     for container in plan.init:
         started = time.monotonic()
-        proc = subprocess.run(["podman", "run", "--rm", *container.argv], capture_output=True, text=True, check=False)
+        argv = ["podman", "run", "--rm", *limits, *container.argv]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise CheckFailed(f"init container {container.name} exited with {proc.returncode}: {proc.stderr[-2000:]}")
         print(f"  init {container.name}: done in {time.monotonic() - started:.0f} s", flush=True)
     for container in plan.main:
-        podman("run", "--detach", "--network", network, *container.argv)
+        podman("run", "--detach", "--network", network, *limits, *container.argv)
 
 
 def wait_ready(plan: Plan) -> None:
