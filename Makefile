@@ -77,9 +77,10 @@ test:
 	$(PY) -m pytest
 
 # The container images (docs/deployment.md): podman builds them from wheels made here (pyproject.toml
-# and constraints.txt), without network; the worker bakes every model preset.
-images: setup
-	$(PY) scripts/images.py build
+# and constraints.txt), without network; the worker bakes every model preset. It needs no .venv:
+# python3 (3.11, the images' Python) makes the wheels.
+images:
+	python3 scripts/images.py build
 
 # The images run as k8s/overlays/demo and k8s/examples/secure-demo configure them, one fused request
 # through each one's gateway, compared with `coolfusion up` on the same presets (README, "Deployment

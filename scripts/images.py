@@ -21,6 +21,7 @@ docs/deployment.md says what ran where.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shlex
 import shutil
@@ -33,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELHOUSE = REPO / "build" / "wheelhouse"
+# The base images' Python: the wheels are made by this one, for it.
+IMAGE_PYTHON = (3, 11)
 BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"  # every Dockerfile's default BASE_IMAGE
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the public base has that a bare Debian root does not: a PATH, a UTF-8 locale, python3 as CMD.
@@ -71,13 +74,32 @@ def fill_wheelhouse(presets: list[str], torch_index: str | None) -> None:
     WHEELHOUSE.mkdir(parents=True)
     index = ["--extra-index-url", torch_index] if torch_index else []
     pip("wheel", "--wheel-dir", str(WHEELHOUSE), "--constraint", "constraints.txt", *index, ".[worker,gateway]")
-    if presets:
+    for line in preset_packages(presets):
+        pip("wheel", "--wheel-dir", str(WHEELHOUSE), *shlex.split(line))
+
+
+def preset_packages(presets: list[str]) -> list[str]:
+    """Each preset's pip arguments, as the code lists them (scripts/bake_presets.py), read with the
+    project just wheeled: this needs no environment of the project's, only its wheel and tqdm's."""
+    if not presets:
+        return []
+    with tempfile.TemporaryDirectory(prefix="coolfusion-presets-") as reader:
+        pip(
+            "install",
+            "--no-index",
+            "--find-links",
+            str(WHEELHOUSE),
+            "--no-deps",
+            "--target",
+            reader,
+            "coolfusion",
+            "tqdm",
+        )
         listed = subprocess.run(
             [sys.executable, "scripts/bake_presets.py", "packages", *presets],
-            cwd=REPO, check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        for line in listed.splitlines():
-            pip("wheel", "--wheel-dir", str(WHEELHOUSE), *shlex.split(line))
+            cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": reader},
+        )  # fmt: skip
+    return listed.stdout.splitlines()
 
 
 def torch_wheel() -> str:
@@ -204,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     standing_in.add_argument("--base-image", default=BASE_IMAGE)
     standing_in.add_argument("--mirror", default=DEBIAN_MIRROR)
     args = parser.parse_args(argv)
+    if args.command in ("build", "wheels") and sys.version_info[:2] != IMAGE_PYTHON:
+        raise SystemExit(
+            f"run this with Python {'.'.join(map(str, IMAGE_PYTHON))}, the images' own: it makes their wheels"
+        )
     if args.command == "stand-in":
         stand_in(args.base_image, args.mirror)
     elif args.command == "sizes":
