@@ -83,8 +83,8 @@ images:
 	python3 scripts/images.py build
 
 # The images run as k8s/overlays/demo and k8s/examples/secure-demo configure them, one fused request
-# through each one's gateway, compared with `coolfusion up` on the same presets (README, "Deployment
-# check"). Not part of `make test`: it needs podman, the images (`make images`) and minutes.
+# through each one's gateway, compared with `coolfusion up` on the same presets (README, "Tests").
+# Not part of `make test`: it needs podman, the images (`make images`) and minutes.
 container-check: setup
 	$(PIP) --no-deps $(QWEN_PACKAGES)
 	$(PY) scripts/cluster_check.py --overlay overlays/demo --overlay examples/secure-demo
