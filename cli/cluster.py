@@ -1,4 +1,5 @@
-"""A local cluster: worker, orchestrator and gateway processes on loopback, started and stopped together."""
+"""A local cluster: worker, orchestrator and gateway processes on loopback, started and stopped together;
+a server that dies meanwhile is started again, as a Deployment restarts its pod."""
 
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self, TextIO
+from typing import NoReturn, Self, TextIO
 
 from coolfusion.serving.lifecycle import PARENT_PID_VARIABLE
 
 # Every server logs "... ready ... on HOST:PORT" once it serves; the port may have been picked by the OS.
 _READY = re.compile(r"ready\b.* on [^ ]+:(\d+)")
 DEFAULT_PRESETS = ("smollm2-135m-instruct", "gemma3-270m")
+# A server that dies is started again after RESTART_DELAY_S, on its port (the orchestrator knows its
+# workers by address, the gateway its orchestrator); each restart of a server that died within
+# RESTART_RESET_S of its last start waits twice as long, up to RESTART_MAX_DELAY_S (the shape of
+# Kubernetes' crash-loop back-off, scaled to processes that start in seconds).
+RESTART_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 60.0
+RESTART_RESET_S = 60.0
 
 
 class ClusterError(RuntimeError):
@@ -31,9 +39,12 @@ class LocalProcess:
 
     name: str
     process: subprocess.Popen
+    argv: list[str]  # what started it, to start it again
+    env: dict | None = None
     port: int = 0
     log_lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def address(self) -> str:
@@ -46,11 +57,11 @@ def launch(name: str, argv: list[str], log: TextIO | None = None, env: dict | No
     # servers in order, instead of reaching every server at once. PARENT_PID_VARIABLE makes the
     # server exit if this process dies without stopping it (serving.lifecycle.exit_with_parent);
     # a preexec_fn could do that too, but is unsafe in a process with gRPC threads.
-    env = {**(os.environ if env is None else env), PARENT_PID_VARIABLE: str(os.getpid())}
+    environment = {**(os.environ if env is None else env), PARENT_PID_VARIABLE: str(os.getpid())}
     process = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
     )
-    started = LocalProcess(name, process)
+    started = LocalProcess(name, process, argv, env)
     threading.Thread(target=_drain, args=(started, log), daemon=True).start()
     return started
 
@@ -113,6 +124,36 @@ def gateway_argv(orchestrator: str, port: int = 0, extra: Sequence[str] = ()) ->
     return [sys.executable, "-m", "coolfusion.gateway", *host, "--orchestrator", orchestrator, *extra]
 
 
+@dataclass
+class Backoff:
+    """When a dead server is started again: after `delay_s`, doubled for a server that died soon after
+    its last start, back to the first delay for one that had run RESTART_RESET_S."""
+
+    delay_s: float = RESTART_DELAY_S
+    restarts: int = 0
+    due_at: float | None = None  # set while the server is dead and waits for its restart
+
+    def schedule(self, started_at: float, now: float) -> float:
+        """The server died at `now`: when it starts again."""
+        if self.restarts and now - started_at < RESTART_RESET_S:
+            self.delay_s = min(2 * self.delay_s, RESTART_MAX_DELAY_S)
+        else:
+            self.delay_s = RESTART_DELAY_S
+        self.due_at = now + self.delay_s
+        return self.delay_s
+
+    def restarted(self) -> None:
+        """The server was started again: nothing is due until it dies again."""
+        self.due_at, self.restarts = None, self.restarts + 1
+
+
+def exit_reason(code: int) -> str:
+    """How a process ended, e.g. `killed by SIGKILL` or `exited with code 1`."""
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
 class LocalCluster:
     """Workers plus an orchestrator that knows them, and optionally the OpenAI-compatible gateway in
     front of it; a context manager that always cleans up."""
@@ -135,6 +176,8 @@ class LocalCluster:
         self.workers: dict[str, LocalProcess] = {}
         self.orchestrator: LocalProcess | None = None
         self.gateway: LocalProcess | None = None
+        self._backoff: dict[str, Backoff] = {}  # by server name, once it died
+        self._returning: dict[str, float] = {}  # restarted servers not ready yet: when each died
 
     def start(self) -> Self:
         try:
@@ -171,6 +214,51 @@ class LocalCluster:
         """Every process started, workers first."""
         servers = [self.orchestrator, self.gateway]
         return [*self.workers.values(), *(p for p in servers if p is not None)]
+
+    def supervise(self, out: TextIO, poll_s: float = 0.5) -> NoReturn:
+        """Keeps the cluster up until interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM through
+        `signals_interrupt`): a server that dies is started again after its back-off, on the port it
+        had, and `out` and the server log say what happened."""
+        while True:
+            self.heal(out)
+            time.sleep(poll_s)
+
+    def heal(self, out: TextIO) -> None:
+        """One round of supervision: notices deaths, starts what is due, reports what came back."""
+        now = time.monotonic()
+        for server in self.processes:
+            if server.process.poll() is None:
+                if server.name in self._returning and server.ready.is_set():
+                    died_at = self._returning.pop(server.name)
+                    self._say(out, f"{server.name} is back on {server.address}, {now - died_at:.0f} s after it died")
+                continue
+            backoff = self._backoff.setdefault(server.name, Backoff())
+            if backoff.due_at is None:
+                delay = backoff.schedule(server.started_at, now)
+                reason = exit_reason(server.process.returncode)
+                self._say(out, f"{server.name} {reason}; starting it again in {delay:.0f} s on port {server.port}")
+                self._returning.setdefault(server.name, now)
+            elif now >= backoff.due_at:
+                backoff.restarted()
+                self._restart(server)
+
+    def _restart(self, dead: LocalProcess) -> None:
+        """A new process for a dead server, with its arguments and its port (argparse keeps the
+        last --port given)."""
+        started = launch(dead.name, [*dead.argv, "--port", str(dead.port)], self._log, dead.env)
+        started.port = dead.port  # its address until its ready line says so again
+        if self.workers.get(dead.name) is dead:
+            self.workers[dead.name] = started
+        elif self.orchestrator is dead:
+            self.orchestrator = started
+        else:
+            self.gateway = started
+
+    def _say(self, out: TextIO, message: str) -> None:
+        print(f"coolfusion: {message}", file=out, flush=True)
+        if self._log:
+            self._log.write(f"[cluster] {message}\n")
+            self._log.flush()
 
     def stop(self) -> None:
         stop_processes(self.processes)

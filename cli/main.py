@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from google.protobuf.message import Message
 from coolfusion.cli import problems, render
 from coolfusion.cli.bench import add_bench_arguments, run_bench
 from coolfusion.cli.calibrate import add_calibrate_arguments, run_calibrate
-from coolfusion.cli.cluster import DEFAULT_PRESETS, ClusterError, LocalCluster
+from coolfusion.cli.cluster import DEFAULT_PRESETS, ClusterError
 from coolfusion.cli.common import (
     DEFAULT_LOG,
     DEFAULT_ORCHESTRATOR,
@@ -266,7 +265,7 @@ def run_up(args: argparse.Namespace) -> int:
                 models = ", ".join(["coolfusion", *calibrations.routes, *spec])
                 print(f"OpenAI-compatible API: {cluster.gateway_url} (models: {models})")
             print(f"ready: {len(spec)} workers ({', '.join(spec)}); Ctrl-C or SIGTERM stops the cluster", flush=True)
-            return _wait_while_running(cluster)
+            cluster.supervise(sys.stderr)  # a server that dies is started again, until Ctrl-C or SIGTERM
         except KeyboardInterrupt:
             return 0
         finally:
@@ -280,15 +279,6 @@ def _gateway_installed() -> bool:
         return True
     print("no HTTP gateway: install coolfusion[gateway] for the OpenAI-compatible API", file=sys.stderr)
     return False
-
-
-def _wait_while_running(cluster: LocalCluster) -> int:
-    while True:
-        time.sleep(1.0)  # KeyboardInterrupt (Ctrl-C or our SIGTERM handler) ends the wait
-        for p in cluster.processes:
-            if p.process.poll() is not None:
-                print(f"coolfusion: {p.name} exited with code {p.process.returncode}", file=sys.stderr)
-                return 1
 
 
 # eval, problems and bench -------------------------------------------------------------------------

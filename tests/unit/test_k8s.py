@@ -1,4 +1,5 @@
-"""Offline checks of the deployment artefacts: k8s/ (kustomize) and the two Dockerfiles.
+"""Offline checks of the deployment artefacts: k8s/ (kustomize), the Dockerfiles, and the plan of the
+containerized cluster check.
 
 Every overlay and example is rendered with `kubectl kustomize`,
 schema-validated with `kubernetes-validate --strict`, then checked for the properties the
@@ -6,12 +7,17 @@ runtime relies on: native gRPC probes (HTTP ones for the gateway), headless work
 a registry that names Services which really exist, drain time below
 terminationGracePeriodSeconds, GPU limits only where intended, NetworkPolicies that let only
 the orchestrator reach workers and Prometheus in the monitoring namespace reach every metrics
-port. Render tests skip only when kubectl is absent; the Dockerfile checks always run.
+port, the demo's trio under its pooled calibration. The container check (scripts/cluster_check.py)
+plans the overlays it runs here without starting anything, so a manifest field it cannot run fails
+`make test` rather than the next container run. Render tests skip only when kubectl is absent; the
+Dockerfile checks always run.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import ipaddress
 import json
 import os
 import re
@@ -24,7 +30,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from coolfusion.calibration import load_calibration
 from coolfusion.orchestrator.registry import parse_registry
+from coolfusion.worker.model_files import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -42,7 +50,14 @@ DEFAULT_GRACE_S = 20  # the CLIs' --grace-s default
 REGISTRY_PATH = "/etc/coolfusion/workers.yaml"
 GPU = "nvidia.com/gpu"
 
-RENDERS = ["overlays/demo", "overlays/gpu", "overlays/gpu-vllm", "examples/external-worker", "examples/large-model"]
+RENDERS = [
+    "overlays/demo",
+    "overlays/gpu",
+    "overlays/gpu-vllm",
+    "examples/external-worker",
+    "examples/large-model",
+    "examples/secure-demo",
+]
 # Every kustomization directory that must be rendered (each one renders on its own).
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
 
@@ -533,7 +548,7 @@ def test_gpu_overlay_workers_get_one_gpu(rel):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("rel", ["overlays/demo", "examples/external-worker"])
+@pytest.mark.parametrize("rel", ["overlays/demo", "examples/external-worker", "examples/secure-demo"])
 def test_cpu_renders_request_no_gpu(rel):
     docs = render(rel)
     assert GPU not in _render_text(rel)
@@ -606,6 +621,139 @@ def test_vllm_workers_run_the_vllm_image_with_a_gpu_per_tensor_parallel_rank(rel
         # The init container seeds the model cache from the transformers image, which converts presets.
         [seed] = d["spec"]["template"]["spec"]["initContainers"]
         assert seed["image"].startswith("coolfusion-worker:")
+
+
+# Flags that name a file the server reads at start-up (or again when it changes).
+FILE_FLAGS = (
+    "--workers", "--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file",
+    "--orchestrator-ca", "--orchestrator-cert", "--orchestrator-key", "--orchestrator-token-file",
+)  # fmt: skip
+
+
+def mounted(container: dict, path: str) -> bool:
+    return any(
+        path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        for m in container.get("volumeMounts", [])
+    )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_every_file_a_server_reads_is_on_a_volume_of_its_container(rel):
+    docs = render(rel)
+    for d in of_kind(docs, "Deployment"):
+        container = main_container(d)
+        for flag in FILE_FLAGS:
+            if path := arg_value(container["args"], flag):
+                assert mounted(container, path), f"{d['metadata']['name']}: {flag} {path} is on no volume"
+    # The registry's credentials are read by the orchestrator.
+    container = main_container(orchestrator(docs))
+    for entry in registry(docs)[1]:
+        for path in filter(None, [entry.get("token_file"), *(entry.get("tls") or {}).values()]):
+            if path.startswith("/"):
+                assert mounted(container, path), f"{entry['name']}: {path} is not on a volume of the orchestrator"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_the_gateway_probes_use_https_exactly_when_it_serves_it(rel):
+    container = main_container(gateway(render(rel)))
+    https = arg_value(container["args"], "--tls-cert") is not None
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"].get("scheme", "HTTP") == ("HTTPS" if https else "HTTP"), probe
+
+
+def worker_presets(docs) -> dict[str, str]:
+    """Worker Service name -> the preset its Deployment serves (None for a --model worker)."""
+    return {d["metadata"]["name"]: arg_value(main_container(d)["args"], "--preset") for d in workers(docs)}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("rel", RENDERS)
+def test_every_preset_the_manifests_serve_is_one_the_worker_image_can_bake(rel):
+    for name, preset in worker_presets(render(rel)).items():
+        assert preset is None or preset in PRESETS, f"{name}: unknown preset {preset}"
+
+
+@needs_kubectl
+def test_the_demo_serves_the_trio_under_the_calibration_fitted_for_it():
+    docs = render("overlays/demo")
+    _, entries = registry(docs)
+    presets = worker_presets(docs)
+    served = {e["name"]: presets[ADDRESS.match(e["address"])["host"].split(".")[0]] for e in entries}
+    assert set(served.values()) == set(PRESETS), "the demo serves every preset (the trio)"
+
+    args = main_container(orchestrator(docs))["args"]
+    path = Path(arg_value(args, "--calibration"))
+    # The orchestrator image shows calibration/fitted/ at /opt/coolfusion/calibrations (its Dockerfile).
+    assert path.parent == Path("/opt/coolfusion/calibrations")
+    calibration = load_calibration(REPO / "calibration" / "fitted" / path.name)
+    assert arg_value(args, "--default-calibration") == calibration.name == "pooled-smollm2-gemma3-qwen"
+    # Fitted for these workers, in the registry's order (the fusion's), serving these models.
+    assert calibration.worker_names == tuple(served)
+    assert {w.name: w.model_id for w in calibration.workers} == served
+
+
+def _load_script(name: str):
+    """A module of scripts/ (they import each other by file name, as when run)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+@needs_kubectl
+def test_the_container_check_runs_the_demo_as_its_manifests_configure_it(tmp_path, monkeypatch):
+    cluster_check = _load_script("cluster_check")
+    # Recorded rather than done: giving files away needs root, which the check has and `make test` may not.
+    owners = {}
+    monkeypatch.setattr(
+        cluster_check.os, "chown", lambda path, uid, gid: owners.setdefault(Path(path).name, (uid, gid))
+    )
+    plan = cluster_check.plan(render("overlays/demo"), ipaddress.IPv4Network("10.89.200.0/24"), tmp_path, "test")
+
+    deployments = of_kind(render("overlays/demo"), "Deployment")
+    assert len(plan.main) == sum(d["spec"]["replicas"] for d in deployments)
+    for container in plan.init + plan.main:
+        argv = container.argv
+        assert {"--read-only", "--read-only-tmpfs=false", "--cap-drop=all", "no-new-privileges"} <= set(argv)
+        assert argv[argv.index("--user") + 1] == "10001:10001"
+    # Only the volumes the manifests mount are writable: each pod's emptyDirs, owned as fsGroup makes them.
+    assert owners["model-cache"] == owners["tmp"] == (10001, 10001)
+    # The orchestrator reads the overlay's registry, and reaches the workers by their Services' names.
+    assert [e["name"] for e in plan.registry] == ["smollm2", "gemma3", "qwen"]
+    assert cluster_check.registry_presets(plan) == list(PRESETS)
+    assert cluster_check.default_calibration(plan) == "pooled-smollm2-gemma3-qwen"
+    [orchestrator_argv, *_] = [c.argv for c in plan.main if "--workers" in c.args]
+    for entry in plan.registry:
+        host = ADDRESS.match(entry["address"])["host"]
+        assert any(a.startswith(f"--add-host={host}:10.89.200.") for a in orchestrator_argv), host
+
+
+@needs_kubectl
+def test_the_container_check_makes_up_the_secrets_the_secure_demo_names(tmp_path, monkeypatch):
+    cluster_check = _load_script("cluster_check")
+    monkeypatch.setattr(cluster_check.os, "chown", lambda path, uid, gid: None)  # root's to do (see above)
+    plan = cluster_check.plan(render("examples/secure-demo"), ipaddress.IPv4Network("10.89.200.0/24"), tmp_path, "t")
+    url, token, ca_pem = cluster_check.gateway_call(plan, plan.gateways[0])
+    assert url.startswith("https://10.89.200.") and token and "BEGIN CERTIFICATE" in ca_pem
+    # The token the orchestrator accepts is the one the gateway sends; the workers' is another.
+    gateway_files = plan.gateways[0].files
+    orchestrator_files = next(c for c in plan.main if "--workers" in c.args).files
+    sent = gateway_files["/var/run/secrets/coolfusion/orchestrator/token"].read_text()
+    assert sent == orchestrator_files["/var/run/secrets/coolfusion/orchestrator/token"].read_text()
+    assert sent != orchestrator_files["/var/run/secrets/coolfusion/worker/token"].read_text()
+    assert oct(gateway_files["/etc/coolfusion/tls/gateway/tls.key"].stat().st_mode & 0o777) == "0o440"
+
+
+def test_the_container_check_refuses_what_it_cannot_run(tmp_path):
+    cluster_check = _load_script("cluster_check")
+    deployment = yaml.safe_load((K8S / "base/gateway-deployment.yaml").read_text())
+    deployment["metadata"]["namespace"] = NAMESPACE
+    deployment["spec"]["template"]["spec"]["hostNetwork"] = True
+    with pytest.raises(cluster_check.Unsupported, match="hostNetwork"):
+        cluster_check.plan([deployment], ipaddress.IPv4Network("10.89.200.0/24"), tmp_path, "test")
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -691,32 +839,67 @@ def test_dockerfile_runs_as_non_root_and_stops_with_sigterm(name):
     assert _instr(name, "STOPSIGNAL") == ["SIGTERM"]
 
 
-def test_worker_dockerfile_keeps_base_torch():
-    [base] = _instr("worker", "FROM")
-    image, _, tag = base.partition(":")
-    assert image == "pytorch/pytorch" and "cuda" in tag and tag.endswith("-runtime"), base
+def base_image(name: str) -> str:
+    """The image a Dockerfile builds FROM, its build argument's default filled in."""
+    instructions = dockerfile_instructions(DOCKERFILES[name][0])
+    defaults = dict(arg.partition("=")[::2] for i, arg in instructions if i == "ARG")
+    [base] = [args for i, args in instructions if i == "FROM"]
+    return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]].strip('"'), base)
+
+
+# The images install wheels only, from the folder scripts/images.py fills (no index, no network).
+WHEEL_INSTALL = re.compile(
+    r"pip install --no-index --find-links /src/build/wheelhouse --constraint /src/constraints.txt (?P<what>\S+)"
+)
+
+
+def installs(name: str) -> list[str]:
+    return [m["what"].strip('"') for m in WHEEL_INSTALL.finditer(" ".join(_instr(name, "RUN")))]
+
+
+@pytest.mark.parametrize("name", ["worker", "orchestrator", "gateway"])
+def test_images_build_from_a_public_base_given_as_a_build_argument(name):
+    # A machine without registry access builds the same Dockerfile on a stand-in (scripts/images.py).
+    assert _instr(name, "FROM") == ["${BASE_IMAGE}"]
+    assert base_image(name) == "python:3.11-slim-bookworm"
+
+
+def test_worker_image_installs_the_worker_extra_and_checks_the_torch_variant():
+    assert installs("worker") == ["coolfusion[worker]"]
     runs = " ".join(_instr("worker", "RUN"))
-    assert re.search(r"pip install [^&]*\[worker\]", runs), "installs the worker extra"
-    assert "--constraint" in runs, "pin torch to the base image's build"
-    assert "PRESET" in " ".join(_instr("worker", "ARG"))
+    assert "torch.version.cuda" in runs and "$TORCH_VARIANT" in runs, "the torch build is the variant asked for"
+    assert "TORCH_VARIANT=cpu" in _instr("worker", "ARG")
 
 
-def test_orchestrator_dockerfile_is_slim_and_torch_free():
-    [base] = _instr("orchestrator", "FROM")
-    assert base.startswith("python:3.11-slim"), base
+def test_worker_image_bakes_the_presets_the_code_knows():
+    assert 'PRESETS=""' in _instr("worker", "ARG")
+    runs = " ".join(_instr("worker", "RUN"))
+    assert "scripts/bake_presets.py bake --wheels /src/build/wheelhouse $PRESETS" in runs
+    # The list of presets and their packages come from PRESETS, not from a copy in the Dockerfile
+    # (its comments may name some in an example).
+    instructions = " ".join(args for _, args in dockerfile_instructions(DOCKERFILES["worker"][0]))
+    for preset in PRESETS.values():
+        packages = [word.split("==")[0] for word in preset.pip_command.split()[2:] if not word.startswith("-")]
+        assert not [name for name in (preset.name, *packages) if name in instructions], preset.name
+
+
+def test_orchestrator_image_is_slim_and_torch_free():
+    assert installs("orchestrator") == ["coolfusion"]
     runs = " ".join(_instr("orchestrator", "RUN"))
-    assert re.search(r"pip install (\.|/src)(\s|$)", runs), "installs the base package"
     assert "[worker]" not in runs
-    assert "torch" not in runs.replace('! python -c "import torch"', "")
+    assert "torch" not in runs.replace('! python3 -c "import torch"', "")
 
 
-def test_gateway_dockerfile_is_slim_and_torch_free():
-    [base] = _instr("gateway", "FROM")
-    assert base.startswith("python:3.11-slim"), base
+def test_orchestrator_image_shows_the_shipped_calibrations_where_the_demo_names_them():
+    runs = " ".join(_instr("orchestrator", "RUN"))
+    assert "/opt/coolfusion/calibrations" in runs and "coolfusion.calibration" in runs
+
+
+def test_gateway_image_is_slim_and_torch_free():
+    assert installs("gateway") == ["coolfusion[gateway]"]
     runs = " ".join(_instr("gateway", "RUN"))
-    assert re.search(r"pip install (\.|/src)\[gateway\](\s|$)", runs), "installs the gateway extra only"
     assert "[worker]" not in runs and "[dev]" not in runs
-    assert "torch" not in runs.replace('! python -c "import torch"', "")
+    assert "torch" not in runs.replace('! python3 -c "import torch"', "")
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -732,8 +915,10 @@ def test_dockerignore_keeps_context_small():
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for needed in (".venv", ".git", "node_modules", "**/__pycache__"):
+    for needed in (".venv", ".git", "node_modules", "**/__pycache__", "build/*"):
         assert needed in patterns, needed
+    # The one build output the images read (RUN --mount=type=bind of the context).
+    assert "!build/wheelhouse" in patterns
 
 
 @needs_kubectl
