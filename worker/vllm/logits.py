@@ -79,10 +79,9 @@ class ConstrainedLogits(LogitsProcessor):
         return ConstrainedRequest.start(self._vocabulary, wanted, output_ids, self._eos_only)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self._requests:
-            return logits
-        rows = list(self._requests)
-        allowed = np.stack([self._requests[row].allowed() for row in rows])  # (constrained rows, vocabulary)
-        blocked = torch.from_numpy(~allowed).to(logits.device)
-        logits[rows] = logits[rows].masked_fill(blocked, -torch.inf)
+        # Row by row, in place: gathering the constrained rows and writing them back took 5x as long
+        # as the masking itself for a 262k vocabulary on the CPU (docs/engines.md).
+        for row, request in self._requests.items():  # (batch, vocabulary) logits, one row a request
+            allowed = torch.from_numpy(request.allowed()).to(logits.device)  # may share the request's array
+            logits[row].masked_fill_(~allowed, -torch.inf)
         return logits
