@@ -329,10 +329,18 @@ class VLLMBackend(ModelBackend):
         session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
 
+    @property
+    def grammar_compiles(self) -> int:
+        """Grammars compiled against the worker's vocabulary; the engine process compiles each of
+        them once too, in a cache of the same size (worker/vllm/logits.py)."""
+        return 0 if self._vocabulary is None else self._vocabulary.compiles
+
     def guide(self, constraint: Constraint) -> EngineGuide:
         if self._vocabulary is None:
             raise NotImplementedError("this model's tokenizer cannot be read by the constraint engine")
-        constraint.grammar  # noqa: B018 - compiles it (cached), raising ConstraintError when it does not
+        # Compiled here too (once per distinct constraint), so that a grammar this vocabulary cannot
+        # take is refused when the session opens, not met in the engine process.
+        self._vocabulary.guide(constraint)
         return EngineGuide(constraint)
 
     async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
