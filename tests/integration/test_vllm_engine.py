@@ -66,7 +66,7 @@ FINITE_SCHEMAS = [
             "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
             "where": {
                 "type": "object",
-                "properties": {"x": {"type": "integer", "maximum": 9}, "y": {"enum": ["up", "down"]}},
+                "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"enum": ["up", "down"]}},
                 "required": ["x"],
                 "additionalProperties": False,
             },
