@@ -10,10 +10,13 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coolfusion.constraints import Constraint
 from coolfusion.worker import model_files
 from coolfusion.worker.backend import (
     CandidateText,
@@ -28,10 +31,12 @@ from coolfusion.worker.backend import (
     TextScore,
     Timed,
 )
+from coolfusion.worker.constraints import ENFORCED_KINDS, ConstraintVocabulary, load_vocabulary
 from coolfusion.worker.errors import OverCapacity, SessionNotFound, StartupError
 from coolfusion.worker.segments import SegmentScan
 from coolfusion.worker.settings import BatchLimits, WorkerSettings
 from coolfusion.worker.text import ModelText, common_prefix_length
+from coolfusion.worker.vllm.constraints import EngineGuide, RequestConstraint, serves
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -55,16 +60,19 @@ _AHEAD_TOKENS = 4
 
 def load_backend(settings: WorkerSettings) -> VLLMBackend:
     """Resolves the model folder, starts vLLM's engine process on it (15-21 s on the CPU, eager) and
-    reads the tokenizer from the same folder."""
+    reads the tokenizer from the same folder. The engine runs the constraint logits processor
+    (worker/vllm/logits.py); the worker builds the same constraint vocabulary meanwhile."""
     folder = _model_folder(settings)
     # The engine process is spawned, not forked: this process already runs gRPC's threads, which
     # a fork would copy in an unknown state. Model hubs are never contacted (docs/design.md 7.1).
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from coolfusion.worker.vllm.logits import ConstrainedLogits
 
     on_cpu = current_platform.is_cpu()
     engine_settings = settings.vllm
@@ -91,18 +99,21 @@ def load_backend(settings: WorkerSettings) -> VLLMBackend:
         max_num_seqs=settings.batch.max_sessions,
         max_num_batched_tokens=settings.batch.max_tokens,
         disable_log_stats=True,
+        logits_processors=[ConstrainedLogits],
     )
+    text = read_model_text(folder, model_id)
+    # The rows of vLLM's logits (its model config's vocab_size), which the engine's masks cover.
+    logits_width = int(AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config().vocab_size)
     started = time.monotonic()
-    try:
-        engine = AsyncLLM.from_engine_args(args)
-    except (RuntimeError, ValueError) as error:  # vLLM's own refusals: a size it cannot serve
-        raise StartupError(f"vLLM could not start on {folder}: {error}") from error
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    try:
-        generation_eos = GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id
-    except OSError:  # no generation_config.json: the tokenizer's EOS alone
-        generation_eos = None
-    text = ModelText(tokenizer, generation_eos, model_id)
+    # The worker's own constraint vocabulary (seconds for a large vocabulary) builds while the
+    # engine process starts; the worker reads it to spell answers and to say which kinds it enforces.
+    with ThreadPoolExecutor(1, thread_name_prefix="constraint-vocabulary") as pool:
+        vocabulary = pool.submit(load_vocabulary, text.tokenizer, logits_width, text.stop_ids)
+        try:
+            engine = AsyncLLM.from_engine_args(args)
+        except (RuntimeError, ValueError) as error:  # vLLM's own refusals: a size it cannot serve
+            raise StartupError(f"vLLM could not start on {folder}: {error}") from error
+    tokenizer = text.tokenizer
     tp = engine_settings.tensor_parallel_size
     devices = ("cpu",) if on_cpu else tuple(f"{current_platform.device_type}:{i}" for i in range(tp))
     description = ModelDescription(
@@ -118,6 +129,7 @@ def load_backend(settings: WorkerSettings) -> VLLMBackend:
         # Tensor parallelism splits every layer's weights evenly over the GPUs.
         placement=tuple(DeviceShare(device, 1 / len(devices)) for device in devices),
         engine="vllm",
+        constraint_kinds=ENFORCED_KINDS if vocabulary.result() is not None else (),
     )
     logger.info(
         "vLLM engine on %s started in %.1f s: blocks of %d tokens, %s",
@@ -126,7 +138,19 @@ def load_backend(settings: WorkerSettings) -> VLLMBackend:
         block_size,
         "eager" if args.enforce_eager else "compiled",
     )
-    return VLLMBackend(engine, text, description, settings.batch, settings.limits.keep_kv_cache)
+    return VLLMBackend(engine, text, description, settings.batch, settings.limits.keep_kv_cache, vocabulary.result())
+
+
+def read_model_text(folder: Path | str, model_id: str) -> ModelText:
+    """The model folder's tokenizer and EOS ids, as the worker and the engine process both read them."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        generation_eos = GenerationConfig.from_pretrained(folder, local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation_eos = None
+    return ModelText(tokenizer, generation_eos, model_id)
 
 
 def bind_compute_threads_to_every_core() -> None:
@@ -162,11 +186,13 @@ class TokenStream:
     """One greedy request over a session's sequence, read in the background as its tokens arrive.
     It runs on past the segment that asked for it, so that when that segment wins and is appended,
     the next segment's tokens are already being computed: one request serves many chained segments
-    instead of one request per segment, each paying vLLM's per-request costs (docs/engines.md)."""
+    instead of one request per segment, each paying vLLM's per-request costs (docs/engines.md).
+    Under a constraint, the engine holds its tokens to `constraint` (worker/vllm/constraints.py)."""
 
-    def __init__(self, prompt_ids: list[int], ahead: int):
+    def __init__(self, prompt_ids: list[int], ahead: int, constraint: RequestConstraint | None = None):
         self.ids = list(prompt_ids)  # the prompt, then every token received so far
         self.prompt_length = len(prompt_ids)
+        self.constraint = constraint
         self.read_to = len(prompt_ids)  # how far into `ids` a segment has read
         self.ahead = ahead  # tokens it may run past `read_to` before it is aborted
         self.done = False
@@ -235,12 +261,21 @@ class VLLMBackend(ModelBackend):
     work is vLLM requests, which its engine process batches across sessions."""
 
     def __init__(
-        self, engine: AsyncLLM, text: ModelText, description: ModelDescription, limits: BatchLimits, keep_cache: bool
+        self,
+        engine: AsyncLLM,
+        text: ModelText,
+        description: ModelDescription,
+        limits: BatchLimits,
+        keep_cache: bool,
+        vocabulary: ConstraintVocabulary | None = None,
     ):
         from vllm.sampling_params import RequestOutputKind
 
         self._engine = engine
         self._text = text
+        # The model's vocabulary as the grammar engine reads it (None: no constraints enforced):
+        # answers are spelled with it before a constrained request starts (worker/vllm/constraints.py).
+        self._vocabulary = vocabulary
         self._description = description
         self._limits = limits
         self._calls = 0
@@ -288,9 +323,25 @@ class VLLMBackend(ModelBackend):
             return Timed(None, 0.0)
         async with self._call() as started:
             # The request that prefills the context goes on to generate the first segment's tokens.
-            await self._stream_for(session, context_ids).token_at(len(context_ids))
+            # Unconstrained: the backend does not know the session's constraint here, so a
+            # constrained session's first segment starts another request (docs/design.md 4.7).
+            await self._stream_for(session, context_ids, None).token_at(len(context_ids))
         session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
+
+    @property
+    def grammar_compiles(self) -> int:
+        """Grammars compiled against the worker's vocabulary; the engine process compiles each of
+        them once too, in a cache of the same size (worker/vllm/logits.py)."""
+        return 0 if self._vocabulary is None else self._vocabulary.compiles
+
+    def guide(self, constraint: Constraint) -> EngineGuide:
+        if self._vocabulary is None:
+            raise NotImplementedError("this model's tokenizer cannot be read by the constraint engine")
+        # Compiled here too (once per distinct constraint), so that a grammar this vocabulary cannot
+        # take is refused when the session opens, not met in the engine process.
+        self._vocabulary.guide(constraint)
+        return EngineGuide(constraint)
 
     async def generate(self, cache: SessionCache, context_ids: list[int], rules: SegmentRules) -> Timed[Segment]:
         session = _session(cache)
@@ -300,15 +351,18 @@ class VLLMBackend(ModelBackend):
             rules.max_tokens,
             rules.stop_strings,
         )
+        wanted = _request_constraint(rules)
         async with self._call() as started:
-            stream = self._stream_for(session, context_ids)
+            stream = self._stream_for(session, context_ids, wanted)
             position, segment = len(context_ids), None
             while segment is None:
                 token = await stream.token_at(position)
                 if token is None:  # the request ended (its budget spent, or it ran ahead): another
                     if position == stream.prompt_length:
                         raise RuntimeError("vLLM ended a request without a token")
-                    stream = self._stream_for(session, context_ids + scan.tokens)
+                    # Under a constraint, the new request's guide reads the segment's tokens so far.
+                    restarted = None if wanted is None else replace(wanted, tokens=tuple(scan.tokens))
+                    stream = self._stream_for(session, context_ids + scan.tokens, restarted)
                     continue
                 segment = scan.add(token)
                 position += 1
@@ -381,18 +435,27 @@ class VLLMBackend(ModelBackend):
             **fields,
         )
 
-    def _stream_for(self, session: VLLMSession, context_ids: list[int]) -> TokenStream:
+    def _stream_for(
+        self, session: VLLMSession, context_ids: list[int], constraint: RequestConstraint | None
+    ) -> TokenStream:
         """The session's running request if it generates after `context_ids` (the last segment was
-        appended), else a new one over them, the old one aborted."""
-        if session.stream is not None and session.stream.continues(context_ids):
-            return session.stream
+        appended) under the same constraint at the same answer, else a new one over them, the old
+        one aborted."""
+        running = session.stream
+        if running is not None and running.continues(context_ids):
+            generated = context_ids[running.prompt_length :]
+            if serves(running.constraint, generated, constraint, self._vocabulary):
+                return running
         if session.released:
             raise SessionNotFound("the session was closed while its call ran")
-        if session.stream is not None:
-            session.stream.stop()
-        stream = TokenStream(context_ids, _AHEAD_TOKENS)
+        if constraint is not None:  # InvalidRequest, before any request starts, if it cannot spell the answer
+            assert self._vocabulary is not None  # guide() gave no EngineGuide without it
+            self._vocabulary.spell(constraint.answer_text)
+        if running is not None:
+            running.stop()
+        stream = TokenStream(context_ids, _AHEAD_TOKENS, constraint)
         budget = max(1, min(_STREAM_TOKENS, self._description.max_context_tokens - len(context_ids)))
-        stream.task = asyncio.create_task(self._read(stream, self._stream_params_for(budget)))
+        stream.task = asyncio.create_task(self._read(stream, self._stream_params_for(budget, constraint)))
         session.stream = stream
         return stream
 
@@ -415,7 +478,11 @@ class VLLMBackend(ModelBackend):
         finally:
             stream.end()
 
-    def _stream_params_for(self, budget: int) -> SamplingParams:
+    def _stream_params_for(self, budget: int, constraint: RequestConstraint | None) -> SamplingParams:
+        if constraint is not None:  # its own parameters: they carry the answer
+            return self._params(
+                max_tokens=budget, output_kind=self._delta, skip_clone=True, extra_args=constraint.extra_args()
+            )
         params = self._stream_params.get(budget)
         if params is None:
             # Every token as it is computed (DELTA), no stop ids: the segment rule reads them here.
@@ -453,6 +520,17 @@ class VLLMBackend(ModelBackend):
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
+
+
+def _request_constraint(rules: SegmentRules) -> RequestConstraint | None:
+    """What the segment's request must hold its tokens to: the session's constraint, after the
+    committed answer."""
+    if rules.constraint is None:
+        return None
+    guide = rules.constraint.guide
+    if not isinstance(guide, EngineGuide):
+        raise TypeError(f"a {type(guide).__name__} is not this engine's guide")
+    return RequestConstraint(guide.constraint, rules.constraint.answer_text)
 
 
 def _session(cache: SessionCache) -> VLLMSession:
