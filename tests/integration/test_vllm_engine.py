@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -459,3 +460,61 @@ def test_a_vllm_worker_alone_keeps_every_answer_to_its_constraint(vllm_worker: L
     # Every finite language finished: the check above ran, not only the prefix check.
     assert finished >= len(requests) - len(PROMPTS[:3]), [(r.finish_reason, r.text) for r in results]
     print(f"\n{finished} of {len(requests)} answers finished, for example {results[0].text!r}")
+
+
+def test_sampled_segments_depend_on_their_seed_alone(vllm_worker: LocalProcess) -> None:
+    """A sampled segment (docs/design.md chapter 10) is drawn from a generator of its call alone:
+    the same seed gives the same segment whether it runs alone or beside greedy and other sampled
+    sessions, other seeds give other segments, temperature 0 is the greedy segment, and a session
+    goes on greedily after a sampled segment as one that never sampled."""
+    prompt = PROMPTS[2]
+
+    def sampled(seed: int, temperature: float = 1.5) -> worker_pb2.SegmentSampling:
+        return worker_pb2.SegmentSampling(temperature=temperature, top_p=0.95, top_k=40, seed=seed)
+
+    with grpc.insecure_channel(vllm_worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+
+        def segments(session_id: str, *samplings: worker_pb2.SegmentSampling | None) -> list[str]:
+            opened = stub.OpenSession(
+                worker_pb2.OpenSessionRequest(session_id=session_id, prompt=worker_pb2.Prompt(text=prompt)),
+                timeout=RPC_TIMEOUT_S,
+            )
+            context, append, texts = opened.context_tokens, "", []
+            for sampling in samplings:
+                request = worker_pb2.GenerateSegmentRequest(
+                    session_id=session_id, expected_context_tokens=context, append_text=append, max_tokens=16
+                )
+                if sampling is not None:
+                    request.sampling.CopyFrom(sampling)
+                generated = stub.GenerateSegment(request, timeout=RPC_TIMEOUT_S)
+                context, append = generated.context_tokens, generated.text
+                texts.append(generated.text)
+            stub.CloseSession(worker_pb2.CloseSessionRequest(session_id=session_id), timeout=RPC_TIMEOUT_S)
+            return texts
+
+        alone = {seed: segments(f"alone-{seed}", sampled(seed), sampled(seed + 100)) for seed in range(6)}
+        with ThreadPoolExecutor(12) as pool:
+            beside = {
+                seed: pool.submit(segments, f"beside-{seed}", sampled(seed), sampled(seed + 100)) for seed in range(6)
+            }
+            greedy = [pool.submit(segments, f"greedy-{i}", None, None, None) for i in range(6)]
+            beside_texts = {seed: future.result() for seed, future in beside.items()}
+            greedy_texts = [future.result() for future in greedy]
+        assert beside_texts == alone
+        assert len({tuple(texts) for texts in alone.values()}) >= 2, alone
+        assert len({tuple(texts) for texts in greedy_texts}) == 1
+        assert segments("zero", sampled(3, temperature=0.0), None, None) == greedy_texts[0]
+        # A greedy segment after a sampled one: what a greedy session at that answer generates.
+        first, after = segments("after-sampled", sampled(4), None)
+        assert first == alone[4][0]
+        fresh = stub.OpenSession(
+            worker_pb2.OpenSessionRequest(session_id="fresh", prompt=worker_pb2.Prompt(text=prompt), answer_text=first),
+            timeout=RPC_TIMEOUT_S,
+        )
+        request = worker_pb2.GenerateSegmentRequest(
+            session_id="fresh", expected_context_tokens=fresh.context_tokens, max_tokens=16
+        )
+        assert stub.GenerateSegment(request, timeout=RPC_TIMEOUT_S).text == after
+        stub.CloseSession(worker_pb2.CloseSessionRequest(session_id="fresh"), timeout=RPC_TIMEOUT_S)
+    assert info(vllm_worker.address).load.open_sessions == 0

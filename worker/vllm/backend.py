@@ -25,6 +25,7 @@ from coolfusion.worker.backend import (
     ModelDescription,
     PromptSpec,
     RenderedPrompt,
+    Sampling,
     Segment,
     SegmentRules,
     SessionCache,
@@ -56,6 +57,8 @@ _STREAM_TOKENS = 128
 # enough for the next segment's first word (about 1.3 tokens) when the caller appends its
 # segment and asks again at once, little compute lost when another worker's segment won instead.
 _AHEAD_TOKENS = 4
+# vLLM seeds torch generators, which take seeds below 2**63; the protocol's are unsigned 64-bit.
+_SEED_SPACE = 2**63
 
 
 def load_backend(settings: WorkerSettings) -> VLLMBackend:
@@ -183,16 +186,24 @@ def _model_folder(settings: WorkerSettings) -> Path:
 
 
 class TokenStream:
-    """One greedy request over a session's sequence, read in the background as its tokens arrive.
-    It runs on past the segment that asked for it, so that when that segment wins and is appended,
+    """One request over a session's sequence, read in the background as its tokens arrive. A greedy
+    one runs on past the segment that asked for it, so that when that segment wins and is appended,
     the next segment's tokens are already being computed: one request serves many chained segments
     instead of one request per segment, each paying vLLM's per-request costs (docs/engines.md).
-    Under a constraint, the engine holds its tokens to `constraint` (worker/vllm/constraints.py)."""
+    Under a constraint, the engine holds its tokens to `constraint` (worker/vllm/constraints.py).
+    A sampled one draws with its call's seed, so it serves that call's segment alone."""
 
-    def __init__(self, prompt_ids: list[int], ahead: int, constraint: RequestConstraint | None = None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        ahead: int,
+        constraint: RequestConstraint | None = None,
+        sampling: Sampling | None = None,
+    ):
         self.ids = list(prompt_ids)  # the prompt, then every token received so far
         self.prompt_length = len(prompt_ids)
         self.constraint = constraint
+        self.sampling = sampling
         self.read_to = len(prompt_ids)  # how far into `ids` a segment has read
         self.ahead = ahead  # tokens it may run past `read_to` before it is aborted
         self.done = False
@@ -325,7 +336,7 @@ class VLLMBackend(ModelBackend):
             # The request that prefills the context goes on to generate the first segment's tokens.
             # Unconstrained: the backend does not know the session's constraint here, so a
             # constrained session's first segment starts another request (docs/design.md 4.7).
-            await self._stream_for(session, context_ids, None).token_at(len(context_ids))
+            await self._stream_for(session, context_ids, None, None).token_at(len(context_ids))
         session.ids = list(context_ids)
         return Timed(None, _ms_since(started))
 
@@ -353,7 +364,7 @@ class VLLMBackend(ModelBackend):
         )
         wanted = _request_constraint(rules)
         async with self._call() as started:
-            stream = self._stream_for(session, context_ids, wanted)
+            stream = self._stream_for(session, context_ids, wanted, rules.sampling)
             position, segment = len(context_ids), None
             while segment is None:
                 token = await stream.token_at(position)
@@ -362,11 +373,15 @@ class VLLMBackend(ModelBackend):
                         raise RuntimeError("vLLM ended a request without a token")
                     # Under a constraint, the new request's guide reads the segment's tokens so far.
                     restarted = None if wanted is None else replace(wanted, tokens=tuple(scan.tokens))
-                    stream = self._stream_for(session, context_ids + scan.tokens, restarted)
+                    stream = self._stream_for(session, context_ids + scan.tokens, restarted, rules.sampling)
                     continue
                 segment = scan.add(token)
                 position += 1
-        # The segment rule, not vLLM, ends a segment: the request runs on after it (TokenStream).
+        # The segment rule, not vLLM, ends a segment: a greedy request runs on after it
+        # (TokenStream); a sampled one has drawn all its call may use.
+        if rules.sampling is not None:
+            stream.stop()
+            session.stream = None
         session.ids = context_ids + scan.tokens[: scan.kept]
         return Timed(segment, _ms_since(started))
 
@@ -427,22 +442,25 @@ class VLLMBackend(ModelBackend):
     def _params(self, **fields: object) -> SamplingParams:
         from vllm import SamplingParams
 
-        fields = {"output_kind": self._final_only, **fields}
+        fields = {"output_kind": self._final_only, "temperature": 0.0, **fields}
         return SamplingParams(
-            temperature=0.0,
             detokenize=False,  # texts are decoded here, with the worker's own tokenizer rules
             skip_reading_prefix_cache=self._skip_cache,
             **fields,
         )
 
     def _stream_for(
-        self, session: VLLMSession, context_ids: list[int], constraint: RequestConstraint | None
+        self,
+        session: VLLMSession,
+        context_ids: list[int],
+        constraint: RequestConstraint | None,
+        sampling: Sampling | None,
     ) -> TokenStream:
-        """The session's running request if it generates after `context_ids` (the last segment was
-        appended) under the same constraint at the same answer, else a new one over them, the old
-        one aborted."""
+        """The session's running greedy request if it generates after `context_ids` (the last
+        segment was appended) under the same constraint at the same answer, else a new one over
+        them, the old one aborted. A sampled segment always starts its own, seeded for its call."""
         running = session.stream
-        if running is not None and running.continues(context_ids):
+        if running is not None and running.sampling is None and sampling is None and running.continues(context_ids):
             generated = context_ids[running.prompt_length :]
             if serves(running.constraint, generated, constraint, self._vocabulary):
                 return running
@@ -453,9 +471,10 @@ class VLLMBackend(ModelBackend):
             self._vocabulary.spell(constraint.answer_text)
         if running is not None:
             running.stop()
-        stream = TokenStream(context_ids, _AHEAD_TOKENS, constraint)
+        stream = TokenStream(context_ids, _AHEAD_TOKENS, constraint, sampling)
         budget = max(1, min(_STREAM_TOKENS, self._description.max_context_tokens - len(context_ids)))
-        stream.task = asyncio.create_task(self._read(stream, self._stream_params_for(budget, constraint)))
+        params = self._stream_params_for(budget, constraint, sampling)
+        stream.task = asyncio.create_task(self._read(stream, params))
         session.stream = stream
         return stream
 
@@ -478,10 +497,14 @@ class VLLMBackend(ModelBackend):
         finally:
             stream.end()
 
-    def _stream_params_for(self, budget: int, constraint: RequestConstraint | None) -> SamplingParams:
-        if constraint is not None:  # its own parameters: they carry the answer
+    def _stream_params_for(
+        self, budget: int, constraint: RequestConstraint | None, sampling: Sampling | None
+    ) -> SamplingParams:
+        if constraint is not None or sampling is not None:  # its own parameters: its answer, its seed
+            drawn = {} if sampling is None else _drawn(sampling)
+            extra_args = None if constraint is None else constraint.extra_args()
             return self._params(
-                max_tokens=budget, output_kind=self._delta, skip_clone=True, extra_args=constraint.extra_args()
+                max_tokens=budget, output_kind=self._delta, skip_clone=True, extra_args=extra_args, **drawn
             )
         params = self._stream_params.get(budget)
         if params is None:
@@ -520,6 +543,18 @@ class VLLMBackend(ModelBackend):
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
+
+
+def _drawn(sampling: Sampling) -> dict[str, object]:
+    """A sampled request's SamplingParams fields: vLLM applies the temperature, then top_k and
+    top_p (0 and 1 for all, as the protocol says), and draws from a generator of the request alone
+    seeded with the call's seed (docs/design.md section 10.1)."""
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "seed": sampling.seed % _SEED_SPACE,
+    }
 
 
 def _request_constraint(rules: SegmentRules) -> RequestConstraint | None:
