@@ -19,6 +19,7 @@ from coolfusion.client import FuseOptions, FusionClient, InvalidArgumentError, f
 from coolfusion.v1 import orchestrator_pb2 as opb
 
 SCOPED, ROUTED = "extract-char-bpe", "chat-bpe-metaspace-char"
+LOOKUP = "lookup-char-bpe"  # fitted on one of the default's tags alone
 ROUTE = "coolfusion/chat"
 PROMPT = "The capital of Italy is Rome.\nThe capital of Chile is"
 CAP = 6  # tokens, the scoped calibration's longest answer
@@ -26,16 +27,22 @@ CAP = 6  # tokens, the scoped calibration's longest answer
 
 @pytest.fixture(scope="module")
 def calibration_files(tiny_trio, tmp_path_factory):
-    """A default fitted on plain extract prompts of at most CAP tokens (char leads, bpe judges), and
-    a rule for all three workers that a route names."""
+    """A default fitted on plain extract and lookup prompts of at most CAP tokens (char leads, bpe
+    judges), a fit for the lookup tag alone (bpe leads), and a rule for all three workers that a
+    route names."""
     with FusionClient(tiny_trio.address) as client:
         models = {s.name: s.info.model_id for s in client.list_workers()}
     folder = tmp_path_factory.mktemp("calibrations")
     scoped = SelectionRule(
         {"char": WorkerFit(1.0, 1.0, 0.5), "bpe": WorkerFit(1.0, 2.0, 0.0)}, lead="char", margin=0.25
     )
+    lookup = SelectionRule({"char": WorkerFit(1.0, 1.0, 0.0), "bpe": WorkerFit(1.0, 1.0, 0.0)}, lead="bpe", margin=0.5)
     routed = SelectionRule({w: WorkerFit(1.0, 1.0, 0.25) for w in ("bpe", "metaspace", "char")})
-    for name, rule, scope in ((SCOPED, scoped, Scope(("extract",), ("plain",), CAP)), (ROUTED, routed, None)):
+    for name, rule, scope in (
+        (SCOPED, scoped, Scope(("extract", "lookup"), ("plain",), CAP)),
+        (LOOKUP, lookup, Scope(("lookup",), ("plain",), CAP)),
+        (ROUTED, routed, None),
+    ):
         fitted = tuple(FittedWorker(w, models[w]) for w in rule.workers)
         save_calibration(Calibration(name, fitted, rule, "stop", scope=scope), folder / f"{name}.json")
     return folder
@@ -73,6 +80,17 @@ def test_the_default_calibration_runs_for_a_request_inside_its_scope(client):
         assert result.rule_choice.reason == opb.RULE_REASON_DEFAULT_CALIBRATION
 
 
+def test_a_tagged_request_runs_its_tags_own_fit_in_place_of_a_default_fitted_on_several(client):
+    result = _asked(client, tag="lookup")
+    assert result.strategy.calibration == LOOKUP
+    assert result.rule_choice.reason == opb.RULE_REASON_DEFAULT_CALIBRATION
+    assert result.rule_choice.detail == f"the fit for tag 'lookup', in place of {SCOPED!r}"
+    named = _asked(client, strategy=fusion_strategy(calibration=LOOKUP))
+    assert named.text == result.text
+    outside = _asked(client, tag="lookup", max_new_tokens=CAP + 2)  # outside both scopes
+    assert outside.rule_choice.reason == opb.RULE_REASON_OUTSIDE_SCOPE
+
+
 @pytest.mark.parametrize(
     ("prompt", "options", "says"),
     [
@@ -86,7 +104,7 @@ def test_the_default_calibration_runs_for_a_request_inside_its_scope(client):
             {"max_new_tokens": CAP + 2},
             f"allows {CAP + 2} new tokens; it was fitted on answers of at most {CAP}",
         ),
-        (PROMPT, {"tag": "support"}, "the request's tag is 'support'; it was fitted on tags extract"),
+        (PROMPT, {"tag": "support"}, "the request's tag is 'support'; it was fitted on tags extract, lookup"),
     ],
 )
 def test_outside_its_scope_a_request_gets_the_unfitted_default_and_is_told_why(client, prompt, options, says):
