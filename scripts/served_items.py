@@ -10,7 +10,9 @@ servers themselves, so it checks that what runs is what was measured.
         --data calibration/workloads/records.jsonl --split held-out
 
 With `--untagged` the items are sent without their tags (the pooled rule answers them all). It
-prints the right answers per tag and in all, and which rule answered how many items."""
+prints the right answers per tag and in all, which rule answered how many items, and for items
+with a `json_schema`, how many finished answers parse and validate against it (jsonschema, a
+check independent of the constraint engine that held them)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jsonschema
+
 from coolfusion.calibration.items import SPLITS, LabelledItem, load_items
 from coolfusion.client import FuseOptions, FusionClient, json_schema
-from coolfusion.v1 import orchestrator_pb2
+from coolfusion.v1 import orchestrator_pb2, worker_pb2
 
 
 def main() -> int:
@@ -70,7 +74,17 @@ def _record(item: LabelledItem, result: orchestrator_pb2.FuseResult) -> dict[str
         "correct": item.correct(item.read(result.text)),
         "rule": result.strategy.calibration or "unfitted",
         "reason": reason,
+        "cut": result.finish_reason == worker_pb2.FINISH_REASON_LENGTH,
+        "schema_valid": None if item.json_schema is None else _validates(result.text, item.json_schema),
     }
+
+
+def _validates(text: str, schema: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), json.loads(schema))
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def _print_summary(records: list[dict[str, object]]) -> None:
@@ -84,6 +98,11 @@ def _print_summary(records: list[dict[str, object]]) -> None:
     rules = collections.Counter((str(r["rule"]), str(r["reason"])) for r in records)
     for (rule, reason), count in sorted(rules.items()):
         print(f"  {count} items answered by {rule} ({reason})")
+    held = [r for r in records if r["schema_valid"] is not None]
+    if held:
+        finished = [r for r in held if not r["cut"]]
+        valid = sum(bool(r["schema_valid"]) for r in finished)
+        print(f"schema: {valid} of {len(finished)} finished answers valid ({len(held) - len(finished)} cut by the cap)")
 
 
 if __name__ == "__main__":
