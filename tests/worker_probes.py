@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coolfusion.cli.cluster import LocalProcess
+from coolfusion.cli.cluster import (
+    LocalCluster,
+    LocalProcess,
+    launch,
+    orchestrator_argv,
+    orchestrator_env,
+    stop_processes,
+    wait_ready,
+)
 from coolfusion.v1 import worker_pb2, worker_pb2_grpc
 
 from reference import ReferenceModel
@@ -26,6 +35,22 @@ def tiny_references(dirs: dict[str, Path], families: Iterable[str]) -> dict[str,
         )
         for f in families
     }
+
+
+@contextmanager
+def calibrated_orchestrator(
+    cluster: LocalCluster, calibrations: Path, flags: list[str], log: Path
+) -> Iterator[LocalProcess]:
+    """A second orchestrator over `cluster`'s workers with every calibration file in `calibrations`
+    loaded, and `flags`; stopped on leaving."""
+    loaded = [arg for path in sorted(calibrations.glob("*.json")) for arg in ("--calibration", str(path))]
+    env = orchestrator_env({name: worker.address for name, worker in cluster.workers.items()})
+    with open(log, "a") as written:
+        process = wait_ready(launch("calibrated", orchestrator_argv([*loaded, *flags]), written, env), 60)
+        try:
+            yield process
+        finally:
+            stop_processes([process])
 
 
 def open_sessions(workers: Iterable[LocalProcess]) -> list[int]:

@@ -13,10 +13,12 @@ import pytest
 from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, WorkerFit, load_calibration
 from coolfusion.calibration.file import save_calibration
 from coolfusion.calibration.scope import Scope
-from coolfusion.cli.cluster import gateway_argv, launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
+from coolfusion.cli.cluster import gateway_argv, launch, stop_processes, wait_ready
 from coolfusion.cli.main import main as coolfusion
 from coolfusion.client import FuseOptions, FusionClient, InvalidArgumentError, fusion_strategy
 from coolfusion.v1 import orchestrator_pb2 as opb
+
+from worker_probes import calibrated_orchestrator
 
 SCOPED, ROUTED = "extract-char-bpe", "chat-bpe-metaspace-char"
 LOOKUP = "lookup-char-bpe"  # fitted on one of the default's tags alone
@@ -51,16 +53,10 @@ def calibration_files(tiny_trio, tmp_path_factory):
 @pytest.fixture(scope="module")
 def orchestrator(tiny_trio, calibration_files, tmp_path_factory):
     """An orchestrator over the shared tiny workers with the scoped default and the route."""
-    flags = [arg for path in sorted(calibration_files.glob("*.json")) for arg in ("--calibration", str(path))]
-    argv = orchestrator_argv([*flags, "--default-calibration", SCOPED, "--route", f"{ROUTE}={ROUTED}"])
-    log = open(tmp_path_factory.mktemp("logs") / "orchestrator.log", "a")  # noqa: SIM115 - closed below
-    env = orchestrator_env({n: p.address for n, p in tiny_trio.workers.items()})
-    process = wait_ready(launch("calibrated", argv, log, env), 60)
-    try:
+    flags = ["--default-calibration", SCOPED, "--route", f"{ROUTE}={ROUTED}"]
+    log = tmp_path_factory.mktemp("logs") / "orchestrator.log"
+    with calibrated_orchestrator(tiny_trio, calibration_files, flags, log) as process:
         yield process
-    finally:
-        stop_processes([process])
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from coolfusion.calibration import Calibration, FittedWorker, SelectionRule, WorkerFit, load_calibration
 from coolfusion.calibration.file import save_calibration
-from coolfusion.cli.cluster import LocalCluster, launch, orchestrator_argv, orchestrator_env, stop_processes, wait_ready
+from coolfusion.cli.cluster import LocalCluster
 from coolfusion.cli.main import main as coolfusion
 from coolfusion.client import FuseOptions, FusionClient, InvalidArgumentError, fusion_strategy
 from coolfusion.orchestrator.replay import Unexplored, replay, rerank
@@ -19,7 +19,7 @@ from coolfusion.orchestrator.strategy import DEFAULT, PAPER, Aggregation, Repeti
 from coolfusion.orchestrator.tree_proto import tree_from_proto
 from coolfusion.v1 import orchestrator_pb2 as opb
 
-from worker_probes import wait_for_no_sessions
+from worker_probes import calibrated_orchestrator, wait_for_no_sessions
 
 FAMILIES = ("bpe", "metaspace", "char")
 PROMPTS = {
@@ -72,17 +72,9 @@ def calibrations(calibration_files) -> dict[str, Calibration]:
 @pytest.fixture(scope="module")
 def orchestrator(cluster, calibration_files, tmp_path_factory):
     """An orchestrator over the cluster's workers with the calibrations loaded, the trio's as default."""
-    flags = [arg for path in sorted(calibration_files.glob("*.json")) for arg in ("--calibration", str(path))]
-    log = open(tmp_path_factory.mktemp("logs") / "orchestrator.log", "a")  # noqa: SIM115 - closed below
-    argv = orchestrator_argv([*flags, "--default-calibration", TRIO])
-    process = wait_ready(
-        launch("calibrated", argv, log, orchestrator_env({n: p.address for n, p in cluster.workers.items()})), 60
-    )
-    try:
+    log = tmp_path_factory.mktemp("logs") / "orchestrator.log"
+    with calibrated_orchestrator(cluster, calibration_files, ["--default-calibration", TRIO], log) as process:
         yield process
-    finally:
-        stop_processes([process])
-        log.close()
 
 
 @pytest.fixture(scope="module")
