@@ -5,6 +5,13 @@ chapter 9). Schemas: the ten of tests/integration/test_structured_output.py, wit
 
     python scripts/structured_validity.py --presets smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct
     python scripts/structured_validity.py --orchestrator HOST:PORT        # any running cluster (vLLM workers too)
+
+With `--trees`, it reads a `coolfusion explore --data` folder instead and checks every answer a
+model ended in every tree (each subset of workers and every strategy the trees hold) against its
+item's `json_schema`:
+
+    python scripts/structured_validity.py --trees eval-results/trees-extraction \
+        --data calibration/workloads/extraction.jsonl
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ import itertools
 import json
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import jsonschema
 
+from coolfusion.calibration.items import load_items
 from coolfusion.cli.cluster import LocalCluster
 from coolfusion.cli.common import cluster_spec
 from coolfusion.client import FuseOptions, FusionClient, chat, json_schema
+from coolfusion.v1 import worker_pb2
 
 
 def closed(properties: dict, required: list[str] | None = None) -> dict:
@@ -78,7 +88,7 @@ def check(client: FusionClient, workers: tuple[str, ...], max_new_tokens: int) -
         result = client.fuse(
             prompt, FuseOptions(workers=workers, max_new_tokens=max_new_tokens, constraint=json_schema(schema))
         )
-        cut = result.finish_reason == 3  # FINISH_REASON_LENGTH
+        cut = result.finish_reason == worker_pb2.FINISH_REASON_LENGTH
         valid = None
         if not cut:
             try:
@@ -94,12 +104,44 @@ def check(client: FusionClient, workers: tuple[str, ...], max_new_tokens: int) -
     return rows
 
 
+def check_trees(folder: Path, data: Path) -> int:
+    """Every EOS-ended answer of the explored trees in `folder`, validated against its item's schema."""
+    schemas = {item.id: json.loads(item.json_schema) for item in load_items(data).items if item.json_schema}
+    trees, valid, invalid = set(), 0, []
+    for line in (folder / "trees.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["fingerprint"] in trees or record["id"] not in schemas:
+            continue  # items of one text share a tree
+        trees.add(record["fingerprint"])
+        for answer in record["tree"]["answers"]:
+            if not answer.get("ends_with_eos"):
+                continue
+            try:
+                jsonschema.validate(json.loads(answer["text"]), schemas[record["id"]])
+                valid += 1
+            except (json.JSONDecodeError, jsonschema.ValidationError) as error:
+                invalid.append({"id": record["id"], "text": answer["text"], "error": str(error)[:200]})
+    json.dump(
+        {"trees": len(trees), "ended_answers": valid + len(invalid), "valid": valid, "invalid": invalid},
+        sys.stdout,
+        indent=2,
+    )
+    print()
+    return 0 if not invalid else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orchestrator", help="a running orchestrator (default: start --presets here)")
     parser.add_argument("--presets", default="smollm2-135m-instruct,gemma3-270m,qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--trees", type=Path, help="a `coolfusion explore --data` folder to check instead")
+    parser.add_argument("--data", type=Path, help="with --trees: its labelled-items file")
     args = parser.parse_args()
+    if args.trees:
+        if not args.data:
+            parser.error("--trees needs --data")
+        return check_trees(args.trees, args.data)
     with ExitStack() as stack:
         if args.orchestrator:
             address = args.orchestrator
