@@ -18,7 +18,7 @@ from coolfusion.serving.tracing import tracing_from_environment
 from coolfusion.worker.backend import ENGINES
 from coolfusion.worker.errors import StartupError
 from coolfusion.worker.hf.placement import check_device_map_flag, parse_max_memory
-from coolfusion.worker.model_files import PRESETS
+from coolfusion.worker.model_files import PRESET_NAMES
 from coolfusion.worker.settings import BatchLimits, SessionLimits, VLLMSettings, WorkerSettings
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ def parse_settings(argv: list[str] | None = None) -> WorkerSettings:
     parser = argparse.ArgumentParser(prog="coolfusion-worker", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a Hugging Face model folder (safetensors) or a .gguf file")
-    source.add_argument("--preset", help=f"a default model: {', '.join(sorted(PRESETS))}")
+    source.add_argument("--preset", help=f"a default model: {PRESET_NAMES}")
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     where = parser.add_mutually_exclusive_group()

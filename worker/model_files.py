@@ -97,6 +97,9 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+# The presets as messages and help texts name them.
+PRESET_NAMES = ", ".join(sorted(PRESETS))
+
 
 class ModelNotInstalledError(RuntimeError):
     """A preset's PyPI package is missing; the message names the pip command."""
@@ -146,8 +149,7 @@ def prepare(preset_or_path: str, cache_dir: Path | None = None) -> Path:
     if preset_or_path in PRESETS:
         return resolve_model_folder(preset=preset_or_path, cache_dir=cache_dir)
     if not Path(preset_or_path).expanduser().exists():
-        known = ", ".join(sorted(PRESETS))
-        raise ValueError(f"{preset_or_path!r} is neither a known preset ({known}) nor a path")
+        raise ValueError(f"{preset_or_path!r} is neither a known preset ({PRESET_NAMES}) nor a path")
     return resolve_model_folder(model=preset_or_path, cache_dir=cache_dir)
 
 
@@ -158,8 +160,7 @@ def _get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        known = ", ".join(sorted(PRESETS))
-        raise ValueError(f"unknown model preset {name!r}; known presets: {known}") from None
+        raise ValueError(f"unknown model preset {name!r}; known presets: {PRESET_NAMES}") from None
 
 
 def _package_available(module: str) -> bool:
